@@ -1,0 +1,1 @@
+"""The `vdsh` command line and the HTTP server. May import every other part of vdsh."""

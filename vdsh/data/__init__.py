@@ -1,0 +1,1 @@
+"""Datasets, retrieval protocols and image transforms. Imports nothing else of vdsh."""
