@@ -1,0 +1,226 @@
+"""The served collection: one model, one `ItemIndex`, and the locks that keep them consistent.
+
+Reads (search, item look-ups) run concurrently; writes are serialised by one lock held through the
+in-memory change *and* the atomic save, so the file on disk always matches a state the server has
+served. The in-memory change itself (a few numpy concatenations) is guarded by a readers-writer lock,
+so a search never sees index rows and metadata rows out of step; the slow save runs under the writer
+lock only, so searches go on while an item is being persisted.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from vdsh.data.transforms import load_image, thumbnail
+from vdsh.index.codes import pack_codes
+from vdsh.index.store import ItemIndex, load_index
+from vdsh.training.model import HashingModel, load_model, model_id
+
+
+class ModelIndexMismatch(RuntimeError):
+    """The model cannot serve this index (different model or code length)."""
+
+
+class ReadWriteLock:
+    """Many readers or one writer; writers do not starve (new readers wait while one is queued)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+@dataclass
+class Neighbour:
+    id: int
+    distance: int
+    labels: list[str]
+    source: str
+
+
+@dataclass
+class ItemRecord:
+    id: int
+    labels: list[str]
+    source: str
+    code: np.ndarray  # packed uint8 (nbytes,)
+    has_thumbnail: bool
+
+
+class Catalog:
+    """A model and the index of its codes, loaded together and checked to agree."""
+
+    def __init__(self, model: HashingModel, items: ItemIndex, model_name: str, directory: Path | None) -> None:
+        if items.model_id and items.model_id != model_name:
+            raise ModelIndexMismatch(
+                f"the index was built with model {items.model_id!r} but the server was given model {model_name!r}; "
+                "rebuild the index with this model (vdsh index build) or pass the model it was built with"
+            )
+        if items.bits != model.bits:
+            raise ModelIndexMismatch(f"the index holds {items.bits}-bit codes but the model makes {model.bits}-bit codes")
+        self.model, self.items, self.model_id, self.directory = model, items, model_name, directory
+        self._rw = ReadWriteLock()
+        self._write = threading.Lock()
+        self.saved_at: float | None = None
+
+    @classmethod
+    def open(cls, index_dir: str | Path, model_path: str | Path) -> "Catalog":
+        model = load_model(model_path)
+        name = model_id(model_path)
+        items = load_index(index_dir)  # the model check is ours, to give a message that names both files
+        try:
+            return cls(model, items, name, Path(index_dir))
+        except ModelIndexMismatch as error:
+            raise ModelIndexMismatch(f"{index_dir} vs {model_path}: {error}") from None
+
+    # ------------------------------------------------------------- facts
+
+    @property
+    def bits(self) -> int:
+        return self.items.bits
+
+    @property
+    def kind(self) -> str:
+        return self.items.index.kind
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.items.class_names
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    # ------------------------------------------------------------ encoding
+
+    def decode(self, data: bytes) -> np.ndarray:
+        """Upload bytes -> uint8 (C, size, size) as the model expects; ImageDecodeError on bad images."""
+        spec = self.model.input_spec
+        return load_image(data, channels=spec.channels, size=spec.size)
+
+    def encode(self, image: np.ndarray) -> np.ndarray:
+        """uint8 (C, H, W) -> packed code (1, nbytes)."""
+        return pack_codes(self.model.encode(image[None]))
+
+    # ------------------------------------------------------------- reading
+
+    def knn(self, packed: np.ndarray, k: int) -> list[Neighbour]:
+        with self._rw.reading():
+            ids, dists = self.items.search(packed, k, device="cpu")
+            keep = ids[0] >= 0
+            return self._neighbours(ids[0][keep], dists[0][keep])
+
+    def within(self, packed: np.ndarray, radius: int, limit: int) -> tuple[list[Neighbour], int]:
+        """Items within `radius`, nearest first, at most `limit` of them; also the total count."""
+        with self._rw.reading():
+            ids, dists = self.items.index.range_search(packed, radius)[0]
+            return self._neighbours(ids[:limit], dists[:limit]), len(ids)
+
+    def item(self, item_id: int) -> ItemRecord:
+        """KeyError for unknown ids."""
+        with self._rw.reading():
+            ids = np.array([item_id], dtype=np.int64)
+            row = int(self.items.index.rows_of(ids)[0])
+            return ItemRecord(
+                id=item_id,
+                labels=self._label_names(self.items.labels[row]),
+                source=self.items.sources[row],
+                code=self.items.index.get_codes(ids)[0],
+                has_thumbnail=self.items.thumbnails[row] is not None,
+            )
+
+    def thumbnail(self, item_id: int) -> np.ndarray | None:
+        with self._rw.reading():
+            return self.items.thumbnail_of(item_id)
+
+    def _neighbours(self, ids: np.ndarray, dists: np.ndarray) -> list[Neighbour]:
+        labels, sources = self.items.labels_of(ids), self.items.sources_of(ids)
+        return [
+            Neighbour(int(i), int(d), self._label_names(row), source)
+            for i, d, row, source in zip(ids, dists, labels, sources)
+        ]
+
+    def _label_names(self, multi_hot: np.ndarray) -> list[str]:
+        names = self.class_names
+        return [names[j] if j < len(names) else str(j) for j in np.flatnonzero(multi_hot)]
+
+    # ------------------------------------------------------------- writing
+
+    def add(self, image: np.ndarray, label_names: list[str], source: str, item_id: int | None = None) -> ItemRecord:
+        """Encode, add and persist one item; on a failed save the index is reloaded from disk."""
+        labels = self.labels_from_names(label_names)
+        code = self.encode(image)
+        with self._write:
+            if item_id is None:
+                ids = self.items.index.ids
+                item_id = int(ids.max()) + 1 if len(ids) else 0
+            elif self.items.index.contains(item_id):
+                raise FileExistsError(f"item {item_id} already exists")
+            with self._rw.writing():
+                self.items.add(code, np.array([item_id]), labels=labels[None], sources=[source], thumbnails=[thumbnail(image)])
+            self._persist()
+        return self.item(item_id)
+
+    def remove(self, item_id: int) -> None:
+        """KeyError for unknown ids; persists before returning."""
+        with self._write:
+            with self._rw.writing():
+                self.items.remove(np.array([item_id], dtype=np.int64))
+            self._persist()
+
+    def labels_from_names(self, names: list[str]) -> np.ndarray:
+        """Class names -> multi-hot row; ValueError naming unknown classes."""
+        row = np.zeros(len(self.class_names), dtype=np.uint8)
+        unknown = [n for n in names if n not in self.class_names]
+        if unknown:
+            raise ValueError(f"unknown labels {unknown}; this index knows {self.class_names}")
+        for name in names:
+            row[self.class_names.index(name)] = 1
+        return row
+
+    def _persist(self) -> None:
+        if self.directory is None:
+            return
+        try:
+            self.items.save(self.directory)
+            self.saved_at = time.time()
+        except BaseException:
+            # the file still holds the last committed state: serve exactly that again
+            with self._rw.writing():
+                self.items = load_index(self.directory)
+            raise

@@ -1,0 +1,44 @@
+"""Cross-cutting pieces the routers depend on: the loaded catalog, the settings, the API key check."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+from fastapi import Depends, HTTPException, Request, Security
+from fastapi.security import APIKeyHeader
+
+from vdsh.app.catalog import Catalog
+
+API_KEY_HEADER = "X-API-Key"
+api_key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="required by write endpoints")
+
+
+@dataclass(frozen=True)
+class Settings:
+    api_key: str | None
+    max_upload_bytes: int
+    read_only: bool = False
+
+
+def get_catalog(request: Request) -> Catalog:
+    catalog = getattr(request.app.state, "catalog", None)
+    if catalog is None:  # only between start-up failure and shutdown
+        raise HTTPException(503, "the index is not loaded")
+    return catalog
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def require_api_key(key: str | None = Security(api_key_header), settings: Settings = Depends(get_settings)) -> None:
+    """Writes need the configured key; with no key configured, or in read-only mode, writes are off."""
+    if settings.read_only:
+        raise HTTPException(403, "this server is read-only (several workers share one index); writes are disabled")
+    if settings.api_key is None:
+        raise HTTPException(403, "writes are disabled: start the server with an API key (vdsh serve --api-key ...)")
+    if key is None:
+        raise HTTPException(401, f"missing API key: send it in the {API_KEY_HEADER} header")
+    if not secrets.compare_digest(key.encode(), settings.api_key.encode()):
+        raise HTTPException(403, "wrong API key")

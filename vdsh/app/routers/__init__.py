@@ -1,0 +1,1 @@
+"""One router per resource: search, items, and the service's own state."""

@@ -1,0 +1,95 @@
+"""Request and response bodies of the HTTP API (they are the OpenAPI reference)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_K = 1000
+DEFAULT_K = 10
+
+
+class SearchByCode(BaseModel):
+    """Search with a code instead of an image: hex (`0x` optional) or a string of 0/1 bits."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    code: str = Field(..., min_length=1, max_length=20_000, examples=["a3f01c22e4b5d9c0"])
+    k: int | None = Field(None, ge=1, le=MAX_K, description=f"number of neighbours (1..{MAX_K}); default {DEFAULT_K}")
+    radius: int | None = Field(None, ge=0, description="all items within this Hamming distance instead of k")
+
+    @model_validator(mode="after")
+    def k_or_radius(self) -> "SearchByCode":
+        if self.k is not None and self.radius is not None:
+            raise ValueError("give either k or radius, not both")
+        return self
+
+
+class SearchParams(BaseModel):
+    """k / radius as sent with an image upload (form fields or query parameters)."""
+
+    k: int | None = Field(None, ge=1, le=MAX_K)
+    radius: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def k_or_radius(self) -> "SearchParams":
+        if self.k is not None and self.radius is not None:
+            raise ValueError("give either k or radius, not both")
+        return self
+
+
+class Timings(BaseModel):
+    decode_ms: float = Field(..., description="reading and decoding the upload (or parsing the code)")
+    encode_ms: float = Field(..., description="running the model (0 for a code query)")
+    search_ms: float = Field(..., description="Hamming search plus metadata look-up")
+    total_ms: float = Field(..., description="from the request body received to the answer built")
+
+
+class Neighbour(BaseModel):
+    id: int
+    distance: int = Field(..., description="Hamming distance to the query code")
+    labels: list[str]
+    source: str
+    thumbnail_url: str
+
+
+class SearchResponse(BaseModel):
+    query_code: str = Field(..., description="the query's code, hex")
+    bits: int
+    k: int | None
+    radius: int | None
+    total_within_radius: int | None = Field(None, description="for radius queries: all matches, of which at most 1000 are listed")
+    results: list[Neighbour]
+    timings: Timings
+
+
+class Item(BaseModel):
+    id: int
+    labels: list[str]
+    source: str
+    code: str = Field(..., description="packed code, hex")
+    thumbnail_url: str | None
+
+
+class Deleted(BaseModel):
+    id: int
+    deleted: bool = True
+    items: int = Field(..., description="items left in the index")
+
+
+class Health(BaseModel):
+    status: str = "ok"
+    items: int
+
+
+class Stats(BaseModel):
+    items: int
+    bits: int
+    index_kind: str
+    model_id: str
+    class_names: list[str]
+    read_only: bool
+    max_upload_bytes: int
+
+
+class ErrorBody(BaseModel):
+    detail: str | list
