@@ -24,6 +24,12 @@ from vdsh.index.store import ItemIndex, load_index
 from vdsh.training.model import HashingModel, load_model, model_id
 
 
+def item_thumbnail(image: np.ndarray) -> np.ndarray:
+    """64x64 thumbnail of a (C, H, W) image; one channel for grey images (a third of the bytes on disk)."""
+    picture = thumbnail(image)
+    return picture[..., :1].copy() if image.shape[0] == 1 else picture
+
+
 class ModelIndexMismatch(RuntimeError):
     """The model cannot serve this index (different model or code length)."""
 
@@ -135,7 +141,7 @@ class Catalog:
 
     def encode(self, image: np.ndarray) -> np.ndarray:
         """uint8 (C, H, W) -> packed code (1, nbytes)."""
-        return pack_codes(self.model.encode(image[None]))
+        return pack_codes(self.model.encode(image[None].copy()))  # decoded arrays are read-only
 
     # ------------------------------------------------------------- reading
 
@@ -192,7 +198,7 @@ class Catalog:
             elif self.items.index.contains(item_id):
                 raise FileExistsError(f"item {item_id} already exists")
             with self._rw.writing():
-                self.items.add(code, np.array([item_id]), labels=labels[None], sources=[source], thumbnails=[thumbnail(image)])
+                self.items.add(code, np.array([item_id]), labels=labels[None], sources=[source], thumbnails=[item_thumbnail(image)])
             self._persist()
         return self.item(item_id)
 

@@ -57,7 +57,7 @@ def build_index(model_path: Path, items: ImageSet, kind: str, out: Path | None, 
     """Encode every image, add codes + labels + sources + 64x64 thumbnails, save atomically to `out`."""
     import torch
 
-    from vdsh.data.transforms import thumbnail
+    from vdsh.app.catalog import item_thumbnail
     from vdsh.index.hamming_index import HammingIndex
     from vdsh.index.store import ItemIndex
     from vdsh.training.model import load_model, model_id
@@ -75,7 +75,7 @@ def build_index(model_path: Path, items: ImageSet, kind: str, out: Path | None, 
         np.arange(len(items), dtype=np.int64),
         labels=items.labels,
         sources=[items.source(i) for i in range(len(items))],
-        thumbnails=[thumbnail(image) for image in items.images],
+        thumbnails=[item_thumbnail(image) for image in items.images],
     )
     if out is not None:
         index.save(out)
