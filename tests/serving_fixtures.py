@@ -8,6 +8,11 @@ indexed on (part of) its database part, queried with its query part: no image is
 from __future__ import annotations
 
 import io
+import os
+import socket
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,3 +80,31 @@ def encoded_bytes(image: np.ndarray, fmt: str) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).convert("RGB").save(buffer, format=fmt)
     return buffer.getvalue()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(index_dir: Path, model_path: Path, api_key: str | None = None) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    command = [sys.executable, "-c", "from vdsh.app.cli import main; main()", "serve", "--index", str(index_dir), "--model", str(model_path),
+               "--port", str(port)] + (["--api-key", api_key] if api_key else [])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    import httpx
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited: {process.stderr.read().decode()[-2000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            time.sleep(0.1)
+    process.kill()
+    raise RuntimeError("server did not answer /health within 30 s")

@@ -6,19 +6,15 @@ import io
 import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from serving_fixtures import BITS, encoded_bytes, make_serving_setup, png_bytes, train_ridge_hashing_model
+from serving_fixtures import BITS, encoded_bytes, make_serving_setup, png_bytes, start_server, train_ridge_hashing_model
 from vdsh.app.catalog import ModelIndexMismatch
 from vdsh.app.server import create_app
 from vdsh.index.store import load_index
@@ -328,34 +324,6 @@ def test_health_stats_metrics_and_openapi(client, setup):
 
 
 # ------------------------------------------------------- a real uvicorn process
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(index_dir: Path, model_path: Path, api_key: str | None = None) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    command = [sys.executable, "-c", "from vdsh.app.cli import main; main()", "serve", "--index", str(index_dir), "--model", str(model_path),
-               "--port", str(port)] + (["--api-key", api_key] if api_key else [])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    import httpx
-
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited: {process.stderr.read().decode()[-2000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            time.sleep(0.1)
-    process.kill()
-    raise RuntimeError("server did not answer /health within 30 s")
 
 
 def test_real_uvicorn_process_answers_queries(setup):

@@ -1,0 +1,67 @@
+"""The web page in a real headless Chromium: pick an image, see neighbour thumbnails with distances.
+
+Needs Debian's `chromium` (apt-get install -y chromium) and the `playwright` Python package (its
+driver only; no `playwright install`); skips cleanly without them.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from serving_fixtures import make_serving_setup, png_bytes, start_server
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (no browser download needed)")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (apt-get install -y chromium)")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    setup = make_serving_setup(tmp_path_factory.mktemp("web"), index_items=500)
+    process, url = start_server(setup.index_dir, setup.model_path)
+    yield setup, url
+    process.terminate()
+    process.wait(10)
+
+
+@pytest.fixture
+def page(tmp_path):
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            yield browser.new_page()
+        finally:
+            browser.close()
+
+
+def test_uploading_an_image_shows_neighbour_thumbnails(server, page, tmp_path):
+    setup, url = server
+    image_path = tmp_path / "digit.png"
+    image_path.write_bytes(png_bytes(setup.query_images[0]))
+    page.goto(url + "/")
+    playwright_api.expect(page.locator("#stats")).to_contain_text("500 images")
+    page.fill("#k", "8")
+    page.set_input_files("#file", str(image_path))
+    results = page.locator("#results li.result")
+    playwright_api.expect(results).to_have_count(8, timeout=15_000)
+    playwright_api.expect(page.locator("#summary")).to_contain_text("8 neighbours in")
+    first = results.first
+    playwright_api.expect(first.locator(".distance")).to_contain_text("distance")
+    page.wait_for_function("[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth === 64)")
+    assert first.locator(".labels").inner_text() in setup.class_names
+
+
+def test_a_bad_file_shows_a_clear_error(server, page, tmp_path):
+    _, url = server
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really" * 20)
+    page.goto(url + "/")
+    page.set_input_files("#file", str(bad))
+    playwright_api.expect(page.locator("#status")).to_contain_text("Could not search")
+    assert page.locator("#results li").count() == 0
