@@ -7,11 +7,15 @@ indexed on (part of) its database part, queried with its query part: no image is
 
 from __future__ import annotations
 
+import atexit
+import functools
 import io
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,3 +112,28 @@ def start_server(index_dir: Path, model_path: Path, api_key: str | None = None) 
             time.sleep(0.1)
     process.kill()
     raise RuntimeError("server did not answer /health within 30 s")
+
+
+@functools.cache
+def shared_setup() -> ServingSetup:
+    """One model + index per test session, shared by the read-only tests of every module."""
+    root = Path(tempfile.mkdtemp(prefix="vdsh-serving-"))
+    atexit.register(shutil.rmtree, root, True)
+    return make_serving_setup(root, index_items=1000)
+
+
+@functools.cache
+def shared_server() -> str:
+    """One read-only uvicorn process on the shared index per session (starting one costs seconds)."""
+    setup = shared_setup()
+    process, url = start_server(setup.index_dir, setup.model_path)
+    atexit.register(stop_server, process)
+    return url
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()

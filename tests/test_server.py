@@ -14,7 +14,8 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from serving_fixtures import BITS, encoded_bytes, make_serving_setup, png_bytes, start_server, train_ridge_hashing_model
+from serving_fixtures import (BITS, encoded_bytes, png_bytes, shared_server, shared_setup, start_server, stop_server,
+                              train_ridge_hashing_model)
 from vdsh.app.catalog import ModelIndexMismatch
 from vdsh.app.server import create_app
 from vdsh.index.store import load_index
@@ -25,8 +26,8 @@ LIMIT = 256 * 1024
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    return make_serving_setup(tmp_path_factory.mktemp("serving"), index_items=1000)
+def setup():
+    return shared_setup()
 
 
 @pytest.fixture(scope="module")
@@ -329,18 +330,14 @@ def test_health_stats_metrics_and_openapi(client, setup):
 def test_real_uvicorn_process_answers_queries(setup):
     import httpx
 
-    process, url = start_server(setup.index_dir, setup.model_path)
-    try:
-        hits = []
-        for image, digit in zip(setup.query_images[:10], setup.query_classes[:10]):
-            response = httpx.post(url + "/search", files=upload(image), data={"k": "3"}, timeout=10)
-            assert response.status_code == 200
-            hits.append(setup.class_names[digit] in response.json()["results"][0]["labels"])
-        assert np.mean(hits) >= 0.7
-        assert httpx.get(url + "/").text.count("<html") == 1
-    finally:
-        process.terminate()
-        process.wait(10)
+    url = shared_server()
+    hits = []
+    for image, digit in zip(setup.query_images[:10], setup.query_classes[:10]):
+        response = httpx.post(url + "/search", files=upload(image), data={"k": "3"}, timeout=10)
+        assert response.status_code == 200
+        hits.append(setup.class_names[digit] in response.json()["results"][0]["labels"])
+    assert np.mean(hits) >= 0.7
+    assert httpx.get(url + "/").text.count("<html") == 1
 
 
 def test_killed_mid_write_the_index_loads_with_items_whole_or_absent(setup, tmp_path):
@@ -372,7 +369,7 @@ def test_killed_mid_write_the_index_loads_with_items_whole_or_absent(setup, tmp_
         time.sleep(0.01)
     time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
-    process.wait(10)
+    stop_server(process)
     writer.join(30)
     assert len(acknowledged) >= 3 and attempted > len(acknowledged), "the kill must land during the burst"
 

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from serving_fixtures import make_serving_setup, png_bytes, start_server
+from serving_fixtures import png_bytes, shared_server, shared_setup
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (no browser download needed)")
@@ -20,12 +20,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    setup = make_serving_setup(tmp_path_factory.mktemp("web"), index_items=500)
-    process, url = start_server(setup.index_dir, setup.model_path)
-    yield setup, url
-    process.terminate()
-    process.wait(10)
+def server():
+    return shared_setup(), shared_server()
 
 
 @pytest.fixture
@@ -45,7 +41,7 @@ def test_uploading_an_image_shows_neighbour_thumbnails(server, page, tmp_path):
     image_path = tmp_path / "digit.png"
     image_path.write_bytes(png_bytes(setup.query_images[0]))
     page.goto(url + "/")
-    playwright_api.expect(page.locator("#stats")).to_contain_text("500 images")
+    playwright_api.expect(page.locator("#stats")).to_contain_text("1,000 images")
     page.fill("#k", "8")
     page.set_input_files("#file", str(image_path))
     results = page.locator("#results li.result")

@@ -1,0 +1,167 @@
+"""HTTP end-to-end latency and throughput of a real `vdsh serve` process, under a bounded concurrent load.
+
+`bench_http(index_dir, model_path, images)` starts uvicorn on 127.0.0.1 (a free port), warms it up,
+then runs `concurrency` client threads that POST /search with the given images until `requests` are
+sent or `duration_s` passes, whichever comes first: the load stops by itself. Latency is measured per
+request by the client (send to full response), so it includes HTTP, multipart parsing, decoding,
+encoding, search and JSON; the server's own timings are summarised beside it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """uint8 (C, H, W) -> PNG bytes, the upload the benchmark sends."""
+    from PIL import Image
+
+    pixels = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def start_server(index_dir: Path, model_path: Path, workers: int = 1, timeout_s: float = 60) -> tuple[subprocess.Popen, str]:
+    """`vdsh serve` in a child process; returns once /health answers."""
+    import httpx
+
+    port = free_port()
+    command = [sys.executable, "-c", "from vdsh.app.cli import main; main()", "serve", "--index", str(index_dir),
+               "--model", str(model_path), "--port", str(port), "--workers", str(workers)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"vdsh serve exited with {process.returncode}: {process.stderr.read().decode()[-2000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            time.sleep(0.1)
+    process.kill()
+    raise RuntimeError(f"vdsh serve did not answer /health within {timeout_s} s")
+
+
+def run_load(url: str, uploads: list[bytes], k: int, concurrency: int, requests: int, duration_s: float) -> dict:
+    """Closed-loop load: `concurrency` threads, each sending its next request as soon as the last returns."""
+    import httpx
+
+    latencies: list[float] = []
+    server_totals: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    sent = 0
+    deadline = time.monotonic() + duration_s
+
+    def next_ticket() -> int | None:
+        nonlocal sent
+        with lock:
+            if sent >= requests or time.monotonic() >= deadline:
+                return None
+            sent += 1
+            return sent
+
+    def client_loop() -> None:
+        with httpx.Client(base_url=url, timeout=30) as http:
+            while (ticket := next_ticket()) is not None:
+                data = uploads[ticket % len(uploads)]
+                started = time.perf_counter()
+                try:
+                    response = http.post("/search", files={"image": ("q.png", data, "image/png")}, data={"k": str(k)})
+                    elapsed = time.perf_counter() - started
+                except httpx.HTTPError as error:
+                    with lock:
+                        errors.append(repr(error))
+                    continue
+                with lock:
+                    if response.status_code == 200:
+                        latencies.append(elapsed)
+                        server_totals.append(response.json()["timings"]["total_ms"])
+                    else:
+                        errors.append(f"{response.status_code}: {response.text[:200]}")
+
+    threads = [threading.Thread(target=client_loop) for _ in range(concurrency)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    ms = np.array(latencies) * 1000
+    return {
+        "concurrency": concurrency,
+        "requests": len(latencies) + len(errors),
+        "errors": len(errors),
+        "first_errors": errors[:3],
+        "wall_s": round(wall, 3),
+        "req_per_s": round(len(latencies) / wall, 1) if wall else 0.0,
+        "p50_ms": round(float(np.percentile(ms, 50)), 2) if len(ms) else None,
+        "p99_ms": round(float(np.percentile(ms, 99)), 2) if len(ms) else None,
+        "mean_ms": round(float(ms.mean()), 2) if len(ms) else None,
+        "server_total_p50_ms": round(float(np.median(server_totals)), 2) if server_totals else None,
+    }
+
+
+def bench_http(
+    index_dir: str | Path,
+    model_path: str | Path,
+    images: np.ndarray,
+    k: int = 10,
+    concurrency: tuple[int, ...] = (1, 4, 16),
+    requests: int = 500,
+    duration_s: float = 20.0,
+    warmup: int = 20,
+    workers: int = 1,
+) -> dict:
+    """Latency (p50/p99 per request) and sustained req/s of image queries over HTTP at each concurrency.
+
+    images: uint8 (N, C, H, W) query images, sent as PNG uploads in turn. Each level stops after
+    `requests` requests or `duration_s` seconds. Returns a dict with one row per concurrency level.
+    """
+    import platform
+
+    uploads = [png_bytes(image) for image in images]
+    process, url = start_server(Path(index_dir), Path(model_path), workers=workers)
+    try:
+        import httpx
+
+        stats = httpx.get(url + "/stats", timeout=10).json()
+        run_load(url, uploads, k, concurrency=1, requests=warmup, duration_s=duration_s)
+        rows = [run_load(url, uploads, k, c, requests, duration_s) for c in concurrency]
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    return {
+        "what": "POST /search with a PNG upload over HTTP to vdsh serve on 127.0.0.1 (client-measured)",
+        "items": stats["items"],
+        "bits": stats["bits"],
+        "index_kind": stats["index_kind"],
+        "k": k,
+        "workers": workers,
+        "image_bytes_mean": int(np.mean([len(u) for u in uploads])),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.platform(),
+        "date": time.strftime("%Y-%m-%d"),
+        "rows": rows,
+    }
