@@ -1,0 +1,137 @@
+"""Search benchmarks: synthetic clustered codes and per-query latency of any index's `search`.
+
+Learned supervised codes are clustered by class, so benchmarks draw codes around a few random centres
+with each bit flipped with probability `flip`: flip=0.15 at 64 bits makes nearly every code distinct;
+flip=0.02 gives the few distinct codes real learned codes have (a third of the items on their centre).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from vdsh.index.codes import code_bytes
+from vdsh.index.hamming_index import HammingIndex
+
+_CHUNK_ROWS = 1 << 18  # draw this many codes at a time: 10M codes never hold 10M x bits bytes at once
+
+
+def clustered_codes(n: int, bits: int, centres: int = 10, flip: float = 0.15, seed: int = 0, draw: int = 0) -> np.ndarray:
+    """(n, ceil(bits/8)) packed codes, each a random centre with every bit flipped with probability `flip`.
+
+    The centres depend on `seed` only, so database (draw=0) and queries (draw=1) share them.
+    """
+    if n < 0 or centres < 1 or not 0.0 <= flip <= 1.0:
+        raise ValueError(f"need n >= 0, centres >= 1, 0 <= flip <= 1; got n={n}, centres={centres}, flip={flip}")
+    centre_bits = np.random.default_rng(seed).integers(0, 2, (centres, bits), dtype=np.uint8)
+    rng = np.random.default_rng([seed, draw + 1])
+    threshold = round(flip * 65536)  # flip a bit when a uniform 16-bit draw falls below it
+    out = np.empty((n, code_bytes(bits)), dtype=np.uint8)
+    for start in range(0, n, _CHUNK_ROWS):
+        rows = min(_CHUNK_ROWS, n - start)
+        which = rng.integers(0, centres, rows)
+        flips = rng.integers(0, 65536, (rows, bits), dtype=np.uint32) < threshold
+        out[start : start + rows] = np.packbits(centre_bits[which] ^ flips, axis=1)
+    return out
+
+
+def search_latency(
+    index,
+    queries: np.ndarray,
+    k: int,
+    batch_sizes: Iterable[int] = (1, 64, 1024),
+    *,
+    warmup: int = 5,
+    repeats: int = 1000,
+    max_seconds: float = 5.0,
+    min_calls: int = 20,
+) -> dict[int, dict[str, float]]:
+    """Per batch size: p50/p99/mean milliseconds per query (call time / batch) and per call, and QPS.
+
+    Calls `index.search(batch, k)` (a HammingIndex or a raw FAISS index) on consecutive slices of
+    `queries`, after `warmup` untimed calls, `repeats` timed calls or `max_seconds` (but >= `min_calls`).
+    """
+    results: dict[int, dict[str, float]] = {}
+    for batch_size in batch_sizes:
+        if not 1 <= batch_size <= len(queries):
+            raise ValueError(f"batch size {batch_size} needs 1 to {len(queries)} queries")
+        batches = [queries[i : i + batch_size] for i in range(0, len(queries) - batch_size + 1, batch_size)]
+        for i in range(warmup):
+            index.search(batches[i % len(batches)], k)
+        seconds = _time_calls(index, batches, k, repeats, max_seconds, min_calls)
+        per_query_ms = seconds * 1e3 / batch_size
+        results[batch_size] = {
+            "calls": len(seconds),
+            "p50_ms": float(np.percentile(per_query_ms, 50)),
+            "p99_ms": float(np.percentile(per_query_ms, 99)),
+            "mean_ms": float(per_query_ms.mean()),
+            "p50_call_ms": float(np.percentile(seconds * 1e3, 50)),
+            "qps": float(batch_size * len(seconds) / seconds.sum()),
+        }
+    return results
+
+
+def _time_calls(index, batches: Sequence[np.ndarray], k: int, repeats: int, max_seconds: float, min_calls: int) -> np.ndarray:
+    seconds: list[float] = []
+    deadline = time.perf_counter() + max_seconds
+    while len(seconds) < repeats and (len(seconds) < min_calls or time.perf_counter() < deadline):
+        batch = batches[len(seconds) % len(batches)]
+        start = time.perf_counter()
+        index.search(batch, k)
+        seconds.append(time.perf_counter() - start)
+    return np.array(seconds)
+
+
+def compare_kinds(
+    database: np.ndarray,
+    queries: np.ndarray,
+    bits: int,
+    kinds: Iterable[str] = ("flat", "distinct", "auto", "hash", "multihash", "ivf"),
+    k: int = 100,
+    batch_sizes: Iterable[int] = (1, 64),
+    params: dict[str, dict] | None = None,
+    **latency_options,
+) -> list[dict]:
+    """Build each kind over `database`, time its search and score it against flat (exact) answers.
+
+    Each row: kind, items, distinct codes, build seconds, latency per batch size, `recall` (share of
+    flat's ids found), `identical` (same ids, distances and order as flat for every query).
+    """
+    ids = np.arange(len(database), dtype=np.int64)
+    reference = _build("flat", database, ids, bits, {})[0].search(queries, k, device="cpu")
+    distinct = len(np.unique(database, axis=0)) if len(database) <= 2_000_000 else None
+    rows = []
+    for kind in kinds:
+        index, build_seconds = _build(kind, database, ids, bits, (params or {}).get(kind, {}))
+        found_ids, found_dists = index.search(queries, k, device="cpu")
+        rows.append(
+            {
+                "kind": kind,
+                "items": len(database),
+                "bits": bits,
+                "distinct_codes": distinct,
+                "params": index.params,
+                "build_s": build_seconds,
+                "latency": search_latency(index, queries, k, batch_sizes, **latency_options),
+                "recall": _recall(found_ids, reference[0]),
+                "identical": bool(np.array_equal(found_ids, reference[0]) and np.array_equal(found_dists, reference[1])),
+            }
+        )
+        del index
+    return rows
+
+
+def _build(kind: str, database: np.ndarray, ids: np.ndarray, bits: int, params: dict) -> tuple[HammingIndex, float]:
+    start = time.perf_counter()
+    index = HammingIndex(bits, kind, **params)
+    index.add(database, ids)
+    if kind in ("distinct", "auto"):
+        index.search(database[:1], 1, device="cpu")  # the grouping is built at the first search
+    return index, time.perf_counter() - start
+
+
+def _recall(found: np.ndarray, reference: np.ndarray) -> float:
+    hits = sum(len(np.intersect1d(f[f >= 0], r[r >= 0])) for f, r in zip(found, reference))
+    return hits / max(int((reference >= 0).sum()), 1)
