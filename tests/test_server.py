@@ -380,3 +380,18 @@ def test_killed_mid_write_the_index_loads_with_items_whole_or_absent(setup, tmp_
         assert items.labels_of([item_id])[0].tolist() == [0, 1] + [0] * 8
         assert items.sources_of([item_id]) == ["upload:q.png"] and items.thumbnail_of(item_id).shape == (64, 64, 1)
     assert len(items.index.codes) == len(items.labels) == len(items.sources) == len(items)
+
+
+def test_a_failed_save_answers_503_and_serves_the_saved_state(writable, setup, monkeypatch):
+    from vdsh.index.store import ItemIndex
+
+    before = writable.get("/stats").json()["items"]
+
+    def disk_full(self, directory):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ItemIndex, "save", disk_full)
+    response = writable.post("/items", files=upload(setup.query_images[0]), headers={"X-API-Key": KEY})
+    assert response.status_code == 503 and "nothing was added" in response.json()["detail"]
+    assert writable.delete("/items/5", headers={"X-API-Key": KEY}).status_code == 503
+    assert writable.get("/stats").json()["items"] == before and writable.get("/items/5").status_code == 200

@@ -65,6 +65,8 @@ async def add_item(
         record = await run_in_threadpool(catalog.add, pixels, names, source or f"upload:{image.filename or ''}", id)
     except FileExistsError as error:
         raise HTTPException(409, str(error)) from None
+    except OSError as error:  # e.g. a read-only index mount: the catalog has reloaded the saved state
+        raise HTTPException(503, f"could not save the index, nothing was added: {error}") from None
     return _item(record)
 
 
@@ -76,6 +78,8 @@ async def delete_item(item_id: int = ItemId, catalog: Catalog = Depends(get_cata
         await run_in_threadpool(catalog.remove, item_id)
     except KeyError:
         raise HTTPException(404, f"no item with id {item_id}") from None
+    except OSError as error:
+        raise HTTPException(503, f"could not save the index, nothing was deleted: {error}") from None
     return Deleted(id=item_id, items=len(catalog))
 
 
