@@ -395,3 +395,46 @@ def test_a_failed_save_answers_503_and_serves_the_saved_state(writable, setup, m
     assert response.status_code == 503 and "nothing was added" in response.json()["detail"]
     assert writable.delete("/items/5", headers={"X-API-Key": KEY}).status_code == 503
     assert writable.get("/stats").json()["items"] == before and writable.get("/items/5").status_code == 200
+
+
+# --------------------------------------------------------------------- CLI
+
+
+def test_cli_index_build_then_query(setup, tmp_path):
+    from typer.testing import CliRunner
+
+    from vdsh.app.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "cli-index"
+    result = runner.invoke(app, ["index", "build", "--model", str(setup.model_path), "--protocol", "mnist-sample",
+                                 "--part", "database", "--limit", "300", "--kind", "distinct", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "indexed 300 items (32 bits, distinct)" in result.output
+    items = load_index(out)
+    assert len(items) == 300 and items.index.kind == "distinct" and items.thumbnail_of(0).shape == (64, 64, 1)
+
+    image = tmp_path / "query.png"
+    image.write_bytes(png_bytes(setup.query_images[0]))
+    result = runner.invoke(app, ["query", "--index", str(out), "--model", str(setup.model_path), str(image), "-k", "4"])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if "id=" in line]
+    assert len(lines) == 4 and all("labels=" in line and "mnist-sample:" in line for line in lines)
+
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    result = runner.invoke(app, ["query", "--index", str(out), "--model", str(setup.model_path), str(broken)])
+    assert result.exit_code == 2 and "broken.png" in result.output
+
+
+def test_cli_index_build_refuses_bad_arguments(setup, tmp_path):
+    from typer.testing import CliRunner
+
+    from vdsh.app.cli import app
+
+    runner = CliRunner()
+    base = ["index", "build", "--model", str(setup.model_path), "--out", str(tmp_path / "x")]
+    result = runner.invoke(app, base + ["--dataset", "mnist-sample", "--kind", "btree"])
+    assert result.exit_code != 0 and "--kind must be one of" in result.output
+    result = runner.invoke(app, base)
+    assert result.exit_code != 0 and "give --dataset" in result.output
