@@ -1,4 +1,8 @@
-"""Cross-cutting pieces the routers depend on: the loaded catalog, the settings, the API key check."""
+"""Cross-cutting pieces the routers depend on: the loaded catalog, the settings, the API key check.
+
+They are `async def` on purpose: FastAPI runs plain `def` dependencies in its thread pool, a thread hop
+per request that costs more than these look-ups do.
+"""
 
 from __future__ import annotations
 
@@ -21,18 +25,18 @@ class Settings:
     read_only: bool = False
 
 
-def get_catalog(request: Request) -> Catalog:
+async def get_catalog(request: Request) -> Catalog:
     catalog = getattr(request.app.state, "catalog", None)
     if catalog is None:  # only between start-up failure and shutdown
         raise HTTPException(503, "the index is not loaded")
     return catalog
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def require_api_key(key: str | None = Security(api_key_header), settings: Settings = Depends(get_settings)) -> None:
+async def require_api_key(key: str | None = Security(api_key_header), settings: Settings = Depends(get_settings)) -> None:
     """Writes need the configured key; with no key configured, or in read-only mode, writes are off."""
     if settings.read_only:
         raise HTTPException(403, "this server is read-only (several workers share one index); writes are disabled")

@@ -147,6 +147,7 @@ def serve_command(
     api_key: str = typer.Option(None, "--api-key", envvar="VDSH_API_KEY", help="key for write endpoints (X-API-Key)"),
     workers: int = typer.Option(1, "--workers", min=1, help="processes; more than one serves read-only"),
     max_upload_mb: float = typer.Option(10.0, "--max-upload-mb", min=0.001),
+    threads: int = typer.Option(1, "--threads", min=1, help="torch/FAISS threads per worker (1 suits single queries)"),
 ) -> None:
     """Serve the index over HTTP: POST /search, /items, /health, /stats, /metrics, and a web page at /."""
     import uvicorn
@@ -155,7 +156,7 @@ def serve_command(
     os.environ.update(
         VDSH_SERVE_INDEX=str(index), VDSH_SERVE_MODEL=str(model),
         VDSH_SERVE_MAX_UPLOAD_BYTES=str(int(max_upload_mb * 1024 * 1024)),
-        VDSH_SERVE_READ_ONLY="1" if workers > 1 else "0",
+        VDSH_SERVE_READ_ONLY="1" if workers > 1 else "0", VDSH_SERVE_THREADS=str(threads),
     )
     if api_key:
         os.environ["VDSH_API_KEY"] = api_key

@@ -84,7 +84,7 @@ async def delete_item(item_id: int = ItemId, catalog: Catalog = Depends(get_cata
 
 
 @router.get("/{item_id}", response_model=Item, responses=_NOT_FOUND)
-def get_item(item_id: int = ItemId, catalog: Catalog = Depends(get_catalog)) -> Item:
+async def get_item(item_id: int = ItemId, catalog: Catalog = Depends(get_catalog)) -> Item:
     try:
         return _item(catalog.item(item_id))
     except KeyError:
@@ -93,7 +93,7 @@ def get_item(item_id: int = ItemId, catalog: Catalog = Depends(get_catalog)) -> 
 
 @router.get("/{item_id}/thumbnail", response_class=Response, responses={
     200: {"content": {"image/png": {}}, "description": "the item's thumbnail, PNG"}, **_NOT_FOUND})
-def get_thumbnail(item_id: int = ItemId, catalog: Catalog = Depends(get_catalog)) -> Response:
+async def get_thumbnail(item_id: int = ItemId, catalog: Catalog = Depends(get_catalog)) -> Response:
     try:
         pixels = catalog.thumbnail(item_id)
     except KeyError:

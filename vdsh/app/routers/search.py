@@ -17,6 +17,9 @@ from vdsh.data.transforms import ImageDecodeError
 
 router = APIRouter(tags=["search"])
 RADIUS_LIMIT = MAX_K  # a radius query lists at most this many items (and says how many matched)
+# uploads up to this size decode in about a millisecond: they are answered on the event loop; larger
+# ones (slow to decode) go to the thread pool so they never stall other requests
+INLINE_UPLOAD_BYTES = 64 * 1024
 
 _MULTIPART_SCHEMA = {
     "type": "object",
@@ -53,6 +56,9 @@ async def search(
     image_bytes, image_type, code_text, params = await _read_query(request)
     if image_bytes is not None:
         check_image_upload(image_type, image_bytes, settings.max_upload_bytes)
+    if image_bytes is None or len(image_bytes) <= INLINE_UPLOAD_BYTES:
+        # ~1-2 ms of work: a thread hop costs as much again on a busy 2-core machine, so answer inline
+        return _answer(catalog, image_bytes, code_text, params, started)
     return await run_in_threadpool(_answer, catalog, image_bytes, code_text, params, started)
 
 
@@ -66,20 +72,20 @@ async def _read_query(request: Request) -> tuple[bytes | None, str | None, str |
         return None, None, query.code, SearchParams(k=query.k, radius=query.radius)
     if content_type not in ("multipart/form-data", "application/x-www-form-urlencoded"):
         raise HTTPException(415, f"send multipart/form-data (an image or a code) or application/json, not {content_type or 'no content type'!r}")
-    form = await request.form(max_files=1, max_fields=8)
-    fields = {**request.query_params, **{k: v for k, v in form.items() if isinstance(v, str)}}
-    try:
-        params = SearchParams(k=fields.get("k") or None, radius=fields.get("radius") or None)
-    except ValidationError as error:
-        raise HTTPException(422, _explain(error)) from None
-    image = form.get("image")
-    code = fields.get("code")
-    if isinstance(image, UploadFile) and code:
-        raise HTTPException(422, "send either an image or a code, not both")
-    if isinstance(image, UploadFile):
-        return await image.read(), image.content_type, None, params
-    if code:
-        return None, None, code, params
+    async with request.form(max_files=1, max_fields=8) as form:  # closes the spooled upload afterwards
+        fields = {**request.query_params, **{k: v for k, v in form.items() if isinstance(v, str)}}
+        try:
+            params = SearchParams(k=fields.get("k") or None, radius=fields.get("radius") or None)
+        except ValidationError as error:
+            raise HTTPException(422, _explain(error)) from None
+        image = form.get("image")
+        code = fields.get("code")
+        if isinstance(image, UploadFile) and code:
+            raise HTTPException(422, "send either an image or a code, not both")
+        if isinstance(image, UploadFile):
+            return await image.read(), image.content_type, None, params
+        if code:
+            return None, None, code, params
     raise HTTPException(422, "nothing to search with: send an `image` file or a `code` field")
 
 

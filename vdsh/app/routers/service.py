@@ -14,12 +14,12 @@ router = APIRouter(tags=["service"])
 
 
 @router.get("/health", response_model=Health)
-def health(catalog: Catalog = Depends(get_catalog)) -> Health:
+async def health(catalog: Catalog = Depends(get_catalog)) -> Health:
     return Health(items=len(catalog))
 
 
 @router.get("/stats", response_model=Stats)
-def stats(catalog: Catalog = Depends(get_catalog), settings: Settings = Depends(get_settings)) -> Stats:
+async def stats(catalog: Catalog = Depends(get_catalog), settings: Settings = Depends(get_settings)) -> Stats:
     return Stats(
         items=len(catalog),
         bits=catalog.bits,
