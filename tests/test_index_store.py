@@ -1,0 +1,249 @@
+"""Index directories: round trip, plain-FAISS readability, mismatch errors, crash safety."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import faiss
+import h5py
+import numpy as np
+import pytest
+
+from vdsh.index import store
+from vdsh.index.bench import clustered_codes
+from vdsh.index.hamming_index import HammingIndex
+from vdsh.index.store import IndexMismatchError, ItemIndex, committed_version, load_index, make_thumbnail, save_index
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_items(n: int = 300, kind: str = "flat", model_id: str = "model-a", seed: int = 0, **params) -> ItemIndex:
+    rng = np.random.default_rng(seed)
+    items = ItemIndex(HammingIndex(64, kind, **params), model_id=model_id, class_names=["a", "b", "c", "d"])
+    thumbnails = [rng.integers(0, 256, (8 + i % 5, 6, 3), dtype=np.uint8) if i % 3 else None for i in range(n)]
+    items.add(
+        clustered_codes(n, 64, centres=4, flip=0.05, seed=seed),
+        np.arange(n, dtype=np.int64) * 7 + seed,
+        labels=rng.integers(0, 2, (n, 4)),
+        sources=[f"cifar10:{i}" for i in range(n)],
+        thumbnails=thumbnails,
+    )
+    return items
+
+
+def assert_same_items(a: ItemIndex, b: ItemIndex) -> None:
+    assert (a.model_id, a.bits, a.index.kind, a.class_names) == (b.model_id, b.bits, b.index.kind, b.class_names)
+    np.testing.assert_array_equal(a.index.ids, b.index.ids)
+    np.testing.assert_array_equal(a.index.codes, b.index.codes)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    assert a.sources == b.sources
+    assert len(a.thumbnails) == len(b.thumbnails)
+    for x, y in zip(a.thumbnails, b.thumbnails):
+        assert (x is None and y is None) or np.array_equal(x, y)
+
+
+@pytest.mark.parametrize("kind", ["flat", "distinct", "auto", "hash", "multihash", "ivf"])
+def test_round_trip_keeps_items_metadata_and_answers(tmp_path, kind):
+    items = make_items(kind=kind)
+    save_index(tmp_path / "idx", items)
+    loaded = load_index(tmp_path / "idx", model_id="model-a", bits=64)
+    assert_same_items(items, loaded)
+    queries = items.index.codes[:20]
+    for a, b in zip(items.search(queries, 30), loaded.search(queries, 30)):
+        np.testing.assert_array_equal(a, b)
+    assert loaded.index.params == items.index.params
+    np.testing.assert_array_equal(loaded.labels_of([7, 0]), items.labels[[1, 0]])
+    assert loaded.sources_of([14]) == ["cifar10:2"] and loaded.thumbnail_of(0) is None
+    assert loaded.thumbnail_of(7).shape == (9, 6, 3)
+
+
+def test_plain_faiss_reads_the_file_and_returns_real_ids(tmp_path):
+    items = make_items()
+    save_index(tmp_path / "idx", items)
+    plain = faiss.read_index_binary(str(committed_version(tmp_path / "idx") / "index.faiss"))
+    queries = items.index.codes[:10]
+    dists, ids = plain.search(queries, 5)
+    want_ids, want_dists = items.search(queries, 5)
+    np.testing.assert_array_equal(dists, want_dists)
+    np.testing.assert_array_equal(ids, want_ids)
+
+
+def test_remove_drops_metadata_with_items_and_saves(tmp_path):
+    items = make_items(n=30)
+    items.remove([7, 21])
+    assert len(items) == 28 and len(items.sources) == 28 and len(items.thumbnails) == 28
+    assert items.sources_of([0, 14]) == ["cifar10:0", "cifar10:2"]
+    save_index(tmp_path / "idx", items)
+    assert_same_items(items, load_index(tmp_path / "idx"))
+
+
+def test_loading_names_what_disagrees(tmp_path):
+    save_index(tmp_path / "idx", make_items())
+    with pytest.raises(IndexMismatchError, match="model differs.*'model-a'.*'model-b'"):
+        load_index(tmp_path / "idx", model_id="model-b")
+    with pytest.raises(IndexMismatchError, match="code length differs.*64-bit.*32 bits"):
+        load_index(tmp_path / "idx", bits=32)
+    # a FAISS file from another save next to this metadata
+    save_index(tmp_path / "other", make_items(n=200, seed=1))
+    version = committed_version(tmp_path / "idx")
+    os.replace(committed_version(tmp_path / "other") / "index.faiss", version / "index.faiss")
+    with pytest.raises(IndexMismatchError, match="not the FAISS file.*checksum"):
+        load_index(tmp_path / "idx")
+
+
+def test_metadata_that_contradicts_the_faiss_file_is_refused(tmp_path):
+    save_index(tmp_path / "idx", make_items())
+    meta = committed_version(tmp_path / "idx") / "meta.h5"
+    with h5py.File(meta, "r+") as f:
+        ids = f["ids"][()]
+        f["ids"][0] = ids[1]  # same count, same checksum of the FAISS file, different ids
+    with pytest.raises(IndexMismatchError, match="ids"):
+        load_index(tmp_path / "idx")
+    with h5py.File(meta, "r+") as f:
+        f["ids"][0] = ids[0]
+        f.attrs["bits"] = 32
+    with pytest.raises(IndexMismatchError, match="d=32.*d=64|32-bit codes"):
+        load_index(tmp_path / "idx")
+
+
+def test_save_refuses_a_foreign_directory_and_missing_index_is_clear(tmp_path):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.jpg").write_bytes(b"x")
+    with pytest.raises(FileExistsError, match="not a vdsh index directory"):
+        save_index(tmp_path / "photos", make_items(n=10))
+    assert (tmp_path / "photos" / "cat.jpg").read_bytes() == b"x"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no committed index"):
+        load_index(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_index(tmp_path / "nowhere")
+
+
+def test_saves_keep_the_previous_version_and_prune_older(tmp_path):
+    for seed in range(4):
+        save_index(tmp_path / "idx", make_items(n=20 + seed, seed=seed))
+    versions = sorted(p.name for p in (tmp_path / "idx").iterdir() if p.name.startswith("v"))
+    assert versions == ["v000003", "v000004"]
+    assert len(load_index(tmp_path / "idx")) == 23
+
+
+class Crash(Exception):
+    pass
+
+
+def test_a_crash_at_any_step_leaves_the_old_or_the_new_index(tmp_path, monkeypatch):
+    """Fail the n-th file-system step of a save for every n; the directory always loads a whole state."""
+    directory = tmp_path / "idx"
+    old, new = make_items(n=50, model_id="old"), make_items(n=80, model_id="new", seed=1)
+    real = {name: getattr(os, name) for name in ("replace", "rename", "fsync")}
+    step = 0
+    while True:
+        save_index(directory, old)
+        calls = {"n": 0}
+
+        def failing(name):
+            def call(*args, **kwargs):
+                calls["n"] += 1
+                if calls["n"] == step + 1:
+                    raise Crash(f"{name} at step {step}")
+                return real[name](*args, **kwargs)
+
+            return call
+
+        for name in real:
+            monkeypatch.setattr(os, name, failing(name))
+        try:
+            save_index(directory, new)
+            crashed = False
+        except Crash:
+            crashed = True
+        finally:
+            for name, function in real.items():
+                monkeypatch.setattr(os, name, function)
+        loaded = load_index(directory)
+        assert loaded.model_id in ("old", "new")
+        assert_same_items(loaded, old if loaded.model_id == "old" else new)
+        if not crashed:
+            break
+        step += 1
+    assert step >= 5  # fsyncs of both files and directories, the renames: every one was interrupted
+    save_index(directory, old)  # a later save cleans up what crashed saves left
+    assert not [p for p in directory.iterdir() if p.name.startswith(".tmp-") or p.name == "CURRENT.tmp"]
+
+
+def test_a_crash_before_the_first_commit_leaves_no_index_but_a_clear_error(tmp_path, monkeypatch):
+    def crash(*args, **kwargs):
+        raise Crash("replace")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(Crash):
+        save_index(tmp_path / "idx", make_items(n=10))
+    monkeypatch.undo()
+    with pytest.raises(FileNotFoundError, match="no committed index"):
+        load_index(tmp_path / "idx")
+    save_index(tmp_path / "idx", make_items(n=10))
+    assert len(load_index(tmp_path / "idx")) == 10
+
+
+CHILD = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    from vdsh.index.hamming_index import HammingIndex
+    from vdsh.index.store import ItemIndex, save_index
+    directory = sys.argv[1]
+    codes = np.random.default_rng(0).integers(0, 256, (60_000, 8), dtype=np.uint8)
+    for state in range(1, 1000):
+        items = ItemIndex(HammingIndex(64, "flat"), model_id=f"state-{state}")
+        n = 1000 * state % 60_000 + 1
+        items.add(codes[:n], np.arange(n), sources=[str(state)] * n)
+        save_index(directory, items)
+        print(state, flush=True)
+    """
+)
+
+
+def test_killing_a_saving_process_never_leaves_a_broken_index(tmp_path):
+    """SIGKILL a process that saves again and again, at varied moments; what is left always loads whole."""
+    directory = tmp_path / "idx"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for delay in (0.07, 0.29):  # two kills: each child pays a torch import (seconds)
+        child = subprocess.Popen([sys.executable, "-c", CHILD, str(directory)], env=env, stdout=subprocess.PIPE)
+        first = child.stdout.readline()  # one save done: from here on, a committed state exists
+        assert first.strip(), "the saving process died before its first save"
+        time.sleep(delay)
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+        child.stdout.close()
+        loaded = load_index(directory)
+        state = int(loaded.model_id.split("-")[1])
+        n = 1000 * state % 60_000 + 1
+        assert len(loaded) == n and loaded.sources[:1] == [str(state)] and loaded.index.search(loaded.index.codes[:1], 1)[0][0, 0] == 0
+
+
+def test_thumbnails_are_checked_and_made_small():
+    image = np.random.default_rng(0).integers(0, 256, (3, 200, 100), dtype=np.uint8)
+    thumb = make_thumbnail(image)
+    assert thumb.dtype == np.uint8 and thumb.shape == (64, 32, 3)
+    assert make_thumbnail(np.zeros((28, 28), np.uint8)).shape == (28, 28, 1)
+    items = ItemIndex(HammingIndex(8), class_names=["x"])
+    with pytest.raises(ValueError, match="1 to 64 pixels"):
+        items.add(np.zeros((1, 1), np.uint8), [1], thumbnails=[np.zeros((65, 10, 3), np.uint8)])
+    with pytest.raises(ValueError, match="uint8"):
+        items.add(np.zeros((1, 1), np.uint8), [1], thumbnails=[np.zeros((10, 10, 3), np.float32)])
+    with pytest.raises(ValueError, match=r"class indices must be in \[0, 1\)"):
+        items.add(np.zeros((1, 1), np.uint8), [1], labels=np.array([3]))
+    assert len(items) == 0
+    items.add(np.zeros((1, 1), np.uint8), [1], labels=np.array([0]))
+    np.testing.assert_array_equal(items.labels, [[1]])
+
+
+def test_store_module_writes_through_os_functions():
+    """The crash test patches os.replace/rename/fsync: the store must call them through `os`."""
+    assert store.os is os

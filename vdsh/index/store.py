@@ -1,0 +1,395 @@
+"""An index directory: a `HammingIndex` plus each item's labels, source and thumbnail, saved atomically.
+
+Layout of a saved directory::
+
+    <dir>/CURRENT               the committed version's name, e.g. "v000003"
+    <dir>/v000003/index.faiss   IndexBinaryIDMap2 with the real ids: plain `faiss.read_index_binary` reads it
+    <dir>/v000003/meta.h5       ids, codes, labels (multi-hot), sources, thumbnails, model id, bits, kind,
+                                and the FAISS file's SHA-256 so that a mixed pair is caught
+    <dir>/v000002/...           the previous version, kept so that a reader who just read CURRENT can finish
+
+A save writes the new version into a temporary sibling (``.tmp-*``), fsyncs every file and the
+directory, renames it to its version name, then replaces CURRENT (write ``CURRENT.tmp``, fsync,
+rename). CURRENT names a complete version before and after every step, so a crash at any point leaves
+the old index or the new one, never a broken one; leftovers of a crashed save are removed by the next.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from vdsh.index.codes import as_multi_hot
+from vdsh.index.hamming_index import KINDS, HammingIndex
+
+FORMAT = "vdsh-index"
+FORMAT_VERSION = 1
+FAISS_FILE = "index.faiss"
+META_FILE = "meta.h5"
+POINTER_FILE = "CURRENT"
+LOCK_FILE = ".lock"
+THUMBNAIL_MAX_SIDE = 64
+_VERSION = re.compile(r"^v(\d{6,})$")
+_OURS = re.compile(r"^(v\d{6,}|\.tmp-.*|CURRENT|CURRENT\.tmp|\.lock)$")
+
+
+class IndexMismatchError(ValueError):
+    """The FAISS file, the metadata, or what the caller expects disagree."""
+
+
+class ItemIndex:
+    """A `HammingIndex` and, per item, multi-hot labels, a source string and an optional thumbnail.
+
+    `model_id` names the model whose codes the index holds; loading checks it against the caller's model.
+    Metadata rows follow the index's insertion order and are removed with their items.
+    """
+
+    def __init__(self, index: HammingIndex, model_id: str = "", class_names: list[str] | None = None):
+        if len(index):
+            raise ValueError("ItemIndex starts from an empty HammingIndex; add items through ItemIndex.add")
+        self.index = index
+        self.model_id = model_id
+        self.class_names = list(class_names or [])
+        self.labels = np.zeros((0, len(self.class_names)), dtype=np.uint8)
+        self.sources: list[str] = []
+        self.thumbnails: list[np.ndarray | None] = []
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def bits(self) -> int:
+        return self.index.bits
+
+    def add(self, codes, ids, labels=None, sources=None, thumbnails=None) -> None:
+        """Add items: packed codes, unique ids, labels (class indices or multi-hot), sources, thumbnails."""
+        n = len(codes)
+        labels = self._check_labels(labels, n)
+        sources = [""] * n if sources is None else [str(s) for s in sources]
+        thumbnails = [None] * n if thumbnails is None else [_check_thumbnail(t) for t in thumbnails]
+        for name, values in (("sources", sources), ("thumbnails", thumbnails)):
+            if len(values) != n:
+                raise ValueError(f"{n} codes but {len(values)} {name}")
+        self.index.add(codes, ids)
+        self.labels = labels if len(self.labels) == 0 else np.concatenate([self.labels, labels])
+        self.sources += sources
+        self.thumbnails += thumbnails
+
+    def remove(self, ids) -> int:
+        """Delete items and their metadata; KeyError naming unknown ids."""
+        rows = self.index.rows_of(np.unique(np.asarray(ids, dtype=np.int64)))
+        keep = np.ones(len(self), dtype=bool)
+        keep[rows] = False
+        removed = self.index.remove(ids)
+        self.labels = self.labels[keep]
+        self.sources = [s for s, k in zip(self.sources, keep) if k]
+        self.thumbnails = [t for t, k in zip(self.thumbnails, keep) if k]
+        return removed
+
+    def search(self, queries: np.ndarray, k: int, device: str = "auto"):
+        return self.index.search(queries, k, device=device)
+
+    def labels_of(self, ids) -> np.ndarray:
+        return self.labels[self.index.rows_of(ids)]
+
+    def sources_of(self, ids) -> list[str]:
+        return [self.sources[r] for r in self.index.rows_of(ids)]
+
+    def thumbnail_of(self, item_id: int) -> np.ndarray | None:
+        return self.thumbnails[int(self.index.rows_of(np.array([item_id]))[0])]
+
+    def save(self, directory: str | Path) -> Path:
+        return save_index(directory, self)
+
+    @classmethod
+    def load(cls, directory: str | Path, model_id: str | None = None, bits: int | None = None) -> "ItemIndex":
+        return load_index(directory, model_id=model_id, bits=bits)
+
+    def _check_labels(self, labels, n: int) -> np.ndarray:
+        # the label width is fixed by class_names, else by the first labelled add
+        width = len(self.class_names) or (self.labels.shape[1] if len(self) else None)
+        if labels is None:
+            return np.zeros((n, width or 0), dtype=np.uint8)
+        labels = np.asarray(labels)
+        if labels.ndim == 1 and width is not None and labels.size and not 0 <= labels.min() <= labels.max() < width:
+            raise ValueError(f"class indices must be in [0, {width}), got {labels.min()}..{labels.max()}")
+        labels = as_multi_hot(labels, n_classes=width) if labels.ndim == 1 else as_multi_hot(labels)
+        if len(labels) != n:
+            raise ValueError(f"{n} codes but {len(labels)} label rows")
+        if width is not None and labels.shape[1] != width:
+            raise ValueError(f"labels have {labels.shape[1]} classes, the index has {width}")
+        return labels
+
+
+def make_thumbnail(image: np.ndarray, side: int = THUMBNAIL_MAX_SIDE) -> np.ndarray:
+    """A uint8 (H, W, C) thumbnail that fits in side x side, from (C, H, W), (H, W, C) or (H, W) uint8."""
+    from PIL import Image
+
+    image = np.asarray(image, dtype=np.uint8)
+    if image.ndim == 3 and image.shape[0] in (1, 3) and image.shape[2] not in (1, 3):
+        image = image.transpose(1, 2, 0)
+    picture = Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image)
+    picture.thumbnail((side, side))
+    out = np.asarray(picture, dtype=np.uint8)
+    return out[..., None] if out.ndim == 2 else out
+
+
+# ------------------------------------------------------------------ saving
+
+
+def save_index(directory: str | Path, item_index: ItemIndex) -> Path:
+    """Commit `item_index` as the directory's new version (atomic); returns the version's path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _refuse_foreign(directory)
+    with _writer_lock(directory):
+        previous = _read_pointer(directory)
+        version = f"v{_next_version(directory):06d}"
+        staging = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=directory))
+        try:
+            _write_version(staging, item_index)
+            os.rename(staging, directory / version)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        _fsync_dir(directory)
+        _write_pointer(directory, version)
+        _remove_stale(directory, keep={version, previous})
+        return directory / version
+
+
+def _write_version(staging: Path, item_index: ItemIndex) -> None:
+    faiss_path = staging / FAISS_FILE
+    faiss.write_index_binary(item_index.index.to_faiss(), str(faiss_path))
+    _fsync_file(faiss_path)
+    _write_meta(staging / META_FILE, item_index, _sha256(faiss_path))
+    _fsync_file(staging / META_FILE)
+    _fsync_dir(staging)
+
+
+def _write_meta(path: Path, item_index: ItemIndex, faiss_sha256: str) -> None:
+    import h5py
+
+    index = item_index.index
+    with h5py.File(path, "w") as f:
+        f.attrs.update(
+            format=FORMAT,
+            format_version=FORMAT_VERSION,
+            bits=index.bits,
+            kind=index.kind,
+            model_id=item_index.model_id,
+            count=len(index),
+            faiss_file=FAISS_FILE,
+            faiss_sha256=faiss_sha256,
+        )
+        for name, value in index.params.items():
+            f.attrs[f"param_{name}"] = value
+        f.create_dataset("ids", data=index.ids)
+        f.create_dataset("codes", data=index.codes)
+        f.create_dataset("labels", data=item_index.labels)
+        f.create_dataset("class_names", data=np.array(item_index.class_names, dtype=object), dtype=h5py.string_dtype())
+        f.create_dataset("sources", data=np.array(item_index.sources, dtype=object), dtype=h5py.string_dtype())
+        shapes, offsets, data = _pack_thumbnails(item_index.thumbnails)
+        f.create_dataset("thumbnails/shapes", data=shapes)
+        f.create_dataset("thumbnails/offsets", data=offsets)
+        f.create_dataset("thumbnails/data", data=data)
+
+
+def _pack_thumbnails(thumbnails: list[np.ndarray | None]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Variable-size thumbnails as one byte buffer, offsets and (h, w, c) shapes; (0, 0, 0) = none."""
+    shapes = np.array([t.shape if t is not None else (0, 0, 0) for t in thumbnails], dtype=np.int32).reshape(-1, 3)
+    sizes = shapes.prod(axis=1).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    present = [t.ravel() for t in thumbnails if t is not None]
+    data = np.concatenate(present) if present else np.empty(0, dtype=np.uint8)
+    return shapes, offsets, data
+
+
+def _write_pointer(directory: Path, version: str) -> None:
+    tmp = directory / (POINTER_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(version + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, directory / POINTER_FILE)  # the commit point
+    _fsync_dir(directory)
+
+
+def _read_pointer(directory: Path) -> str | None:
+    """The committed version's name, or None before the first commit."""
+    try:
+        version = (directory / POINTER_FILE).read_text().strip()
+    except FileNotFoundError:
+        return None
+    if not _VERSION.match(version) or not (directory / version).is_dir():
+        raise FileNotFoundError(f"{directory / POINTER_FILE} names {version!r}, which is not a version directory here")
+    return version
+
+
+def _remove_stale(directory: Path, keep: set[str | None]) -> None:
+    """Drop versions other than `keep` and leftovers of crashed saves; never fails a committed save."""
+    for entry in directory.iterdir():
+        stale_version = _VERSION.match(entry.name) and entry.name not in keep
+        if stale_version or entry.name.startswith(".tmp-"):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _refuse_foreign(directory: Path) -> None:
+    foreign = sorted(e.name for e in directory.iterdir() if not _OURS.match(e.name))
+    if foreign:
+        raise FileExistsError(
+            f"{directory} exists and is not a vdsh index directory (it holds {foreign[:3]}); "
+            "save to a new or empty directory"
+        )
+
+
+def _next_version(directory: Path) -> int:
+    numbers = [int(m.group(1)) for e in directory.iterdir() if (m := _VERSION.match(e.name))]
+    return max(numbers, default=0) + 1
+
+
+@contextlib.contextmanager
+def _writer_lock(directory: Path):
+    """One writer at a time per directory (advisory lock; readers never wait)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: single-writer is the caller's duty
+        yield
+        return
+    with open(directory / LOCK_FILE, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # platforms that cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------- loading
+
+
+def committed_version(directory: str | Path) -> Path:
+    """The directory holding the committed index.faiss and meta.h5 (CURRENT's target, or `directory` itself)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"index directory not found: {directory}")
+    version = _read_pointer(directory)
+    if version is None:
+        if (directory / META_FILE).is_file():  # a bare version directory, e.g. copied out by hand
+            return directory
+        raise FileNotFoundError(
+            f"{directory} holds no committed index (no {POINTER_FILE} file); an interrupted first save leaves this"
+        )
+    return directory / version
+
+
+def load_index(directory: str | Path, model_id: str | None = None, bits: int | None = None) -> ItemIndex:
+    """Load the committed version; IndexMismatchError naming what disagrees (files, model, bits)."""
+    for attempt in range(3):
+        version_dir = committed_version(directory)
+        try:
+            return _load_version(version_dir, model_id, bits)
+        except FileNotFoundError:
+            # a writer may have committed and pruned this version since CURRENT was read: read it again
+            if attempt == 2 or committed_version(directory) == version_dir:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _load_version(version_dir: Path, model_id: str | None, bits: int | None) -> ItemIndex:
+    import h5py
+
+    faiss_path, meta_path = version_dir / FAISS_FILE, version_dir / META_FILE
+    for path in (faiss_path, meta_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"index file missing: {path}")
+    with h5py.File(meta_path, "r") as f:
+        attrs = dict(f.attrs)
+        _check_attrs(attrs, meta_path, model_id, bits)
+        arrays = {name: f[name][()] for name in ("ids", "codes", "labels")}
+        class_names = [s.decode() if isinstance(s, bytes) else s for s in f["class_names"][()]]
+        sources = [s.decode() if isinstance(s, bytes) else s for s in f["sources"][()]]
+        thumbnails = _unpack_thumbnails(f["thumbnails/shapes"][()], f["thumbnails/offsets"][()], f["thumbnails/data"][()])
+    if _sha256(faiss_path) != attrs["faiss_sha256"]:
+        raise IndexMismatchError(f"{faiss_path} is not the FAISS file {meta_path} was saved with (checksum differs)")
+    count = int(attrs["count"])
+    for name, n in (("ids", len(arrays["ids"])), ("codes", len(arrays["codes"])), ("labels", len(arrays["labels"])),
+                    ("sources", len(sources)), ("thumbnails", len(thumbnails))):
+        if n != count:
+            raise IndexMismatchError(f"{meta_path}: {n} {name} for {count} items")
+    try:
+        index = HammingIndex.from_faiss(faiss.read_index_binary(str(faiss_path)), int(attrs["bits"]), str(attrs["kind"]), arrays["codes"])
+    except ValueError as error:
+        raise IndexMismatchError(f"{faiss_path} disagrees with {meta_path}: {error}") from error
+    if not np.array_equal(index.ids, arrays["ids"]):
+        raise IndexMismatchError(f"the ids in {faiss_path} differ from those in {meta_path}")
+    item_index = ItemIndex(HammingIndex(index.bits, index.kind), str(attrs["model_id"]), class_names)
+    item_index.index = index
+    item_index.labels = arrays["labels"].astype(np.uint8)
+    item_index.sources = sources
+    item_index.thumbnails = thumbnails
+    return item_index
+
+
+def _check_attrs(attrs: dict, meta_path: Path, model_id: str | None, bits: int | None) -> None:
+    if attrs.get("format") != FORMAT:
+        raise IndexMismatchError(f"{meta_path} is not a vdsh index metadata file (format={attrs.get('format')!r})")
+    if int(attrs.get("format_version", -1)) > FORMAT_VERSION:
+        raise IndexMismatchError(f"{meta_path} has format version {attrs['format_version']}; this vdsh reads up to {FORMAT_VERSION}")
+    if str(attrs["kind"]) not in KINDS:
+        raise IndexMismatchError(f"{meta_path}: unknown index kind {attrs['kind']!r}")
+    if bits is not None and int(attrs["bits"]) != bits:
+        raise IndexMismatchError(f"code length differs: the index holds {int(attrs['bits'])}-bit codes, expected {bits} bits")
+    if model_id is not None and str(attrs["model_id"]) != model_id:
+        raise IndexMismatchError(f"model differs: the index was built with model {attrs['model_id']!r}, expected {model_id!r}")
+
+
+def _unpack_thumbnails(shapes: np.ndarray, offsets: np.ndarray, data: np.ndarray) -> list[np.ndarray | None]:
+    return [
+        data[offsets[i] : offsets[i + 1]].reshape(shape) if shape[0] else None
+        for i, shape in enumerate(shapes)
+    ]
+
+
+def _check_thumbnail(thumbnail) -> np.ndarray | None:
+    if thumbnail is None:
+        return None
+    thumbnail = np.asarray(thumbnail)
+    if thumbnail.ndim == 2:
+        thumbnail = thumbnail[..., None]
+    if thumbnail.dtype != np.uint8 or thumbnail.ndim != 3 or thumbnail.shape[2] not in (1, 3):
+        raise ValueError(f"a thumbnail must be uint8 (H, W), (H, W, 1) or (H, W, 3), got {thumbnail.dtype} {thumbnail.shape}")
+    if max(thumbnail.shape[:2]) > THUMBNAIL_MAX_SIDE or min(thumbnail.shape[:2]) < 1:
+        raise ValueError(f"a thumbnail must be 1 to {THUMBNAIL_MAX_SIDE} pixels a side (make_thumbnail), got {thumbnail.shape}")
+    return np.ascontiguousarray(thumbnail)
