@@ -45,7 +45,7 @@ async def add_item(
     image: UploadFile = File(..., description="JPEG, PNG or WebP"),
     labels: str = Form("", description="comma-separated class names, e.g. 'cat' or 'sky,water'"),
     source: str = Form("", max_length=2048, description="where the image came from; default: upload:<file name>"),
-    id: int | None = Form(None, ge=0, le=2**63 - 1, description="the new item's id; default: largest id + 1"),
+    new_id: int | None = Form(None, alias="id", ge=0, le=2**63 - 1, description="the new item's id; default: largest id + 1"),
     catalog: Catalog = Depends(get_catalog),
     settings: Settings = Depends(get_settings),
 ) -> Item:
@@ -62,7 +62,7 @@ async def add_item(
     except ImageDecodeError as error:
         raise HTTPException(400, str(error)) from None
     try:
-        record = await run_in_threadpool(catalog.add, pixels, names, source or f"upload:{image.filename or ''}", id)
+        record = await run_in_threadpool(catalog.add, pixels, names, source or f"upload:{image.filename or ''}", new_id)
     except FileExistsError as error:
         raise HTTPException(409, str(error)) from None
     except OSError as error:  # e.g. a read-only index mount: the catalog has reloaded the saved state
