@@ -438,3 +438,17 @@ def test_cli_index_build_refuses_bad_arguments(setup, tmp_path):
     assert result.exit_code != 0 and "--kind must be one of" in result.output
     result = runner.invoke(app, base)
     assert result.exit_code != 0 and "give --dataset" in result.output
+
+
+def test_http_load_generator_is_bounded_and_counts_every_request(setup):
+    from vdsh.app.bench_http import health_latency, run_load
+
+    url = shared_server()
+    uploads = [png_bytes(image) for image in setup.query_images[:5]]
+    row = run_load(url, uploads, k=10, concurrency=3, requests=24, duration_s=60)
+    assert row["requests"] == 24 and row["errors"] == 0 and row["req_per_s"] > 0
+    assert 0 < row["p50_ms"] <= row["p99_ms"]
+    started = time.monotonic()
+    row = run_load(url, uploads, k=10, concurrency=2, requests=10**9, duration_s=1.0)  # the time limit stops it
+    assert time.monotonic() - started < 15 and row["errors"] == 0 and row["requests"] > 0
+    assert len(health_latency(url, 5)) == 2

@@ -145,6 +145,7 @@ def bench_http(
 
         stats = httpx.get(url + "/stats", timeout=10).json()
         run_load(url, uploads, k, concurrency=1, requests=warmup, duration_s=duration_s)
+        baseline = health_latency(url, min(requests, 200))
         rows = [run_load(url, uploads, k, c, requests, duration_s) for c in concurrency]
     finally:
         process.terminate()
@@ -163,5 +164,21 @@ def bench_http(
         "cpu_count": os.cpu_count(),
         "machine": platform.platform(),
         "date": time.strftime("%Y-%m-%d"),
+        "health_p50_ms": baseline[0],
+        "health_p99_ms": baseline[1],
         "rows": rows,
     }
+
+
+def health_latency(url: str, requests: int) -> tuple[float, float]:
+    """p50/p99 ms of GET /health, one at a time: the floor HTTP itself costs on this machine right now."""
+    import httpx
+
+    times = []
+    with httpx.Client(base_url=url, timeout=10) as http:
+        for _ in range(requests):
+            started = time.perf_counter()
+            http.get("/health")
+            times.append(time.perf_counter() - started)
+    ms = np.array(times) * 1000
+    return round(float(np.percentile(ms, 50)), 2), round(float(np.percentile(ms, 99)), 2)
