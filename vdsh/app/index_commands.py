@@ -129,7 +129,7 @@ def query_command(
         except ImageDecodeError as error:
             typer.echo(f"{path}: {error}", err=True)
             raise typer.Exit(2) from None
-        ids, dists = items.search(pack_codes(hashing_model.encode(pixels[None])), k, device="cpu")
+        ids, dists = items.search(pack_codes(hashing_model.encode(pixels[None].copy())), k, device="cpu")
         typer.echo(f"{path}:")
         keep = ids[0] >= 0
         for rank, (item_id, dist, labels, source) in enumerate(
