@@ -11,9 +11,7 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
-# codes ranked first per query; 16 nearest codes cover k=100 items on clustered codes, and a 16-entry
-# heap costs half a 100-entry one (measured on 59k 64-bit codes, 10 centres, 2% flips)
-FIRST_WINDOW = 16
+
 
 
 def code_keys(codes: np.ndarray) -> np.ndarray:
@@ -52,6 +50,9 @@ class DistinctCodes:
         self.starts = np.cumsum(self.counts) - self.counts
         self.index = faiss.IndexBinaryFlat(8 * nbytes)
         self.index.add(self.codes)
+        # FAISS's counting k-NN (one counter per distance) costs about one scan whatever k is, while
+        # its heap grows with k: ranking k codes by counting costs ~ a 16-code heap search
+        self.index.use_heap = False
 
     def __len__(self) -> int:
         """Number of distinct codes."""
@@ -60,18 +61,13 @@ class DistinctCodes:
     def knn(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(q, min(k, n)) rows and int32 distances, by (distance, row); exact."""
         k = min(k, self.n_rows)
-        # a few nearest codes usually hold the k items (one code holds a whole cluster's core): a small
-        # heap is much cheaper than k; when they do not, rank min(k, u) codes, which always suffice
-        code_dists, code_idx = self.index.search(queries, min(FIRST_WINDOW, k, len(self)))
+        # each code holds >= 1 item, so the k nearest codes hold the k nearest items; only the level of
+        # the k-th distance may continue past them (then it is fetched whole, see _knn_one)
+        code_dists, code_idx = self.index.search(queries, min(k, len(self)))
         rows = np.empty((len(queries), k), dtype=np.int64)
         dists = np.empty((len(queries), k), dtype=np.int32)
         for i in range(len(queries)):
-            query = queries[i : i + 1]
-            found = self._expand_knn(query, code_dists[i], code_idx[i], k)
-            if found is None:
-                wider_dists, wider_idx = self.index.search(query, min(k, len(self)))
-                found = self._expand_knn(query, wider_dists[0], wider_idx[0], k)
-            rows[i], dists[i] = found
+            rows[i], dists[i] = self._knn_one(queries[i : i + 1], code_dists[i], code_idx[i], k)
         return rows, dists
 
     def range(self, queries: np.ndarray, max_distance: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -84,39 +80,49 @@ class DistinctCodes:
             results.append(self._gather_sorted(codes, dists, self.counts[codes], None))
         return results
 
-    def _expand_knn(self, query: np.ndarray, code_dists: np.ndarray, code_idx: np.ndarray, k: int):
-        """The k best rows from a window of the nearest codes; None when the window holds fewer than k items."""
-        counts = self.counts[code_idx]
-        boundary = int(np.searchsorted(np.cumsum(counts), k))  # the code holding the k-th item
-        window_complete = len(code_idx) == len(self)
-        if boundary == len(code_idx):
-            return None
-        kth_distance = int(code_dists[boundary])
-        if boundary + 1 < len(code_idx) or window_complete:
-            after = int(code_dists[boundary + 1]) if boundary + 1 < len(code_idx) else kth_distance + 1
-            if after > kth_distance and (boundary == 0 or bool((np.diff(code_dists[: boundary + 1]) > 0).all())):
-                return self._concatenate(code_idx[: boundary + 1], code_dists[: boundary + 1], k)
-        if not window_complete and code_dists[-1] == kth_distance:
-            # codes at the k-th distance may continue past the window; their items must compete
-            # on row order, so fetch the whole distance level
-            _, code_dists, code_idx = self.index.range_search(query, kth_distance + 1)
-            counts = self.counts[code_idx]
-        code_dists = code_dists.astype(np.int32)
-        below = code_dists < kth_distance
-        remaining = k - int(counts[below].sum())
-        # items below the boundary all enter; at the boundary only the first `remaining` of each code can
-        take = np.where(below, counts, np.minimum(counts, remaining))
-        take[code_dists > kth_distance] = 0
-        return self._gather_sorted(code_idx, code_dists, take, k)
+    def _knn_one(self, query: np.ndarray, code_dists: np.ndarray, code_idx: np.ndarray, k: int):
+        """The k best rows from the nearest codes (sorted by distance), which hold at least k items."""
+        # plain Python over the window: cheaper than numpy calls on a hundred numbers
+        dists, counts = code_dists.tolist(), self.counts[code_idx].tolist()
+        boundary, total = 0, counts[0]
+        while total < k:
+            boundary += 1
+            total += counts[boundary]
+        kth = dists[boundary]  # the k-th item's distance
+        first, end = boundary, boundary + 1  # the codes at distance kth within the window
+        while first > 0 and dists[first - 1] == kth:
+            first -= 1
+        while end < len(dists) and dists[end] == kth:
+            end += 1
+        if end == len(dists) < len(self):
+            # codes at distance kth may continue past the window; all must compete on row order
+            return self._knn_from_range(query, kth, k)
+        if first == boundary == end - 1 and all(dists[j] < dists[j + 1] for j in range(boundary)):
+            return self._concatenate(code_idx[: boundary + 1], dists[: boundary + 1], k)
+        return self._take_levels(code_idx[:end], code_dists[:end], first, k)
 
-    def _concatenate(self, code_idx: np.ndarray, code_dists: np.ndarray, k: int):
+    def _knn_from_range(self, query: np.ndarray, kth: int, k: int):
+        _, code_dists, code_idx = self.index.range_search(query, kth + 1)  # every code within kth
+        order = np.argsort(code_dists, kind="stable")
+        code_idx, code_dists = code_idx[order], code_dists[order]
+        return self._take_levels(code_idx, code_dists, int(np.searchsorted(code_dists, kth)), k)
+
+    def _take_levels(self, code_idx: np.ndarray, code_dists: np.ndarray, first: int, k: int):
+        """Codes before `first` are nearer than the k-th distance and give all their rows; the others,
+        at that distance, give their first rows; all merged by (distance, row)."""
+        take = self.counts[code_idx]
+        remaining = k - int(take[:first].sum())
+        np.minimum(take[first:], remaining, out=take[first:])
+        return self._gather_sorted(code_idx, code_dists.astype(np.int32), take, k)
+
+    def _concatenate(self, code_idx: np.ndarray, dists: list[int], k: int):
         """Fast path: each code alone at its distance, so its rows follow the previous code's, in order."""
-        if len(code_idx) == 1:
+        if len(dists) == 1:
             start = int(self.starts[code_idx[0]])
-            return self.rows_by_code[start : start + k], np.full(k, code_dists[0], dtype=np.int32)
-        starts = self.starts[code_idx]
-        rows = np.concatenate([self.rows_by_code[s : s + c] for s, c in zip(starts, self.counts[code_idx])])[:k]
-        return rows, np.repeat(code_dists.astype(np.int32), self.counts[code_idx])[:k]
+            return self.rows_by_code[start : start + k], np.full(k, dists[0], dtype=np.int32)
+        counts = self.counts[code_idx]
+        rows = np.concatenate([self.rows_by_code[s : s + c] for s, c in zip(self.starts[code_idx].tolist(), counts.tolist())])
+        return rows[:k], np.repeat(np.array(dists, dtype=np.int32), counts)[:k]
 
     def _gather_sorted(self, code_idx: np.ndarray, code_dists: np.ndarray, take: np.ndarray, k: int | None):
         """First `take[j]` rows of each code `code_idx[j]`, merged by (distance, row)."""

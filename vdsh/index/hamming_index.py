@@ -171,8 +171,9 @@ class HammingIndex:
             if len(self) == 0 or len(queries) == 0:
                 return _padded(np.empty((len(queries), 0), np.int64), np.empty((len(queries), 0), np.int32), k)
             rows, dists = self._knn_rows(queries, min(k, len(self)), device)
-            ids = np.where(rows >= 0, self._ids[np.maximum(rows, 0)], -1)
-            return _padded(ids, dists, k)
+            if self.kind in EXACT_KINDS:  # every row is found: k <= len(self)
+                return _padded(self._ids[rows], dists, k)
+            return _padded(np.where(rows >= 0, self._ids[np.maximum(rows, 0)], -1), dists, k)
 
     def range_search(self, queries: np.ndarray, radius: int) -> list[SearchResult]:
         """Per query, (ids, distances) of every item within Hamming distance `radius` (inclusive). Exact."""
