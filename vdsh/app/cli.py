@@ -17,3 +17,11 @@ def version() -> None:
 
 def main() -> None:
     app()
+
+
+from vdsh.app import train_commands  # noqa: E402
+
+app.command("train")(train_commands.train)
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that write BENCHMARKS.md sections.")
+bench_app.command("train")(train_commands.bench_train)
+app.add_typer(bench_app, name="bench")
