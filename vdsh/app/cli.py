@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import os
+
 import typer
 
-from vdsh.app import index_commands
+from vdsh.app import index_commands, train_commands
+from vdsh.app.bench_commands import bench
+from vdsh.app.eval_commands import evaluate
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Supervised deep hashing for image retrieval.")
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Supervised deep hashing for image retrieval.")
+app.command("train")(train_commands.train)
+app.command("eval")(evaluate)
+bench.command("train")(train_commands.bench_train)
+app.add_typer(bench, name="bench")
 app.add_typer(index_commands.index_app, name="index")
 app.command("query")(index_commands.query_command)
 app.command("serve")(index_commands.serve_command)
@@ -21,4 +30,11 @@ def version() -> None:
 
 
 def main() -> None:
-    app()
+    """Run the CLI; bad input (missing files, wrong shapes, corrupt data) ends in one clear line, exit 2."""
+    try:
+        app()
+    except (FileNotFoundError, ValueError) as exc:
+        if os.environ.get("VDSH_DEBUG"):
+            raise
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise SystemExit(2) from None
