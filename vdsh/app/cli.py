@@ -7,12 +7,14 @@ import os
 import typer
 
 from vdsh.app.bench_commands import bench
+from vdsh.app.cnn_commands import bench_cnn
 from vdsh.app.eval_commands import evaluate
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Supervised deep hashing for image retrieval.")
 app.command("eval")(evaluate)
 app.add_typer(bench, name="bench")
+bench.command("cnn")(bench_cnn)
 
 
 @app.command()
