@@ -61,20 +61,3 @@ def default_augmentation(dataset: str) -> Augmentation:
         return Augmentation(crop_padding=2, flip=False)
     return Augmentation(crop_padding=4, flip=True)
 
-
-def classification_loss(scores: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
-    """Cross-entropy of class scores against multi-hot labels, with label smoothing.
-
-    Single-label rows (one 1 each): softmax cross-entropy, targets (1 - s) on the class and s/L spread
-    over all classes, which keeps the scores from growing without bound on training data the net
-    already fits. Multi-label data: per-label binary cross-entropy with targets pulled s/2 toward 1/2.
-    """
-    if scores.shape != labels.shape:
-        raise ValueError(f"scores {tuple(scores.shape)} and multi-hot labels {tuple(labels.shape)} must have one shape")
-    if not 0.0 <= smoothing < 1.0:
-        raise ValueError(f"label smoothing must be in [0, 1), got {smoothing}")
-    labels = labels.to(scores.device).float()
-    scores = scores.float()  # the loss in float32 even under bf16 autocast
-    if bool((labels.sum(1) == 1).all()):
-        return F.cross_entropy(scores, labels.argmax(1), label_smoothing=smoothing)
-    return F.binary_cross_entropy_with_logits(scores, labels * (1 - smoothing) + smoothing / 2)
