@@ -60,3 +60,35 @@ def bench_cnn(
         + markdown_table(["encoder", "width", "params (M)", "batch 1 median ms/image", "batch 1 best",
                         "batch 64 median ms/image", "batch 64 best"], rows),
     )
+
+
+def run_cnn_training(protocol: str, bits: int, encoder: str, width: int | None, device: str, seed: int, epochs: int,
+                     out, data_root: str | None, extra: dict | None = None, classifier_baseline: bool = False) -> dict:
+    """`vdsh train --encoder small_cnn|resnet9|dwsep`: train on the protocol's images, save like the MLP path."""
+    import json
+    from dataclasses import asdict, replace
+
+    from vdsh.app.benchmarks import atomic_write_text
+    from vdsh.app.plots import plot_history
+    from vdsh.app.train_commands import final_query_map
+    from vdsh.data.protocols import load_protocol
+    from vdsh.training.cnn_training import CNN_OPTIONS, default_augmentation, train_cnn
+    from vdsh.training.model import save_model
+
+    images, split = load_protocol(protocol, data_root, seed)
+    options = replace(CNN_OPTIONS, device=device, seed=seed, epochs=epochs,
+                      dtype="bfloat16" if device.startswith("cuda") else "float32", **(extra or {}))
+    torch.manual_seed(seed)
+    model, history = train_cnn(encoder, images.images[split.train], images.labels[split.train], bits, width, options,
+                               default_augmentation(protocol), classifier_baseline)
+    summary = {"protocol": protocol, "seed": seed, "trainer": "backprop", "encoder": encoder,
+               "encoder_config": model.encoder.config(), "bits": bits, "classifier_baseline": classifier_baseline,
+               "options": asdict(options),
+               "metrics": {"map_all": final_query_map(model, images, split, "cpu"), "train_time_s": history[-1]["time"]}}
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        save_model(out / "model.safetensors", model, summary)
+        atomic_write_text(out / "history.json", json.dumps(history, indent=1))
+        split.save(out / "split.npz")
+        plot_history(history, out / "history.png")
+    return summary
