@@ -8,6 +8,7 @@ import typer
 
 from vdsh.app import index_commands, train_commands
 from vdsh.app.bench_commands import bench
+from vdsh.app.cnn_commands import bench_cnn
 from vdsh.app.eval_commands import evaluate
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -16,6 +17,7 @@ app.command("train")(train_commands.train)
 app.command("eval")(evaluate)
 bench.command("train")(train_commands.bench_train)
 app.add_typer(bench, name="bench")
+bench.command("cnn")(bench_cnn)
 app.add_typer(index_commands.index_app, name="index")
 app.command("query")(index_commands.query_command)
 app.command("serve")(index_commands.serve_command)

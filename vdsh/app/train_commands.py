@@ -110,7 +110,9 @@ def train(
     bits: int = typer.Option(48, help="code length"),
     trainer: str = typer.Option("admm", help="admm or backprop"),
     depth: int = typer.Option(8, help="weight layers"),
-    width: int = typer.Option(1024, help="hidden units per layer"),
+    width: int = typer.Option(None, help="MLP hidden units (default 1024) or CNN base channels (default per encoder)"),
+    encoder: str = typer.Option("mlp", help="mlp, or a CNN on the images: small_cnn, resnet9, dwsep (back-prop)"),
+    classifier_baseline: bool = typer.Option(False, help="CNN only: train a plain classifier, code its class scores"),
     batchnorm: bool = typer.Option(False, help="BatchNorm (back-prop only)"),
     residual: bool = typer.Option(False, help="residual connections (back-prop only)"),
     device: str = typer.Option("cuda" if torch.cuda.is_available() else "cpu"),
@@ -120,7 +122,15 @@ def train(
     data_root: str = typer.Option(None, help="data root (default $VDSH_DATA)"),
     options: str = typer.Option("{}", help='extra trainer options as JSON, e.g. \'{"beta": 0.1}\''),
 ) -> None:
-    """Train a DeepMLP on a protocol's training set; save model.safetensors, history.json, split.npz, history.png."""
+    """Train a DeepMLP or a CNN on a protocol's training set; save model.safetensors, history.json, split.npz, history.png."""
+    if encoder != "mlp":
+        from vdsh.app.cnn_commands import run_cnn_training
+
+        summary = run_cnn_training(protocol, bits, encoder, width, device, seed, iterations, out, data_root,
+                                   json.loads(options), classifier_baseline)
+        typer.echo(json.dumps(summary["metrics"]))
+        return
+    width = width or 1024
     summary = run_training(protocol, bits, trainer, depth, width, batchnorm, residual, device, seed, iterations, out,
                            data_root, json.loads(options))
     typer.echo(json.dumps(summary["metrics"]))

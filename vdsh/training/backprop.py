@@ -34,6 +34,9 @@ class BackpropOptions:
     step_every: int = 5  # epochs between ×0.1 decays of the 'step' schedule
     loss: str = "auto"  # 'auto' (cross-entropy, or BCE for multi-label), 'squared'
     quantisation: float = 0.0
+    label_smoothing: float = 0.0  # single-label: softmax targets (1 - s) + s/L; multi-label: BCE targets pulled s/2 to 1/2
+    plain_classifier: bool = False  # no tanh head: the encoder's outputs are the class scores (classifier baseline)
+    channels_last: bool = False  # NHWC memory format for image encoders (faster convs: tensor cores, oneDNN)
     device: str = "cpu"
     dtype: str = "float32"  # 'bfloat16' runs forward/backward under autocast (CUDA)
     eval_every: int = 1
@@ -47,6 +50,8 @@ class BackpropOptions:
             raise ValueError(f"schedule must be onecycle, cosine, step or constant, got {self.schedule!r}")
         if self.loss not in ("auto", "squared"):
             raise ValueError(f"loss must be 'auto' or 'squared', got {self.loss!r}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("epochs, batch_size and lr must be positive")
 
@@ -69,20 +74,23 @@ def make_schedule(optimizer: torch.optim.Optimizer, opt: BackpropOptions, steps_
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
 
 
-def classification_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str, smoothing: float = 0.0) -> torch.Tensor:
     if kind == "squared":
         return (labels - logits).pow(2).sum(1).mean()
     if bool((labels.sum(1) == 1).all()):
-        return nn.functional.cross_entropy(logits, labels.argmax(1))
-    return nn.functional.binary_cross_entropy_with_logits(logits, labels)
+        return nn.functional.cross_entropy(logits, labels.argmax(1), label_smoothing=smoothing)
+    return nn.functional.binary_cross_entropy_with_logits(logits, labels * (1 - smoothing) + smoothing / 2)
 
 
 class BackpropTrainer:
     """SGD/Adam on tanh-relaxed codes + linear classifier; `fit` returns (encoder, history)."""
 
-    def __init__(self, options: BackpropOptions | None = None, progress: Callable[[dict], None] | None = None) -> None:
+    def __init__(self, options: BackpropOptions | None = None, progress: Callable[[dict], None] | None = None,
+                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """augment: applied to each mini-batch of prepared input on the device (e.g. `augment.Augmentation`)."""
         self.options = options or BackpropOptions()
         self.progress = progress
+        self.augment = augment
 
     def fit(self, encoder: nn.Module, features: torch.Tensor, labels: torch.Tensor, validation: Validation | None = None) -> tuple[nn.Module, list[dict]]:
         opt = self.options
@@ -90,10 +98,13 @@ class BackpropTrainer:
             raise ValueError(f"features and labels differ in length: {len(features)} vs {len(labels)}")
         torch.manual_seed(opt.seed)
         device = torch.device(opt.device)
-        encoder.to(device).train()
+        memory_format = torch.channels_last if opt.channels_last else torch.preserve_format
+        encoder.to(device, memory_format=memory_format).train()
         x, y = features.to(device).float(), labels.to(device).float()
         bits = int(encoder.config()["bits"])
-        classifier = nn.Linear(bits, y.shape[1]).to(device)
+        if opt.plain_classifier and bits != y.shape[1]:
+            raise ValueError(f"a plain classifier needs one encoder output per class ({y.shape[1]}), has {bits}")
+        classifier = nn.Identity() if opt.plain_classifier else nn.Linear(bits, y.shape[1]).to(device)
         params = list(encoder.parameters()) + list(classifier.parameters())
         optimizer = make_optimizer(params, opt)
         steps = math.ceil(len(x) / opt.batch_size)
@@ -104,10 +115,12 @@ class BackpropTrainer:
         for epoch in range(1, opt.epochs + 1):
             total, seen = 0.0, 0
             for idx in torch.randperm(len(x), device=device).split(opt.batch_size):
+                inputs = self.augment(x[idx]) if self.augment else x[idx]
                 with autocast:
-                    h = torch.tanh(encoder(x[idx]))
-                    loss = classification_loss(classifier(h).float(), y[idx], opt.loss)
-                    if opt.quantisation > 0:
+                    out = encoder(inputs.contiguous(memory_format=memory_format))
+                    h = out if opt.plain_classifier else torch.tanh(out)
+                    loss = classification_loss(classifier(h).float(), y[idx], opt.loss, opt.label_smoothing)
+                    if opt.quantisation > 0 and not opt.plain_classifier:
                         loss = loss + opt.quantisation * (h.float() - torch.sign(h.float())).pow(2).sum(1).mean()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -31,3 +31,5 @@ class LinearEncoder(nn.Module):
 
 
 from vdsh.training.mlp import DeepMLP  # noqa: E402,F401  (registers "mlp")
+from vdsh.training.cnn import DepthwiseSeparableCNN, ResNet9, SmallCNN  # noqa: E402,F401  (registers "small_cnn", "resnet9", "dwsep")
+from vdsh.training.classifier_baseline import ClassScoreCode  # noqa: E402,F401  (registers "class_scores")

@@ -1,0 +1,63 @@
+"""Batched image augmentation on the training device: random crop (pad + crop) and horizontal flip.
+
+Done on whole (N, C, H, W) tensors where they already live (the GPU in a real run), so augmentation
+costs a few kernel launches per batch instead of a CPU data-loader pipeline, as in the fast CIFAR-10
+trainers. It applies to the prepared (normalised) input, so padding by reflection never invents a
+colour the images do not have. Labels are untouched: both transforms keep the class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pad each side by `padding` (reflect) and cut a random (H, W) window per image: shifts of +-padding px."""
+    if images.ndim != 4:
+        raise ValueError(f"random_crop expects (N, C, H, W) images, got {tuple(images.shape)}")
+    if padding <= 0:
+        return images
+    n, c, h, w = images.shape
+    if padding >= min(h, w):
+        raise ValueError(f"crop padding {padding} must be smaller than the image side ({h}x{w}) for reflect padding")
+    padded = F.pad(images, (padding,) * 4, mode="reflect")
+    offsets = torch.randint(0, 2 * padding + 1, (2, n), device=images.device, generator=generator)
+    rows = (offsets[0, :, None] + torch.arange(h, device=images.device))[:, None, :, None]  # (N, 1, H, 1)
+    cols = (offsets[1, :, None] + torch.arange(w, device=images.device))[:, None, None, :]  # (N, 1, 1, W)
+    batch = torch.arange(n, device=images.device)[:, None, None, None]
+    channel = torch.arange(c, device=images.device)[None, :, None, None]
+    return padded[batch, channel, rows, cols]
+
+
+def random_flip(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Mirror a random half of the images left-right."""
+    if images.ndim != 4:
+        raise ValueError(f"random_flip expects (N, C, H, W) images, got {tuple(images.shape)}")
+    flip = torch.rand(images.shape[0], device=images.device, generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], images.flip(-1), images)
+
+
+@dataclass
+class Augmentation:
+    """Crop then flip, the standard CIFAR-10 pair. Turn flip off for digits and text (mirroring changes them)."""
+
+    crop_padding: int = 4
+    flip: bool = True
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        images = random_crop(images, self.crop_padding, generator)
+        return random_flip(images, generator) if self.flip else images
+
+    def config(self) -> dict:
+        return asdict(self)
+
+
+def default_augmentation(dataset: str) -> Augmentation:
+    """Crop + flip for natural images; crop only (2 px) for digits, whose mirror images are other shapes."""
+    if dataset.startswith("mnist"):
+        return Augmentation(crop_padding=2, flip=False)
+    return Augmentation(crop_padding=4, flip=True)
+
