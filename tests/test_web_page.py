@@ -1,11 +1,12 @@
 """The web page in a real headless Chromium: pick an image, see neighbour thumbnails with distances.
 
 Needs Debian's `chromium` (apt-get install -y chromium) and the `playwright` Python package (its
-driver only; no `playwright install`); skips cleanly without them.
+driver only; no `playwright install`); skips without them, unless VDSH_REQUIRE_BROWSER is set (CI).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -14,6 +15,8 @@ from serving_fixtures import png_bytes, shared_server, shared_setup
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (no browser download needed)")
+if CHROMIUM is None and os.environ.get("VDSH_REQUIRE_BROWSER"):
+    raise RuntimeError("VDSH_REQUIRE_BROWSER is set but no chromium binary is installed (apt-get install -y chromium)")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (apt-get install -y chromium)")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
