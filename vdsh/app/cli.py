@@ -9,10 +9,12 @@ import typer
 from vdsh.app import index_commands, train_commands
 from vdsh.app.bench_commands import bench
 from vdsh.app.cnn_commands import bench_cnn
+from vdsh.app.demo_commands import demo
 from vdsh.app.eval_commands import evaluate
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Supervised deep hashing for image retrieval.")
+app.command("demo")(demo)
 app.command("train")(train_commands.train)
 app.command("eval")(evaluate)
 bench.command("train")(train_commands.bench_train)

@@ -88,6 +88,13 @@ class HashingModel(nn.Module):
         self.input_spec = input_spec
 
     @property
+    def device(self) -> torch.device:
+        """Where the encoder lives; baseline encoders hold only buffers, so those count too."""
+        tensor = next(self.parameters(), None)
+        tensor = tensor if tensor is not None else next(self.buffers(), torch.empty(0))
+        return tensor.device
+
+    @property
     def bits(self) -> int:
         return int(self.encoder.config()["bits"])
 
@@ -99,10 +106,10 @@ class HashingModel(nn.Module):
         """uint8 images (N, C, H, W) -> int8 codes (N, bits) in {-1,+1}, on the CPU, in batches."""
         was_training = self.training
         self.eval()
-        device = next(self.parameters(), torch.empty(0)).device
+        device = self.device
         try:
             chunks = [
-                sign_codes(self(torch.as_tensor(np.asarray(images[i : i + batch_size])).to(device))).cpu()
+                sign_codes(self(torch.tensor(np.asarray(images[i : i + batch_size]), device=device))).cpu()
                 for i in range(0, len(images), batch_size)
             ]
         finally:
