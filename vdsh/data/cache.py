@@ -1,0 +1,59 @@
+"""Decoded datasets cached as .npy files, so the second run starts in seconds."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from vdsh.data.imageset import ImageSet
+from vdsh.data.paths import cache_dir
+
+
+def fingerprint(files: list[Path], **params: object) -> str:
+    """A key that changes when any source file (path, size, mtime) or parameter changes."""
+    h = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode())
+    for f in sorted(files):
+        st = f.stat()
+        h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def _atomic_save(path: Path, array: np.ndarray) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        np.save(f, array)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def cached_imageset(key: str, build: Callable[[], ImageSet]) -> ImageSet:
+    """Return the cached ImageSet for `key`, building and storing it on a miss."""
+    folder = cache_dir() / "datasets" / key
+    meta_path = folder / "meta.json"
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        sources = meta["sources"]
+        return ImageSet(
+            meta["name"],
+            np.load(folder / "images.npy", mmap_mode="r"),
+            np.load(folder / "labels.npy"),
+            meta["class_names"],
+            sources,
+        )
+    imageset = build()
+    folder.mkdir(parents=True, exist_ok=True)
+    _atomic_save(folder / "images.npy", imageset.images)
+    _atomic_save(folder / "labels.npy", imageset.labels)
+    meta = {"name": imageset.name, "class_names": imageset.class_names, "sources": imageset.sources}
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(meta, f)
+    os.replace(tmp, meta_path)  # written last: its presence means the entry is complete
+    return imageset

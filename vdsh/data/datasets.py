@@ -1,0 +1,44 @@
+"""`load(name, root, split)`: one entry point for every dataset vdsh reads."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from vdsh.data.cifar10 import load_cifar10
+from vdsh.data.folder import load_folder
+from vdsh.data.imageset import ImageSet
+from vdsh.data.mnist import load_mnist, read_mnist_split
+from vdsh.data.nuswide import load_nuswide
+from vdsh.data.paths import data_root
+
+DATASETS = ("mnist", "cifar10", "nuswide", "mnist-sample", "folder:<path>")
+
+
+def load_sample() -> ImageSet:
+    """The official MNIST test set (10,000 digits), shipped inside the package for offline quick starts."""
+    with resources.as_file(resources.files("vdsh.data") / "sample") as folder:
+        imageset = read_mnist_split(Path(folder), "test", name="mnist-sample")
+    return imageset
+
+
+def load(name: str, root: str | Path | None = None, split: str = "all", download: bool = False) -> ImageSet:
+    """Images and multi-hot labels of a dataset split.
+
+    name: 'mnist', 'cifar10', 'nuswide', 'mnist-sample' (embedded, needs no root) or 'folder:<path>'.
+    split: 'train', 'test' or 'all' (train followed by test); NUS-WIDE also 'database'.
+    """
+    if name == "mnist-sample":
+        if split not in ("all", "test"):
+            raise ValueError("mnist-sample is the 10,000 MNIST test images: its only split is 'all'")
+        return load_sample()
+    if name.startswith("folder:"):
+        return load_folder(Path(name.removeprefix("folder:")).expanduser())
+    base = data_root(root)
+    if name == "mnist":
+        return load_mnist(base, split, download)
+    if name == "cifar10":
+        return load_cifar10(base, split, download)
+    if name == "nuswide":
+        return load_nuswide(base, split)
+    raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
