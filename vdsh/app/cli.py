@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import typer
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Supervised deep hashing for image retrieval.")
+from vdsh.app.bench_commands import bench
+from vdsh.app.eval_commands import evaluate
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Supervised deep hashing for image retrieval.")
+app.command("eval")(evaluate)
+app.add_typer(bench, name="bench")
 
 
 @app.command()
@@ -16,4 +24,11 @@ def version() -> None:
 
 
 def main() -> None:
-    app()
+    """Run the CLI; bad input (missing files, wrong shapes, corrupt data) ends in one clear line, exit 2."""
+    try:
+        app()
+    except (FileNotFoundError, ValueError) as exc:
+        if os.environ.get("VDSH_DEBUG"):
+            raise
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise SystemExit(2) from None

@@ -1,0 +1,45 @@
+"""`vdsh bench ...`: the only way figures get into BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import typer
+
+from vdsh.app.benchmarks import markdown_table, write_section
+
+bench = typer.Typer(no_args_is_help=True, help="Measure, and write the figures into BENCHMARKS.md.")
+
+
+def clustered_sign_codes(n: int, bits: int, classes: torch.Tensor, centres: torch.Tensor, flip: float) -> torch.Tensor:
+    """Codes near one centre per class, `flip` of their bits flipped: the shape of learned codes."""
+    flips = torch.where(torch.rand(n, bits) < flip, -1, 1)
+    return (centres[classes] * flips).to(torch.int8)
+
+
+@bench.command("metrics")
+def bench_metrics(repeats: int = typer.Option(3, help="Timed runs per size; the median is reported."),
+                  bits: int = typer.Option(64)) -> None:
+    """Time mAP@all + mAP@5000 + P@k + P@H<=2 + PR curve at protocol sizes."""
+    from vdsh.index.codes import as_multi_hot
+    from vdsh.index.metrics import retrieval_metrics
+
+    torch.manual_seed(0)
+    centres = torch.randint(0, 2, (10, bits)) * 2 - 1
+    rows = []
+    for n_query, n_db in [(1_000, 59_000), (10_000, 50_000)]:
+        qy, dy = torch.randint(0, 10, (n_query,)), torch.randint(0, 10, (n_db,))
+        qc, dc = clustered_sign_codes(n_query, bits, qy, centres, 0.1), clustered_sign_codes(n_db, bits, dy, centres, 0.1)
+        ql, dl = as_multi_hot(qy.numpy(), 10), as_multi_hot(dy.numpy(), 10)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            retrieval_metrics(qc, ql, dc, dl, map_at=(5000,))
+            times.append(time.perf_counter() - start)
+        rows.append([f"{n_query:,} x {n_db:,}", bits, f"{statistics.median(times):.2f}", f"{min(times):.2f}"])
+        typer.echo(f"{n_query} x {n_db}: median {statistics.median(times):.2f} s")
+    write_section("Retrieval metrics", "Codes: 10 class centres, 10 % of bits flipped (single-label relevance). "
+                  "All metrics of one report: mAP@all, mAP@5000, P@100/500/1000, P@H<=2, PR curve.\n\n"
+                  + markdown_table(["queries x database", "bits", "median s", "min s"], rows))

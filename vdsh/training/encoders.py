@@ -1,0 +1,30 @@
+"""Encoders: networks from prepared input to `bits` real outputs (codes are their signs).
+
+Importing this module registers every encoder kind, so `load_model` can rebuild any checkpoint.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from vdsh.training.model import register_encoder
+
+
+@register_encoder("linear")
+class LinearEncoder(nn.Module):
+    """One linear map to `bits` units: the shallowest hashing encoder, and a baseline."""
+
+    def __init__(self, in_features: int, bits: int) -> None:
+        super().__init__()
+        self.in_features, self.bits = in_features, bits
+        self.projection = nn.Linear(in_features, bits)
+
+    def forward(self, x):
+        return self.projection(x)
+
+    def config(self) -> dict:
+        return {"in_features": self.in_features, "bits": self.bits}
+
+    @classmethod
+    def from_config(cls, config: dict) -> "LinearEncoder":
+        return cls(**config)
