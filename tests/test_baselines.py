@@ -15,6 +15,7 @@ from vdsh.training.baselines.itq import fit_itq, quantisation_loss
 from vdsh.training.baselines.lsh import fit_lsh
 from vdsh.training.baselines.sdh import discrete_code_step, fit_sdh, ridge_regression, solve_sdh
 from vdsh.training.baselines.spectral import fit_spectral, select_modes
+from vdsh.training.model import HashingModel, InputSpec, load_model, save_model
 
 SMALL_SDH = {"anchors": 100}  # keeps synthetic fits fast; real-data tests use the default 1000
 
@@ -56,6 +57,19 @@ def test_config_and_state_dict_rebuild_an_identical_encoder_through_safetensors(
     rebuilt.load_state_dict(state)  # strict: same buffer names and shapes
     assert torch.equal(rebuilt(x), encoder(x))
     assert not list(encoder.parameters()), "fitted values must be buffers, not trainable parameters"
+
+
+@pytest.mark.parametrize("name", sorted(BASELINES))
+def test_a_saved_baseline_model_file_reloads_to_the_same_codes(name, tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (300, 1, 6, 6), generator=gen, dtype=torch.uint8)
+    labels = as_multi_hot(torch.randint(0, 4, (300,), generator=gen).numpy(), 4)
+    spec = InputSpec(channels=1, size=6, features="pixels")
+    model = HashingModel(fit(name, spec.prepare(images), labels, bits=8), spec)
+    save_model(tmp_path / "model.safetensors", model, {"trainer": name})
+    reloaded = load_model(tmp_path / "model.safetensors")
+    assert type(reloaded.encoder) is type(model.encoder) and reloaded.encoder.kind == name
+    assert torch.equal(reloaded.encode(images), model.encode(images))
 
 
 @pytest.mark.parametrize("name", sorted(BASELINES))

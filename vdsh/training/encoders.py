@@ -28,3 +28,7 @@ class LinearEncoder(nn.Module):
     @classmethod
     def from_config(cls, config: dict) -> "LinearEncoder":
         return cls(**config)
+
+
+# The classic baselines (LSH, ITQ, SDH, spectral hashing) register their encoder kinds on import.
+import vdsh.training.baselines  # noqa: E402,F401

@@ -18,8 +18,10 @@ from torch import nn
 
 from vdsh.training.baselines.inputs import as_output, check_bits, feature_matrix
 from vdsh.training.baselines.pca import principal_components
+from vdsh.training.model import register_encoder
 
 
+@register_encoder("itq")
 class ItqEncoder(nn.Module):
     """x -> ((x - mean) @ pca) @ rotation; the sign of each output is one bit."""
 

@@ -12,8 +12,10 @@ import torch
 from torch import nn
 
 from vdsh.training.baselines.inputs import as_output, check_bits, feature_matrix
+from vdsh.training.model import register_encoder
 
 
+@register_encoder("lsh")
 class LshEncoder(nn.Module):
     """x -> (x - mean) @ projection; the sign of each output is one bit."""
 

@@ -29,10 +29,12 @@ import torch
 from torch import nn
 
 from vdsh.training.baselines.inputs import as_output, check_bits, feature_matrix, label_matrix
+from vdsh.training.model import register_encoder
 
 ROWS_PER_CHUNK = 8192  # bounds the (rows x anchors) kernel matrix while encoding a large database
 
 
+@register_encoder("sdh")
 class SdhEncoder(nn.Module):
     """x -> rbf(x, anchors, sigma) @ projection + bias; the sign of each output is one bit."""
 

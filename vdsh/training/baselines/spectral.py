@@ -24,8 +24,10 @@ from torch import nn
 
 from vdsh.training.baselines.inputs import as_output, check_bits, feature_matrix
 from vdsh.training.baselines.pca import principal_components
+from vdsh.training.model import register_encoder
 
 
+@register_encoder("spectral")
 class SpectralEncoder(nn.Module):
     """x -> cos(pi * multiple_j * (y[dim_j] - lower) / width), y the PCA projection of x."""
 
