@@ -6,8 +6,9 @@ features by a kernel projection F(x) = phi(x) P + c:
     min_{B, W, P} ||Y - B W||^2 + lam ||W||^2 + nu ||B - phi(X) P||^2 + nu * ridge * ||P||^2
 
 with Y the (N, L) multi-hot label matrix and phi(x) the RBF similarities of x to m anchors drawn from
-the training set (width sigma = mean distance of training points to anchors). Each step below is the
-exact minimiser of its block, so the objective never increases:
+the training set (width sigma = mean distance of training points to anchors). The W- and P-steps are
+exact minimisers of their blocks and the B-step is exact for each bit in turn, so the objective never
+increases:
 
 - W-step: ridge regression of Y on B, W = (B^T B + lam I)^{-1} B^T Y.
 - P-step: ridge regression of B on [phi, 1], P = (phi^T phi + ridge I)^{-1} phi^T B.
@@ -116,7 +117,7 @@ def sdh_objective(
     phi1: torch.Tensor, y: torch.Tensor, codes: torch.Tensor, w: torch.Tensor, p: torch.Tensor,
     lam: float, nu: float, ridge: float,
 ) -> float:
-    """The SDH objective with the P regulariser, which every step below minimises over its block."""
+    """The SDH objective including the P regulariser: the quantity that no step of `solve_sdh` increases."""
     return float(
         ((y - codes @ w) ** 2).sum()
         + lam * (w**2).sum()
