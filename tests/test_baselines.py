@@ -271,3 +271,26 @@ def test_every_baseline_retrieves_mnist_digits_well_above_chance(mnist_sample_ma
 
 def test_supervised_sdh_beats_unsupervised_lsh_and_itq_on_mnist(mnist_sample_map):
     assert mnist_sample_map["sdh"] > max(mnist_sample_map["lsh"], mnist_sample_map["itq"]) + 0.2
+
+
+def test_bench_baselines_writes_its_measured_table_into_benchmarks_md(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from vdsh.app.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["bench", "baselines", "--protocol", "mnist-sample", "--bits", "8",
+                                      "--method", "lsh", "--method", "itq"])
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "## Classic baselines, mnist-sample" in text
+    rows = [line for line in text.splitlines() if line.startswith(("| lsh | 8 |", "| itq | 8 |"))]
+    assert len(rows) == 2
+    assert all(0 < float(row.split("|")[3]) <= 1 for row in rows)  # an mAP, as measured
+
+
+def test_evaluating_an_unknown_baseline_names_the_known_ones():
+    from vdsh.training.baselines.evaluate import evaluate_baselines
+
+    with pytest.raises(ValueError, match="known: \\['itq', 'lsh', 'sdh', 'spectral'\\]"):
+        evaluate_baselines("mnist-sample", [8], ["pca-sign"])

@@ -43,3 +43,22 @@ def bench_metrics(repeats: int = typer.Option(3, help="Timed runs per size; the 
     write_section("Retrieval metrics", "Codes: 10 class centres, 10 % of bits flipped (single-label relevance). "
                   "All metrics of one report: mAP@all, mAP@5000, P@100/500/1000, P@H<=2, PR curve.\n\n"
                   + markdown_table(["queries x database", "bits", "median s", "min s"], rows))
+
+
+@bench.command("baselines")
+def bench_baselines(protocol: str = typer.Option("mnist-5k", help="Retrieval protocol (PROTOCOL.md)."),
+                    bits: list[int] = typer.Option([16, 32, 48, 64], help="Code lengths; repeat the option."),
+                    method: list[str] = typer.Option(["lsh", "itq", "spectral", "sdh"], help="Baselines; repeat."),
+                    seed: int = typer.Option(0, help="Split and fitting seed (one seed per run).")) -> None:
+    """mAP@all and fit / encode times of the classic baselines (LSH, ITQ, SH, SDH) on pixel features."""
+    from vdsh.training.baselines.evaluate import evaluate_baselines
+
+    def show(r) -> None:
+        typer.echo(f"{r.method:9s} {r.bits:3d} bits  mAP@all {r.map_all:.4f}  fit {r.fit_s:.1f} s  encode {r.encode_s:.1f} s")
+
+    results = evaluate_baselines(protocol, bits, method, seed, on_result=show)
+    rows = [[r.method, r.bits, f"{r.map_all:.4f}", f"{r.fit_s:.1f}", f"{r.encode_s:.1f}"] for r in results]
+    write_section(f"Classic baselines, {protocol}",
+                  f"Protocol `{protocol}`, seed {seed} (1 seed), pixels / 255 as features, mAP@all over Hamming "
+                  "ranking (ties by database position). Fit: training set; encode: queries + database.\n\n"
+                  + markdown_table(["method", "bits", "mAP@all", "fit s", "encode s"], rows))
