@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -56,9 +57,12 @@ def bench_baselines(protocol: str = typer.Option("mnist-5k", help="Retrieval pro
     def show(r) -> None:
         typer.echo(f"{r.method:9s} {r.bits:3d} bits  mAP@all {r.map_all:.4f}  fit {r.fit_s:.1f} s  encode {r.encode_s:.1f} s")
 
+    load_before = os.getloadavg()[0]  # other processes on the machine stretch the times; say how busy it was
     results = evaluate_baselines(protocol, bits, method, seed, on_result=show)
+    load = f"1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
     rows = [[r.method, r.bits, f"{r.map_all:.4f}", f"{r.fit_s:.1f}", f"{r.encode_s:.1f}"] for r in results]
     write_section(f"Classic baselines, {protocol}",
                   f"Protocol `{protocol}`, seed {seed} (1 seed), pixels / 255 as features, mAP@all over Hamming "
-                  "ranking (ties by database position). Fit: training set; encode: queries + database.\n\n"
+                  "ranking (ties by database position). Fit: training set; encode: queries + database; "
+                  f"{load}.\n\n"
                   + markdown_table(["method", "bits", "mAP@all", "fit s", "encode s"], rows))
