@@ -6,12 +6,15 @@ import os
 
 import typer
 
+from vdsh.app import train_commands
 from vdsh.app.bench_commands import bench
 from vdsh.app.eval_commands import evaluate
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Supervised deep hashing for image retrieval.")
+app.command("train")(train_commands.train)
 app.command("eval")(evaluate)
+bench.command("train")(train_commands.bench_train)
 app.add_typer(bench, name="bench")
 
 

@@ -30,5 +30,5 @@ class LinearEncoder(nn.Module):
         return cls(**config)
 
 
-# The classic baselines (LSH, ITQ, SDH, spectral hashing) register their encoder kinds on import.
-import vdsh.training.baselines  # noqa: E402,F401
+import vdsh.training.baselines  # noqa: E402,F401  (registers "lsh", "itq", "sdh", "spectral")
+from vdsh.training.mlp import DeepMLP  # noqa: E402,F401  (registers "mlp")
