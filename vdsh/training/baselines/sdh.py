@@ -76,10 +76,14 @@ def rbf_features(x: torch.Tensor, anchors: torch.Tensor, sigma: torch.Tensor | f
     return torch.exp(-squared_distances(x, anchors) / (2 * sigma**2))
 
 
-def ridge_regression(x: torch.Tensor, y: torch.Tensor, lam: float) -> torch.Tensor:
-    """argmin_W ||y - x W||^2 + lam ||W||^2 = (x^T x + lam I)^{-1} x^T y."""
-    gram = x.T @ x + lam * torch.eye(x.shape[1], dtype=x.dtype)
-    return torch.linalg.solve(gram, x.T @ y)
+def ridge_factor(x: torch.Tensor, lam: float) -> torch.Tensor:
+    """Cholesky factor of x^T x + lam I (positive definite for lam > 0)."""
+    return torch.linalg.cholesky(x.T @ x + lam * torch.eye(x.shape[1], dtype=x.dtype))
+
+
+def ridge_regression(x: torch.Tensor, y: torch.Tensor, lam: float, factor: torch.Tensor | None = None) -> torch.Tensor:
+    """argmin_W ||y - x W||^2 + lam ||W||^2 = (x^T x + lam I)^{-1} x^T y; pass `factor` to reuse one."""
+    return torch.cholesky_solve(x.T @ y, ridge_factor(x, lam) if factor is None else factor)
 
 
 def discrete_code_step(codes: torch.Tensor, w: torch.Tensor, q: torch.Tensor, max_sweeps: int) -> torch.Tensor:
@@ -140,15 +144,16 @@ def solve_sdh(
     """Alternate the W-, P- and B-steps from random codes; phi1 is phi(X) with a column of ones appended."""
     codes = torch.where(torch.randn(phi1.shape[0], bits, generator=generator, dtype=phi1.dtype) >= 0, 1.0, -1.0)
     codes = codes.to(phi1.dtype)
+    phi_factor = ridge_factor(phi1, ridge)  # phi never changes: factor once, reuse in every P-step
     history = []
     for _ in range(iterations):
         w = ridge_regression(codes, y, lam)
-        p = ridge_regression(phi1, codes, ridge)
+        p = ridge_regression(phi1, codes, ridge, phi_factor)
         q = y @ w.T + nu * (phi1 @ p)
         codes = discrete_code_step(codes, w, q, max_sweeps)
         history.append(sdh_objective(phi1, y, codes, w, p, lam, nu, ridge))
     w = ridge_regression(codes, y, lam)
-    p = ridge_regression(phi1, codes, ridge)
+    p = ridge_regression(phi1, codes, ridge, phi_factor)
     return SdhSolution(codes, w, p, history)
 
 
