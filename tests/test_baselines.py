@@ -10,7 +10,7 @@ import safetensors.torch
 import torch
 
 from vdsh.index.codes import as_multi_hot, sign_codes
-from vdsh.training.baselines import BASELINES, ItqEncoder, LshEncoder, SdhEncoder, SpectralEncoder
+from vdsh.training.baselines import BASELINES
 from vdsh.training.baselines.itq import fit_itq, quantisation_loss
 from vdsh.training.baselines.lsh import fit_lsh
 from vdsh.training.baselines.sdh import discrete_code_step, fit_sdh, ridge_regression, solve_sdh
