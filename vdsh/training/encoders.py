@@ -30,6 +30,7 @@ class LinearEncoder(nn.Module):
         return cls(**config)
 
 
+import vdsh.training.baselines  # noqa: E402,F401  (registers "lsh", "itq", "sdh", "spectral")
 from vdsh.training.mlp import DeepMLP  # noqa: E402,F401  (registers "mlp")
 from vdsh.training.cnn import DepthwiseSeparableCNN, ResNet9, SmallCNN  # noqa: E402,F401  (registers "small_cnn", "resnet9", "dwsep")
 from vdsh.training.classifier_baseline import ClassScoreCode  # noqa: E402,F401  (registers "class_scores")
