@@ -28,3 +28,6 @@ class LinearEncoder(nn.Module):
     @classmethod
     def from_config(cls, config: dict) -> "LinearEncoder":
         return cls(**config)
+
+
+from vdsh.training.mlp import DeepMLP  # noqa: E402,F401  (registers "mlp")
