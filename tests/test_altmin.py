@@ -74,12 +74,12 @@ def test_top_step_is_the_exact_minimiser():
     assert float(grad.abs().max()) < 1e-9
 
 
-@pytest.mark.parametrize("minibatch_size", [None, 250])
+@pytest.mark.parametrize("minibatch_size", [None, 500])
 def test_altmin_learns_on_the_mnist_sample(minibatch_size, tmp_path):
     problem = sample_problem()
     torch.manual_seed(0)
     encoder = DeepMLP(784, 3, 32, 16)
-    options = AltMinOptions(sweeps=6, minibatch_size=minibatch_size, eval_every=0)
+    options = AltMinOptions(sweeps=6, minibatch_size=minibatch_size, averaging=0.8, eval_every=0)
     encoder, history = AltMinTrainer(options).fit(encoder, problem.train_x, problem.train_y, problem.validation)
     assert len(history) == 6 and {"loss", "penalty", "residuals", "time"} <= set(history[0])
     final = history[-1]["val_map"]
