@@ -1,0 +1,433 @@
+"""ADMM training of very deep plain ReLU MLPs for supervised hashing (VDSH; Zhang, Chen, Saligrama, CVPR 2016).
+
+Splitting. For a DeepMLP of M weight layers, every sample i carries auxiliary variables for every
+layer: pre-activations a_m = W_m z_{m-1} + b_m (m = 1..M) and outputs z_m = relu(a_m) (m < M); the top
+a_M is the real-valued hashing output, codes b = sgn(a_M). The augmented Lagrangian (per-sample means)
+
+    ½||Y − a_M C||²                                   classifier loss (C: linear classifier)
+  + β/2 Σ_m ||a_m − W_m z_{m−1} − b_m + u_m||²        linear constraints, scaled multipliers u_m
+  + γ/2 Σ_{m<M} ||z_m − relu(a_m)||²                   activation constraints (quadratic penalty)
+  + λ/2 Σ_m ||W_m||² + ρ/2 Σ_m ||W_m − W_m^prev||²     ridge + proximal weight consensus
+
+couples each variable only to its neighbours in the chain x, a_1, z_1, a_2, …, z_{M−1}, a_M. One sweep:
+  1. weights: every W_m is a ridge regression of (a_m + u_m) on z_{m−1}, independent of the other
+     layers; all hidden layers are solved at once with one batched Cholesky factorisation.
+  2. auxiliaries, odd/even: all a_m in parallel (elementwise closed form of the ReLU coupling; the top
+     a_M: one bits×bits linear system with the loss), then all z_m in parallel (each the solution of
+     one width×width linear system, batched over layers).
+  3. top: codes b = sgn(a_M), classifier C by ridge regression on the codes (`code_head`).
+  4. multipliers: u_m += a_m − W_m z_{m−1} − b_m.
+Nothing back-propagates through the depth; every step is closed form, so `local_steps` is not needed
+for the plain network. Cost per sweep is linear in depth (one GEMM pass, plus batched w×w solves).
+
+Stochastic variant (minibatch_size): auxiliaries exist for one mini-batch at a time (initialised by a
+forward pass, multipliers at zero), `batch_iterations` auxiliary updates are run on it, and the weight
+step uses Gram statistics accumulated across mini-batches (an exponential running mean).
+
+Deviations from the paper, and why: the per-sample weight copies θ̃ with their own multipliers v are
+replaced by the proximal term ρ/2||W − W^prev||² (the same consensus pull, without storing N copies of
+every weight matrix); the activation constraint z = relu(a) is a penalty without multiplier (as in
+Taylor et al. 2016, whose splitting this uses to make every step closed form); the classifier loss is
+the squared loss of SDH.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from vdsh.index.metrics import mean_average_precision
+from vdsh.training.code_head import LinearCodeHead, binary_codes, ridge_classifier
+from vdsh.training.mlp import DeepMLP
+
+
+@dataclass
+class AdmmOptions:
+    """ADMM options; defaults reach mAP@all > 0.9 on mnist-5k pixels at depth 8 (see BENCHMARKS.md)."""
+
+    beta: float = 1.0  # weight of the linear constraints a = Wz + b (and of their multipliers)
+    gamma: float = 1.0  # weight of the activation constraints z = relu(a)
+    rho: float = 1e-2  # proximal pull of W towards its previous value (the θ̃ consensus)
+    ridge: float = 1e-3  # λ of the weight ridge regression (per-sample scale)
+    classifier_ridge: float = 1.0  # λ of the classifier ridge regression on the codes
+    quantisation: float = 0.0  # μ: extra pull of a_M towards its codes sgn(a_M)
+    penalty_growth: float = 1.0  # β and γ are multiplied by this after every sweep (>1 tightens constraints)
+    multipliers: str = "all"  # 'all' layers, 'top' layer only, or 'none' (pure quadratic penalty)
+    sweeps: int = 20
+    minibatch_size: int | None = None  # None: full batch (every auxiliary variable in memory)
+    batch_iterations: int = 2  # auxiliary updates per mini-batch in the stochastic variant
+    stat_decay: float = 0.9  # running-mean decay of the weight statistics in the stochastic variant
+    device: str = "cpu"
+    dtype: str = "float32"  # storage/GEMM dtype of the auxiliaries: 'float32' or 'bfloat16'; solves stay float32
+    eval_every: int = 1  # sweeps between mAP evaluations (0: only at the end)
+    eval_size: int = 1000  # training samples scored as queries against the training set
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.multipliers not in ("all", "top", "none"):
+            raise ValueError(f"multipliers must be 'all', 'top' or 'none', got {self.multipliers!r}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if min(self.beta, self.gamma) <= 0 or min(self.rho, self.ridge) < 0 or self.sweeps < 1:
+            raise ValueError("beta and gamma must be > 0, rho and ridge >= 0, sweeps >= 1")
+
+
+@dataclass
+class Validation:
+    """A small held-out retrieval problem scored after sweeps: features and multi-hot labels."""
+
+    query: torch.Tensor
+    query_labels: torch.Tensor
+    database: torch.Tensor
+    database_labels: torch.Tensor
+
+
+@dataclass
+class LayerWeights:
+    """The network's weights in stacked form, bias as the last column ([W | b]) so ridge includes it.
+
+    first: (w, D+1); hidden: (M−2, w, w+1) for the width→width layers; top: (bits, w+1).
+    """
+
+    first: torch.Tensor
+    hidden: torch.Tensor
+    top: torch.Tensor
+
+    @classmethod
+    def from_mlp(cls, mlp: DeepMLP, device: torch.device) -> "LayerWeights":
+        def aug(linear: torch.nn.Linear) -> torch.Tensor:
+            return torch.cat([linear.weight, linear.bias[:, None]], 1).detach().float().to(device)
+
+        hidden = [aug(l) for l in mlp.linears[1:-1]]
+        width = mlp.width
+        stacked = torch.stack(hidden) if hidden else torch.empty(0, width, width + 1, device=device)
+        return cls(aug(mlp.linears[0]), stacked, aug(mlp.linears[-1]))
+
+    def write_to(self, mlp: DeepMLP) -> None:
+        mats = [self.first, *self.hidden.unbind(0), self.top]
+        with torch.no_grad():
+            for linear, w in zip(mlp.linears, mats):
+                linear.weight.copy_(w[:, :-1])
+                linear.bias.copy_(w[:, -1])
+
+
+@dataclass
+class Auxiliaries:
+    """Per-sample variables: a, z, u of the M−1 hidden layers stacked (M−1, N, w); the top a_M, u_M (N, bits)."""
+
+    a: torch.Tensor
+    z: torch.Tensor
+    u: torch.Tensor
+    a_top: torch.Tensor
+    u_top: torch.Tensor
+
+
+def affine(x: torch.Tensor, w_aug: torch.Tensor) -> torch.Tensor:
+    """x Wᵀ + b for [W | b]; batched over a leading layer axis when both are 3-D."""
+    w = w_aug.to(x.dtype)
+    if x.ndim == 3:
+        return torch.baddbmm(w[:, None, :, -1], x, w[:, :, :-1].transpose(1, 2))
+    return torch.addmm(w[:, -1], x, w[:, :-1].T)
+
+
+def preactivation_targets(weights: LayerWeights, x: torch.Tensor, aux: Auxiliaries) -> tuple[torch.Tensor, torch.Tensor]:
+    """W_m z_{m−1} + b_m for every hidden layer (M−1, N, w) and for the top (N, bits)."""
+    first = affine(x, weights.first)[None]
+    rest = affine(aux.z[:-1], weights.hidden) if len(weights.hidden) else first[:0]
+    return torch.cat([first, rest]), affine(aux.z[-1], weights.top)
+
+
+def forward_init(weights: LayerWeights, x: torch.Tensor, dtype: torch.dtype) -> Auxiliaries:
+    """Auxiliaries of a plain forward pass (all constraints satisfied) with zero multipliers."""
+    a_list, z_list = [], []
+    z = x
+    for m in range(1 + len(weights.hidden)):
+        w = weights.first if m == 0 else weights.hidden[m - 1]
+        a = affine(z, w)
+        z = torch.relu(a)
+        a_list.append(a)
+        z_list.append(z)
+    a_top = affine(z, weights.top)
+    a, zs = torch.stack(a_list).to(dtype), torch.stack(z_list).to(dtype)
+    return Auxiliaries(a, zs, torch.zeros_like(a), a_top.to(dtype), torch.zeros_like(a_top, dtype=dtype))
+
+
+def solve_spd_right(system: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """X with X·S = R for symmetric positive definite S (batched): Cholesky, S X^T = R^T."""
+    chol = torch.linalg.cholesky(system)
+    return torch.cholesky_solve(rhs.transpose(-1, -2), chol).transpose(-1, -2)
+
+
+# ---------------------------------------------------------------- step 1: weights (independent per layer)
+
+
+@dataclass
+class WeightStatistics:
+    """Per-sample means of the ridge normal equations: Gram [z 1]ᵀ[z 1] and right side [z 1]ᵀ(a + u).
+
+    gram_first (D+1, D+1), rhs_first (D+1, w); gram_rest (M−1, w+1, w+1) for W_2..W_M;
+    rhs_hidden (M−2, w+1, w); rhs_top (w+1, bits).
+    """
+
+    gram_first: torch.Tensor
+    rhs_first: torch.Tensor
+    gram_rest: torch.Tensor
+    rhs_hidden: torch.Tensor
+    rhs_top: torch.Tensor
+
+    def blend(self, other: "WeightStatistics", decay: float) -> "WeightStatistics":
+        """decay·self + (1 − decay)·other: the running mean of the stochastic variant."""
+        return WeightStatistics(*(decay * s + (1 - decay) * o for s, o in zip(asdict_tensors(self), asdict_tensors(other))))
+
+
+def asdict_tensors(stats: WeightStatistics) -> list[torch.Tensor]:
+    return [stats.gram_first, stats.rhs_first, stats.gram_rest, stats.rhs_hidden, stats.rhs_top]
+
+
+def with_ones(z: torch.Tensor) -> torch.Tensor:
+    """[z 1] in float32: the bias column of the ridge regression."""
+    return torch.cat([z.float(), torch.ones(*z.shape[:-1], 1, device=z.device)], -1)
+
+
+def weight_statistics(x: torch.Tensor, aux: Auxiliaries) -> WeightStatistics:
+    """Normal-equation statistics of every layer: layer m reads only z_{m−1} and a_m + u_m."""
+    n = x.shape[0]
+    x1 = with_ones(x)
+    z1 = with_ones(aux.z)  # (M−1, N, w+1): inputs of W_2..W_M
+    target = (aux.a + aux.u).float()
+    return WeightStatistics(
+        gram_first=x1.T @ x1 / n,
+        rhs_first=x1.T @ target[0] / n,
+        gram_rest=torch.bmm(z1.transpose(1, 2), z1) / n,
+        rhs_hidden=torch.bmm(z1[:-1].transpose(1, 2), target[1:]) / n,
+        rhs_top=z1[-1].T @ (aux.a_top + aux.u_top).float() / n,
+    )
+
+
+def solve_weights(stats: WeightStatistics, previous: LayerWeights, ridge: float, rho: float) -> LayerWeights:
+    """All layers' ridge regressions with proximal term, at once.
+
+    W_mᵀ = (G_m + (λ + ρ)I)⁻¹ (R_m + ρ W_m^prevᵀ); one batched Cholesky factorisation for W_2..W_M.
+    """
+
+    def regularised(gram: torch.Tensor) -> torch.Tensor:
+        eye = torch.eye(gram.shape[-1], device=gram.device)
+        return gram + (ridge + rho) * eye
+
+    first = torch.linalg.solve(regularised(stats.gram_first), stats.rhs_first + rho * previous.first.T).T
+    chol = torch.linalg.cholesky(regularised(stats.gram_rest))  # (M−1, w+1, w+1), batched over layers
+    hidden = torch.cholesky_solve(stats.rhs_hidden + rho * previous.hidden.transpose(1, 2), chol[:-1]).transpose(1, 2)
+    top = torch.cholesky_solve(stats.rhs_top + rho * previous.top.T, chol[-1]).T
+    return LayerWeights(first.contiguous(), hidden.contiguous(), top.contiguous())
+
+
+# ---------------------------------------------------------------- step 2: auxiliaries (odd/even blocks)
+
+
+def relu_coupled_preactivation(target: torch.Tensor, z: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
+    """Elementwise argmin_a β(a − p)² + γ(z − relu(a))², p = target: best of the branches a ≥ 0 and a ≤ 0."""
+    a_pos = ((beta * target + gamma * z) / (beta + gamma)).clamp_min(0)
+    a_neg = target.clamp_max(0)
+    cost_pos = beta * (a_pos - target) ** 2 + gamma * (z - a_pos) ** 2
+    cost_neg = beta * (a_neg - target) ** 2 + gamma * z**2
+    return torch.where(cost_pos <= cost_neg, a_pos, a_neg)
+
+
+def top_preactivation(target: torch.Tensor, labels: torch.Tensor, classifier: torch.Tensor, beta: float, mu: float) -> torch.Tensor:
+    """argmin_a ½||y − aC||² + β/2||a − p||² + μ/2||a − sgn(a_old)||²: a (CCᵀ + (β+μ)I) = Y Cᵀ + βp + μ sgn(p)."""
+    bits = classifier.shape[0]
+    system = classifier @ classifier.T + (beta + mu) * torch.eye(bits, device=classifier.device)
+    rhs = labels.float() @ classifier.T + beta * target.float()
+    if mu > 0:
+        rhs = rhs + mu * binary_codes(target.float())
+    return solve_spd_right(system, rhs)
+
+
+def solve_outputs(aux: Auxiliaries, weights: LayerWeights, beta: float, gamma: float, dtype: torch.dtype) -> torch.Tensor:
+    """All z_m (m < M) at once: argmin_z γ/2||z − relu(a_m)||² + β/2||a_{m+1} + u_{m+1} − W_{m+1} z − b_{m+1}||².
+
+    z (γI + β WᵀW) = γ relu(a_m) + β (a_{m+1} + u_{m+1} − b_{m+1}) W, one (w, w) system per layer, batched.
+    """
+    above = list(weights.hidden.unbind(0)) + [weights.top]  # W_{m+1} for m = 1..M−1 (the top is bits × w)
+    width = weights.top.shape[1] - 1
+    top_w = weights.top[:, :-1]
+    gram_hidden = torch.bmm(weights.hidden[:, :, :-1].transpose(1, 2), weights.hidden[:, :, :-1])
+    system = gamma * torch.eye(width, device=top_w.device) + beta * torch.cat([gram_hidden, (top_w.T @ top_w)[None]])
+    targets_above = list((aux.a[1:] + aux.u[1:]).float().unbind(0)) + [(aux.a_top + aux.u_top).float()]
+    # Right sides are built per layer (the top has another width; cheap GEMMs); the solve is batched.
+    rhs = torch.stack([(t - w[:, -1]) @ w[:, :-1] for t, w in zip(targets_above, above)])
+    rhs = gamma * torch.relu(aux.a.float()) + beta * rhs
+    return solve_spd_right(system, rhs).to(dtype)
+
+
+# ---------------------------------------------------------------- the trainer
+
+
+class AdmmTrainer:
+    """Trains a plain DeepMLP by ADMM; `fit` returns the encoder (weights for a plain forward pass) and its history."""
+
+    def __init__(self, options: AdmmOptions | None = None, progress: Callable[[dict], None] | None = None) -> None:
+        self.options = options or AdmmOptions()
+        self.progress = progress
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.options.dtype == "bfloat16" else torch.float32
+
+    def fit(self, encoder: DeepMLP, features: torch.Tensor, labels: torch.Tensor, validation: Validation | None = None) -> tuple[DeepMLP, list[dict]]:
+        if not isinstance(encoder, DeepMLP) or not encoder.is_plain:
+            raise ValueError("AdmmTrainer trains a plain DeepMLP (no BatchNorm, no residual connections)")
+        if features.ndim != 2 or features.shape[1] != encoder.in_features or labels.shape[0] != features.shape[0]:
+            raise ValueError(f"features must be (N, {encoder.in_features}) with N labels, got {tuple(features.shape)}, {tuple(labels.shape)}")
+        opt = self.options
+        device = torch.device(opt.device)
+        torch.manual_seed(opt.seed)
+        encoder.to(device)
+        x = features.to(device, self.dtype)
+        y = labels.to(device).float()
+        weights = LayerWeights.from_mlp(encoder, device)
+        head = LinearCodeHead(opt.classifier_ridge)
+        history: list[dict] = []
+        start = time.perf_counter()
+        state = {"beta": opt.beta, "gamma": opt.gamma, "stats": None}
+        if opt.minibatch_size is None or opt.minibatch_size >= len(x):
+            aux = forward_init(weights, x, self.dtype)
+            head.fit(aux.a_top.float(), y)
+        for sweep in range(1, opt.sweeps + 1):
+            if opt.minibatch_size is None or opt.minibatch_size >= len(x):
+                weights, terms = self.full_batch_sweep(weights, aux, x, y, head, state)
+            else:
+                weights, terms = self.stochastic_sweep(weights, x, y, head, state)
+            state["beta"] *= opt.penalty_growth
+            state["gamma"] *= opt.penalty_growth
+            record = {"sweep": sweep, "time": time.perf_counter() - start, **terms}
+            if (opt.eval_every and sweep % opt.eval_every == 0) or sweep == opt.sweeps:
+                weights.write_to(encoder)
+                record.update(self.evaluate(encoder, x, y, validation))
+                if self.options.minibatch_size is None or self.options.minibatch_size >= len(x):
+                    record["train_map_auxiliary"] = auxiliary_map(aux.a_top, y, self.options.eval_size, self.options.seed)
+            history.append(record)
+            if self.progress:
+                self.progress(record)
+        weights.write_to(encoder)
+        return encoder, history
+
+    def full_batch_sweep(self, weights: LayerWeights, aux: Auxiliaries, x: torch.Tensor, y: torch.Tensor, head: LinearCodeHead, state: dict) -> tuple[LayerWeights, dict]:
+        opt = self.options
+        weights = solve_weights(weight_statistics(x, aux), weights, opt.ridge, opt.rho)  # (1)
+        self.update_auxiliaries(aux, weights, x, y, head, state)  # (2)
+        codes, code_loss = head.fit(aux.a_top.float(), y)  # (3)
+        terms = self.objective_terms(aux, weights, x, y, head, state)
+        self.update_multipliers(aux, weights, x)  # (4)
+        return weights, {**terms, "code_loss": code_loss}
+
+    def stochastic_sweep(self, weights: LayerWeights, x: torch.Tensor, y: torch.Tensor, head: LinearCodeHead, state: dict) -> tuple[LayerWeights, dict]:
+        """One pass over shuffled mini-batches; auxiliaries live for one mini-batch only."""
+        opt = self.options
+        order = torch.randperm(len(x), device=x.device)
+        totals: dict[str, float] = {}
+        batches = 0
+        for start in range(0, len(x), opt.minibatch_size):
+            idx = order[start : start + opt.minibatch_size]
+            xb, yb = x[idx], y[idx]
+            aux = forward_init(weights, xb, self.dtype)
+            if head.classifier is None:
+                head.fit(aux.a_top.float(), yb)
+            for _ in range(opt.batch_iterations):
+                self.update_auxiliaries(aux, weights, xb, yb, head, state)
+                self.update_multipliers(aux, weights, xb)
+            stats = weight_statistics(xb, aux)
+            state["stats"] = stats if state["stats"] is None else state["stats"].blend(stats, opt.stat_decay)
+            weights = solve_weights(state["stats"], weights, opt.ridge, opt.rho)
+            # Classifier: ridge on this batch's codes, blended so that it sees the whole set over a sweep.
+            new_classifier = ridge_classifier(binary_codes(aux.a_top.float()), yb, opt.classifier_ridge)
+            head.classifier = opt.stat_decay * head.classifier + (1 - opt.stat_decay) * new_classifier
+            terms = self.objective_terms(aux, weights, xb, yb, head, state)
+            residuals = terms.pop("residuals")  # per layer: the last mini-batch's
+            for k, v in terms.items():
+                totals[k] = totals.get(k, 0.0) + v
+            batches += 1
+        return weights, {**{k: v / batches for k, v in totals.items()}, "residuals": residuals}
+
+    def update_auxiliaries(self, aux: Auxiliaries, weights: LayerWeights, x: torch.Tensor, y: torch.Tensor, head: LinearCodeHead, state: dict) -> None:
+        """Odd block (all a_m, in parallel) then even block (all z_m, in parallel)."""
+        beta, gamma = state["beta"], state["gamma"]
+        hidden_target, top_target = preactivation_targets(weights, x, aux)
+        aux.a = relu_coupled_preactivation(hidden_target.float() - aux.u.float(), aux.z.float(), beta, gamma).to(self.dtype)
+        aux.a_top = top_preactivation(top_target.float() - aux.u_top.float(), y, head.classifier, beta, self.options.quantisation).to(self.dtype)
+        aux.z = solve_outputs(aux, weights, beta, gamma, self.dtype)
+
+    def update_multipliers(self, aux: Auxiliaries, weights: LayerWeights, x: torch.Tensor) -> None:
+        """Scaled dual ascent u_m += a_m − W_m z_{m−1} − b_m on the layers that carry multipliers."""
+        if self.options.multipliers == "none":
+            return
+        hidden_target, top_target = preactivation_targets(weights, x, aux)
+        aux.u_top = aux.u_top + (aux.a_top - top_target.to(self.dtype))
+        if self.options.multipliers == "all":
+            aux.u = aux.u + (aux.a - hidden_target.to(self.dtype))
+
+    def objective_terms(self, aux: Auxiliaries, weights: LayerWeights, x: torch.Tensor, y: torch.Tensor, head: LinearCodeHead, state: dict) -> dict:
+        """Terms of the augmented Lagrangian (per-sample means) and the constraint residuals."""
+        beta, gamma = state["beta"], state["gamma"]
+        hidden_target, top_target = preactivation_targets(weights, x, aux)
+        lin_hidden = (aux.a.float() - hidden_target.float()).pow(2).sum(2).mean(1)  # per layer
+        lin_top = (aux.a_top.float() - top_target.float()).pow(2).sum(1).mean()
+        act = (aux.z.float() - torch.relu(aux.a.float())).pow(2).sum(2).mean(1)
+        loss = (y - aux.a_top.float() @ head.classifier).pow(2).sum(1).mean()
+        # ||z_m − f(z_{m−1})||: the network constraint itself, per layer (relative to ||z_m||).
+        net_res = (aux.z.float() - torch.relu(hidden_target.float())).norm(dim=(1, 2)) / aux.z.float().norm(dim=(1, 2)).clamp_min(1e-12)
+        top_res = (aux.a_top.float() - top_target.float()).norm() / aux.a_top.float().norm().clamp_min(1e-12)
+        residuals = net_res.tolist() + [float(top_res)]
+        ridge = sum(float(w.pow(2).sum()) for w in [weights.first, weights.hidden, weights.top])
+        return {
+            "loss": float(loss),
+            "linear_penalty": float(beta / 2 * (lin_hidden.sum() + lin_top)),
+            "activation_penalty": float(gamma / 2 * act.sum()),
+            "ridge_penalty": self.options.ridge / 2 * ridge,
+            "residual_max": max(residuals),
+            "residual_mean": sum(residuals) / len(residuals),
+            "residuals": residuals,
+        }
+
+    @torch.no_grad()
+    def evaluate(self, encoder: DeepMLP, x: torch.Tensor, y: torch.Tensor, validation: Validation | None) -> dict:
+        """mAP@all of plain forward-pass codes: training queries vs the training set, and the validation slice."""
+        return evaluate_encoder(encoder, x, y, validation, self.options.eval_size, self.options.seed)
+
+
+def forward_codes(encoder: torch.nn.Module, features: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+    """±1 float codes of a plain forward pass, in batches, on the encoder's device."""
+    device = next(encoder.parameters()).device
+    dtype = next(encoder.parameters()).dtype
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        outs = [encoder(features[i : i + batch_size].to(device, dtype)) for i in range(0, len(features), batch_size)]
+    finally:
+        encoder.train(was_training)
+    return binary_codes(torch.cat(outs).float())
+
+
+def auxiliary_map(a_top: torch.Tensor, y: torch.Tensor, eval_size: int, seed: int) -> float:
+    """Train mAP of the auxiliary codes sgn(a_M), to compare with the forward pass's (they should agree)."""
+    generator = torch.Generator().manual_seed(seed)
+    codes = binary_codes(a_top.float())
+    pick = torch.randperm(len(codes), generator=generator)[: min(eval_size, len(codes))].to(codes.device)
+    return mean_average_precision(codes[pick], y[pick], codes, y)
+
+
+@torch.no_grad()
+def evaluate_encoder(encoder: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, validation: Validation | None, eval_size: int, seed: int) -> dict:
+    """Train mAP (eval_size training queries vs the training set) and validation mAP, forward-pass codes."""
+    generator = torch.Generator().manual_seed(seed)
+    codes = forward_codes(encoder, x)
+    pick = torch.randperm(len(x), generator=generator)[: min(eval_size, len(x))].to(codes.device)
+    out = {"train_map": mean_average_precision(codes[pick], y[pick], codes, y)}
+    if validation is not None:
+        q = forward_codes(encoder, validation.query)
+        db = forward_codes(encoder, validation.database)
+        out["val_map"] = mean_average_precision(q, validation.query_labels, db, validation.database_labels)
+    return out
