@@ -31,3 +31,4 @@ class LinearEncoder(nn.Module):
 
 
 from vdsh.training.mlp import DeepMLP  # noqa: E402,F401  (registers "mlp")
+from vdsh.training.semantic_hashing import SigmoidEncoder  # noqa: E402,F401  (registers "sigmoid-mlp")
