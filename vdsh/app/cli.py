@@ -6,6 +6,7 @@ import os
 
 import typer
 
+from vdsh.app import train_commands
 from vdsh.app.bench_commands import bench
 from vdsh.app.eval_commands import evaluate
 
@@ -13,6 +14,8 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                   help="Supervised deep hashing for image retrieval.")
 app.command("eval")(evaluate)
 app.add_typer(bench, name="bench")
+app.command("train")(train_commands.train)
+bench.command("train")(train_commands.bench_train)
 
 
 @app.command()

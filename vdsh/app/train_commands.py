@@ -1,0 +1,231 @@
+"""`vdsh train` and `vdsh bench train`: train an encoder on a protocol, save model, history, split and plots."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import typer
+
+from vdsh.data.protocols import load_protocol
+from vdsh.training.admm import AdmmOptions, AdmmTrainer, Validation
+from vdsh.training.backprop import BackpropOptions, BackpropTrainer
+from vdsh.training.mlp import DeepMLP
+from vdsh.training.model import HashingModel, InputSpec, save_model
+
+# Per-dataset input preparation: raw pixels for MNIST, GIST for CIFAR-10 (the VDSH setting).
+INPUT_SPECS = {
+    "mnist": InputSpec(1, 28, "pixels", [0.1307], [0.3081]),
+    "mnist-sample": InputSpec(1, 28, "pixels", [0.1307], [0.3081]),
+    "cifar10": InputSpec(3, 32, "gist"),
+}
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def prepared_data(protocol: str, data_root: str | None, seed: int, val_queries: int = 500, val_database: int = 2000):
+    """(input spec, train features, train labels, validation slice, split, images) for a protocol.
+
+    The validation slice comes from database items outside the training set, so it is never trained on.
+    """
+    images, split = load_protocol(protocol, data_root, seed)
+    dataset = protocol.split("-")[0] if not protocol.startswith("mnist-sample") else "mnist-sample"
+    spec = INPUT_SPECS.get(dataset)
+    if spec is None:
+        raise typer.BadParameter(f"no input preparation known for dataset {dataset!r}; known: {sorted(INPUT_SPECS)}")
+    if spec.features == "gist" and dataset == "cifar10":
+        from vdsh.data.gist import cifar10_gist
+
+        all_features = cifar10_gist(data_root)
+        prepare = lambda idx: all_features[idx]  # noqa: E731
+    else:
+        prepare = lambda idx: spec.prepare(np.asarray(images.images[idx]))  # noqa: E731
+    labels = torch.as_tensor(np.asarray(images.labels)).float()
+    rest = np.setdiff1d(split.database, split.train)
+    rng = np.random.default_rng(seed)
+    if len(rest) < 2:
+        rest = split.database
+    pick = rng.permutation(rest)[: val_queries + val_database]
+    vq, vdb = np.sort(pick[:val_queries]), np.sort(pick[val_queries:])
+    validation = Validation(prepare(vq), labels[vq], prepare(vdb), labels[vdb])
+    return spec, prepare(split.train), labels[split.train], validation, split, images
+
+
+def build_trainer(trainer: str, options: dict, progress):
+    if trainer == "admm":
+        return AdmmTrainer(AdmmOptions(**options), progress)
+    if trainer == "backprop":
+        return BackpropTrainer(BackpropOptions(**options), progress)
+    raise typer.BadParameter(f"--trainer must be 'admm' or 'backprop', got {trainer!r}")
+
+
+def final_query_map(model: HashingModel, images, split, device: str) -> float:
+    """mAP@all of the protocol's queries against its database, forward-pass codes (the reported figure)."""
+    from vdsh.index.metrics import mean_average_precision
+
+    model.to(device)
+    q = model.encode(np.asarray(images.images[split.query]))
+    db = model.encode(np.asarray(images.images[split.database]))
+    return mean_average_precision(q, images.labels[split.query], db, images.labels[split.database])
+
+
+def plot_history(history: list[dict], path: Path) -> None:
+    """Objective, constraint residuals and mAP against wall time, one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = [r["time"] for r in history]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for key in ("loss", "linear_penalty", "activation_penalty", "code_loss"):
+        if any(key in r for r in history):
+            axes[0].plot(t, [r.get(key, np.nan) for r in history], label=key)
+    axes[0].set_yscale("log"), axes[0].set_title("objective terms"), axes[0].legend()
+    if any("residual_max" in r for r in history):
+        axes[1].plot(t, [r["residual_max"] for r in history], label="max layer")
+        axes[1].plot(t, [r["residual_mean"] for r in history], label="mean")
+        axes[1].set_yscale("log"), axes[1].legend()
+    axes[1].set_title("relative residual ||z_m - f(z_{m-1})||")
+    for key in ("train_map", "val_map"):
+        pts = [(r["time"], r[key]) for r in history if key in r]
+        if pts:
+            axes[2].plot(*zip(*pts), marker="o", label=key)
+    axes[2].set_title("mAP@all (forward-pass codes)"), axes[2].legend()
+    for ax in axes:
+        ax.set_xlabel("wall time (s)")
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def run_training(protocol: str, bits: int, trainer: str, depth: int, width: int, batchnorm: bool, residual: bool,
+                 device: str, seed: int, iterations: int, out: Path | None, data_root: str | None,
+                 extra: dict | None = None, show_progress: bool = True) -> dict:
+    """Train one model; write model/history/split/plot under `out` when given; return the summary."""
+    from rich.progress import Progress
+
+    spec, x, y, validation, split, images = prepared_data(protocol, data_root, seed)
+    torch.manual_seed(seed)
+    encoder = DeepMLP(x.shape[1], depth, width, bits, batchnorm=batchnorm, residual=residual)
+    options = {"device": device, "seed": seed, **({"sweeps": iterations} if trainer == "admm" else {"epochs": iterations}), **(extra or {})}
+    with Progress(disable=not show_progress) as bar:
+        task = bar.add_task(f"{trainer} {depth}x{width}", total=iterations)
+
+        def progress(record: dict) -> None:
+            shown = {k: round(v, 4) for k, v in record.items() if k in ("loss", "train_map", "val_map", "residual_max")}
+            bar.update(task, advance=1, description=f"{trainer} {depth}x{width} {shown}")
+
+        encoder, history = build_trainer(trainer, options, progress).fit(encoder, x, y, validation)
+    model = HashingModel(encoder.cpu(), spec)
+    total_time = history[-1]["time"]
+    query_map = final_query_map(model, images, split, "cpu")
+    summary = {"protocol": protocol, "seed": seed, "trainer": trainer, "depth": depth, "width": width, "bits": bits,
+               "batchnorm": batchnorm, "residual": residual, "options": options,
+               "metrics": {"map_all": query_map, "val_map": history[-1].get("val_map"), "train_time_s": total_time}}
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        save_model(out / "model.safetensors", model, summary)
+        atomic_write_text(out / "history.json", json.dumps(history, indent=1))
+        split.save(out / "split.npz")
+        plot_history(history, out / "history.png")
+    return summary
+
+
+def train(
+    protocol: str = typer.Option("mnist-sample", "--protocol", "--dataset", help="protocol name (PROTOCOL.md)"),
+    bits: int = typer.Option(48, help="code length"),
+    trainer: str = typer.Option("admm", help="admm or backprop"),
+    depth: int = typer.Option(8, help="weight layers"),
+    width: int = typer.Option(1024, help="hidden units per layer"),
+    batchnorm: bool = typer.Option(False, help="BatchNorm (back-prop only)"),
+    residual: bool = typer.Option(False, help="residual connections (back-prop only)"),
+    device: str = typer.Option("cuda" if torch.cuda.is_available() else "cpu"),
+    seed: int = typer.Option(0),
+    iterations: int = typer.Option(20, "--sweeps", "--epochs", help="ADMM sweeps or back-prop epochs"),
+    out: Path = typer.Option(Path("runs/latest"), help="output folder"),
+    data_root: str = typer.Option(None, help="data root (default $VDSH_DATA)"),
+    options: str = typer.Option("{}", help='extra trainer options as JSON, e.g. \'{"beta": 0.1}\''),
+) -> None:
+    """Train a DeepMLP on a protocol's training set; save model.safetensors, history.json, split.npz, history.png."""
+    summary = run_training(protocol, bits, trainer, depth, width, batchnorm, residual, device, seed, iterations, out,
+                           data_root, json.loads(options))
+    typer.echo(json.dumps(summary["metrics"]))
+
+
+def machine_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores visible, {torch.get_num_threads()} threads)"
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def write_benchmark_section(path: Path, title: str, body: str) -> None:
+    """Replace (or append) the section `## title` of BENCHMARKS.md, atomically."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n\nMeasured figures only, written by `vdsh bench` commands.\n"
+    section = f"## {title}\n\n{body.strip()}\n"
+    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
+    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
+    atomic_write_text(path, text)
+
+
+def bench_train(
+    protocol: str = typer.Option("mnist-5k", "--protocol", "--dataset"),
+    bits: int = typer.Option(48),
+    depths: str = typer.Option("8,32", help="comma-separated depths"),
+    width: int = typer.Option(1024),
+    sweeps: int = typer.Option(20, help="ADMM sweeps"),
+    epochs: int = typer.Option(15, help="back-prop epochs"),
+    device: str = typer.Option("cuda" if torch.cuda.is_available() else "cpu"),
+    seed: int = typer.Option(0),
+    data_root: str = typer.Option(None),
+    admm_options: str = typer.Option("{}", help="extra ADMM options as JSON"),
+    output: Path = typer.Option(Path("BENCHMARKS.md")),
+) -> None:
+    """ADMM vs plain back-prop vs back-prop with BN + residuals at several depths; writes a BENCHMARKS.md section."""
+    rows = []
+    runs = [("admm", False, sweeps, json.loads(admm_options)), ("backprop", False, epochs, {}), ("backprop", True, epochs, {})]
+    for depth in [int(d) for d in depths.split(",")]:
+        for trainer, bn_res, iters, extra in runs:
+            summary = run_training(protocol, bits, trainer, depth, width, bn_res, bn_res, device, seed, iters, None, data_root, extra)
+            name = "ADMM (plain)" if trainer == "admm" else ("back-prop BN+residual" if bn_res else "back-prop (plain)")
+            m = summary["metrics"]
+            rows.append(f"| {depth} × {width} | {name} | {iters} | {m['map_all']:.3f} | {m['train_time_s']:.1f} |")
+            typer.echo(rows[-1])
+    command = "vdsh bench train " + " ".join(shlex.quote(a) for a in sys.argv[3:])
+    body = "\n".join([
+        f"Command: `{command}`  ",
+        f"Machine: {machine_name(device)}, device {device}  ",
+        f"Date: {datetime.date.today().isoformat()}; protocol {protocol}, {bits} bits, seed {seed}, mAP@all of the protocol's queries against its database (forward-pass codes).",
+        "",
+        "| network | trainer | sweeps/epochs | mAP@all | train time (s) |",
+        "| --- | --- | --- | --- | --- |",
+        *rows,
+    ])
+    write_benchmark_section(output, f"Training: {protocol}, {bits} bits, width {width}, {device}", body)
+    typer.echo(f"wrote {output}")
