@@ -43,8 +43,8 @@ def test_gaussian_rbm_pretraining_lowers_reconstruction_error():
 
 def test_semantic_hashing_learns_balanced_codes_without_labels(tmp_path):
     problem = sample_problem()
-    options = SemanticHashingOptions(hidden=[128, 64], rbm_epochs=4, finetune_epochs=3, eval_every=0)
-    encoder, history = SemanticHashingTrainer(options).fit(16, problem.train_x, torch.zeros_like(problem.train_y),
+    options = SemanticHashingOptions(rbm_epochs=4, finetune_epochs=3, eval_every=0)
+    encoder, history = SemanticHashingTrainer(options).fit(SigmoidEncoder([784, 128, 64, 16]), problem.train_x, torch.zeros_like(problem.train_y),
                                                            problem.validation)
     assert isinstance(encoder, SigmoidEncoder) and encoder.bits == 16
     assert [r["phase"] for r in history].count("finetune") == 3

@@ -9,6 +9,7 @@ import typer
 from vdsh.app import train_commands
 from vdsh.app.bench_commands import bench
 from vdsh.app.eval_commands import evaluate
+from vdsh.app.methods_bench import bench_methods
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Supervised deep hashing for image retrieval.")
@@ -16,6 +17,7 @@ app.command("eval")(evaluate)
 app.add_typer(bench, name="bench")
 app.command("train")(train_commands.train)
 bench.command("train")(train_commands.bench_train)
+bench.command("methods")(bench_methods)
 
 
 @app.command()

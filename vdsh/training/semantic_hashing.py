@@ -18,7 +18,7 @@ The result is a `SigmoidEncoder` (registered kind "sigmoid-mlp"): sigmoid hidden
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -60,7 +60,6 @@ class SigmoidEncoder(nn.Module):
 
 @dataclass
 class SemanticHashingOptions:
-    hidden: list[int] = field(default_factory=lambda: [512, 256])  # RBM layers below the code layer
     rbm_epochs: int = 10
     rbm_lr: float = 0.05  # Bernoulli–Bernoulli layers
     gaussian_lr: float = 0.01  # the Gaussian–Bernoulli first layer needs a smaller step (unbounded visibles)
@@ -77,8 +76,8 @@ class SemanticHashingOptions:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if min(self.rbm_epochs, self.finetune_epochs) < 0 or self.batch_size < 1 or min(self.hidden, default=1) < 1:
-            raise ValueError("epochs must be >= 0, batch_size and hidden sizes >= 1")
+        if min(self.rbm_epochs, self.finetune_epochs) < 0 or self.batch_size < 1:
+            raise ValueError("epochs must be >= 0 and batch_size >= 1")
 
 
 @dataclass
@@ -164,19 +163,20 @@ class UnrolledAutoencoder(nn.Module):
 
 
 class SemanticHashingTrainer:
-    """Pretrains stacked RBMs, fine-tunes the unrolled autoencoder; `fit(bits, features, labels)` -> (SigmoidEncoder, history)."""
+    """Pretrains stacked RBMs of the encoder's sizes, fine-tunes the unrolled autoencoder; `fit` -> (encoder, history)."""
 
     def __init__(self, options: SemanticHashingOptions | None = None, progress: Callable[[dict], None] | None = None) -> None:
         self.options = options or SemanticHashingOptions()
         self.progress = progress
 
-    def fit(self, bits: int, features: torch.Tensor, labels: torch.Tensor,
+    def fit(self, encoder: SigmoidEncoder, features: torch.Tensor, labels: torch.Tensor,
             validation: Validation | None = None) -> tuple[SigmoidEncoder, list[dict]]:
+        """labels only score the validation codes; the encoder gives the layer sizes and receives the weights."""
         opt = self.options
-        if features.ndim != 2 or len(features) != len(labels):
-            raise ValueError(f"features must be (N, D) with N labels, got {tuple(features.shape)}, {tuple(labels.shape)}")
-        if bits < 1:
-            raise ValueError(f"bits must be positive, got {bits}")
+        if not isinstance(encoder, SigmoidEncoder):
+            raise ValueError("SemanticHashingTrainer trains a SigmoidEncoder; got " + type(encoder).__name__)
+        if features.ndim != 2 or features.shape[1] != encoder.sizes[0] or len(features) != len(labels):
+            raise ValueError(f"features must be (N, {encoder.sizes[0]}) with N labels, got {tuple(features.shape)}, {tuple(labels.shape)}")
         torch.manual_seed(opt.seed)
         generator = torch.Generator().manual_seed(opt.seed)
         device = torch.device(opt.device)
@@ -184,7 +184,7 @@ class SemanticHashingTrainer:
         history: list[dict] = []
         start = time.perf_counter()
         rbms, visible = [], x
-        for layer, hidden in enumerate([*opt.hidden, bits]):
+        for layer, hidden in enumerate(encoder.sizes[1:]):
             rbm = Rbm.initial(visible, hidden, gaussian=layer == 0, generator=generator)
             lr = opt.gaussian_lr if layer == 0 else opt.rbm_lr
             errors = train_rbm(rbm, visible, opt.rbm_epochs, lr, opt.momentum, opt.weight_decay, opt.batch_size, generator)
@@ -206,7 +206,8 @@ class SemanticHashingTrainer:
             if (opt.eval_every and epoch % opt.eval_every == 0) or epoch == opt.finetune_epochs:
                 record.update(self.scored(autoencoder.encoder, x, y, validation))
             self.record(history, record)
-        encoder = autoencoder.encoder.eval()
+        encoder.to(device).load_state_dict(autoencoder.encoder.state_dict())
+        encoder.eval()
         if opt.balance:
             balance_codes(encoder, x)
         if opt.finetune_epochs == 0 or opt.balance:
