@@ -82,6 +82,7 @@ def test_altmin_learns_on_the_mnist_sample(minibatch_size, tmp_path):
     options = AltMinOptions(sweeps=6, minibatch_size=minibatch_size, averaging=0.8, eval_every=0)
     encoder, history = AltMinTrainer(options).fit(encoder, problem.train_x, problem.train_y, problem.validation)
     assert len(history) == 6 and {"loss", "penalty", "residuals", "time"} <= set(history[0])
+    assert len(history[-1]["residuals"]) == 3 and 0 < history[-1]["residual_max"] < 1
     final = history[-1]["val_map"]
     assert final > 2 * CHANCE_MAP and final > lsh_map(problem, 16) + 0.05, (final, lsh_map(problem, 16))
     assert_round_trip(encoder, problem, tmp_path)

@@ -265,7 +265,7 @@ class AltMinTrainer:
         opt = self.options
         s = opt.averaging
         order = torch.randperm(len(x), device=x.device)
-        totals: dict[str, float] = {}
+        totals: dict[str, float | list[float]] = {}  # batch means of every term, per-layer lists elementwise
         batches = 0
         for begin in range(0, len(x), opt.minibatch_size):
             idx = order[begin : begin + opt.minibatch_size]
@@ -277,9 +277,10 @@ class AltMinTrainer:
             batch_classifier = ridge_classifier(binary_codes(zs[-1]), yb, opt.classifier_ridge)
             head.classifier = s * head.classifier + (1 - s) * batch_classifier
             for k, v in objective_terms(weights, zs, xb, yb, head.classifier, mu, opt.l1).items():
-                totals[k] = totals.get(k, 0.0) + (v if isinstance(v, float) else 0.0)
+                totals[k] = [t + u for t, u in zip(totals[k], v)] if isinstance(v, list) and k in totals else (
+                    totals.get(k, 0.0) + v if not isinstance(v, list) else v)
             batches += 1
-        return weights, {k: v / batches for k, v in totals.items()}
+        return weights, {k: [t / batches for t in v] if isinstance(v, list) else v / batches for k, v in totals.items()}
 
 
 @torch.no_grad()
