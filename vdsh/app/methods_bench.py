@@ -148,11 +148,13 @@ def plot_map_vs_time(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for r in results:
+    colours = plt.get_cmap("tab10").colors
+    for i, r in enumerate(results):
+        colour = colours[i % len(colours)]
         curve = [(h["time"], h["val_map"]) for h in r["history"] if "val_map" in h]
-        line = ax.plot(*zip(*curve), marker=".", alpha=0.6)[0] if curve else None
-        ax.scatter([r["train_s"]], [r["map_all"]], marker="*", s=80, color=line.get_color() if line else None,
-                   label=r["method"])
+        if curve:  # validation mAP during training (a validation slice, not the protocol's queries)
+            ax.plot(*zip(*curve), marker=".", alpha=0.5, color=colour)
+        ax.scatter([r["train_s"]], [r["map_all"]], marker="*" if curve else "o", s=80, color=colour, label=r["method"])
     ax.set(xlabel="training time (s)", ylabel="mAP@all", xscale="symlog", title=f"{results[0]['protocol']}, {results[0]['bits']} bits")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
