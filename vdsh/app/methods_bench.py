@@ -6,7 +6,7 @@ Taylor's ADMM, features replay, semantic hashing) are fitted on the protocol's t
 on its queries against its database: mAP@all, P@H≤2, training time (wall clock of the fit alone) and
 peak memory of the fit (resident-set growth above the level before it, sampled every 5 ms; on CUDA
 the allocator's peak). Writes one BENCHMARKS.md section per protocol, the per-run JSON, a PR-curve
-plot per code length and an mAP-vs-time plot per protocol.
+plot and an mAP-vs-time plot per code length; the table is rewritten after every code length.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -104,8 +105,9 @@ def codes_of(encoder: torch.nn.Module, features: torch.Tensor, batch_size: int =
 
 def run_protocol(protocol: str, bits_list: list[int], methods: list[str], depth: int, width: int, iterations: dict[str, int],
                  method_options: dict, device: str, seed: int, data_root: str | None, train_limit: int | None,
-                 out: Path) -> list[dict]:
-    """Every (method, bits) on one protocol; returns one result dict each and writes the plots."""
+                 out: Path, publish: Callable[[list[dict]], None]) -> list[dict]:
+    """Every (method, bits) on one protocol; writes the plots, and `publish`es the results after every code length
+    (a long run that is stopped still leaves the finished code lengths in the table)."""
     from vdsh.app.train_commands import protocol_features, validation_slice
     from vdsh.index.metrics import retrieval_metrics
 
@@ -136,7 +138,8 @@ def run_protocol(protocol: str, bits_list: list[int], methods: list[str], depth:
         from vdsh.app.plots import plot_pr_curves
 
         plot_pr_curves(pr_curves, out / f"{protocol}-{bits}-pr.png")
-    plot_map_vs_time([r for r in results if r["bits"] == bits_list[-1]], out / f"{protocol}-{bits_list[-1]}-map-vs-time.png")
+        plot_map_vs_time([r for r in results if r["bits"] == bits], out / f"{protocol}-{bits}-map-vs-time.png")
+        publish(results)
     return results
 
 
@@ -205,9 +208,11 @@ def bench_methods(
     method_options = json.loads(options)
     out.mkdir(parents=True, exist_ok=True)
     for protocol in [p.strip() for p in protocols.split(",") if p.strip()]:
-        results = run_protocol(protocol, bits_list, chosen, depth, width, iterations, method_options, device, seed,
-                               data_root, train_limit, out)
-        atomic_write_text(out / f"{protocol}-results.json", json.dumps(results, indent=1))
-        write_section(f"Methods: {protocol}", section_body(results, protocol, depth, width, iterations)
-                      + f"\n\nPlots: `{out}/{protocol}-<bits>-pr.png`, `{out}/{protocol}-{bits_list[-1]}-map-vs-time.png`.")
-        typer.echo(f"wrote BENCHMARKS.md section 'Methods: {protocol}' and {out}/")
+        def publish(results: list[dict], protocol: str = protocol) -> None:
+            atomic_write_text(out / f"{protocol}-results.json", json.dumps(results, indent=1))
+            write_section(f"Methods: {protocol}", section_body(results, protocol, depth, width, iterations)
+                          + f"\n\nPlots: `{out}/{protocol}-<bits>-pr.png`, `{out}/{protocol}-<bits>-map-vs-time.png`.")
+            typer.echo(f"wrote BENCHMARKS.md section 'Methods: {protocol}' and {out}/")
+
+        run_protocol(protocol, bits_list, chosen, depth, width, iterations, method_options, device, seed,
+                     data_root, train_limit, out, publish)
