@@ -11,6 +11,7 @@ from vdsh.app.bench_commands import bench
 from vdsh.app.cnn_commands import bench_cnn
 from vdsh.app.demo_commands import demo
 from vdsh.app.eval_commands import evaluate
+from vdsh.app.methods_bench import bench_methods
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Supervised deep hashing for image retrieval.")
@@ -23,6 +24,7 @@ bench.command("cnn")(bench_cnn)
 app.add_typer(index_commands.index_app, name="index")
 app.command("query")(index_commands.query_command)
 app.command("serve")(index_commands.serve_command)
+bench.command("methods")(bench_methods)
 
 
 @app.command()

@@ -14,8 +14,12 @@ from vdsh.app.benchmarks import atomic_write_text, write_section
 from vdsh.app.plots import plot_history
 from vdsh.data.protocols import load_protocol
 from vdsh.training.admm import AdmmOptions, AdmmTrainer, Validation
+from vdsh.training.altmin import AltMinOptions, AltMinTrainer
 from vdsh.training.backprop import BackpropOptions, BackpropTrainer
+from vdsh.training.features_replay import FeaturesReplayOptions, FeaturesReplayTrainer
 from vdsh.training.mlp import DeepMLP
+from vdsh.training.semantic_hashing import SemanticHashingOptions, SemanticHashingTrainer, SigmoidEncoder
+from vdsh.training.taylor_admm import TaylorAdmmOptions, TaylorAdmmTrainer
 from vdsh.training.model import HashingModel, InputSpec, save_model
 
 # Per-dataset input preparation: raw pixels for MNIST, GIST for CIFAR-10 (the VDSH setting).
@@ -26,11 +30,8 @@ INPUT_SPECS = {
 }
 
 
-def prepared_data(protocol: str, data_root: str | None, seed: int, val_queries: int = 500, val_database: int = 2000):
-    """(input spec, train features, train labels, validation slice, split, images) for a protocol.
-
-    The validation slice comes from database items outside the training set, so it is never trained on.
-    """
+def protocol_features(protocol: str, data_root: str | None, seed: int):
+    """(input spec, prepare(indices) -> features, images, split) of a protocol: pixels, or cached GIST for CIFAR-10."""
     images, split = load_protocol(protocol, data_root, seed)
     dataset = protocol.split("-")[0] if not protocol.startswith("mnist-sample") else "mnist-sample"
     spec = INPUT_SPECS.get(dataset)
@@ -43,23 +44,55 @@ def prepared_data(protocol: str, data_root: str | None, seed: int, val_queries: 
         prepare = lambda idx: all_features[idx]  # noqa: E731
     else:
         prepare = lambda idx: spec.prepare(np.asarray(images.images[idx]))  # noqa: E731
-    labels = torch.as_tensor(np.asarray(images.labels)).float()
+    return spec, prepare, images, split
+
+
+def validation_slice(split, labels: torch.Tensor, prepare, seed: int, val_queries: int = 500, val_database: int = 2000) -> Validation:
+    """Queries and database drawn from database items outside the training set, so never trained on."""
     rest = np.setdiff1d(split.database, split.train)
     rng = np.random.default_rng(seed)
     if len(rest) < 2:
         rest = split.database
     pick = rng.permutation(rest)[: val_queries + val_database]
     vq, vdb = np.sort(pick[:val_queries]), np.sort(pick[val_queries:])
-    validation = Validation(prepare(vq), labels[vq], prepare(vdb), labels[vdb])
+    return Validation(prepare(vq), labels[vq], prepare(vdb), labels[vdb])
+
+
+def prepared_data(protocol: str, data_root: str | None, seed: int, val_queries: int = 500, val_database: int = 2000):
+    """(input spec, train features, train labels, validation slice, split, images) for a protocol."""
+    spec, prepare, images, split = protocol_features(protocol, data_root, seed)
+    labels = torch.as_tensor(np.asarray(images.labels)).float()
+    validation = validation_slice(split, labels, prepare, seed, val_queries, val_database)
     return spec, prepare(split.train), labels[split.train], validation, split, images
 
 
+# name -> (trainer class, options class, the option that --sweeps/--epochs sets)
+TRAINERS = {
+    "admm": (AdmmTrainer, AdmmOptions, "sweeps"),
+    "backprop": (BackpropTrainer, BackpropOptions, "epochs"),
+    "altmin": (AltMinTrainer, AltMinOptions, "sweeps"),
+    "taylor": (TaylorAdmmTrainer, TaylorAdmmOptions, "sweeps"),
+    "replay": (FeaturesReplayTrainer, FeaturesReplayOptions, "epochs"),
+    "semantic": (SemanticHashingTrainer, SemanticHashingOptions, "finetune_epochs"),
+}
+
+
+def check_trainer(trainer: str) -> None:
+    if trainer not in TRAINERS:
+        raise typer.BadParameter(f"--trainer must be one of {', '.join(TRAINERS)}, got {trainer!r}")
+
+
 def build_trainer(trainer: str, options: dict, progress):
-    if trainer == "admm":
-        return AdmmTrainer(AdmmOptions(**options), progress)
-    if trainer == "backprop":
-        return BackpropTrainer(BackpropOptions(**options), progress)
-    raise typer.BadParameter(f"--trainer must be 'admm' or 'backprop', got {trainer!r}")
+    check_trainer(trainer)
+    trainer_class, options_class, _ = TRAINERS[trainer]
+    return trainer_class(options_class(**options), progress)
+
+
+def build_encoder(trainer: str, in_features: int, depth: int, width: int, bits: int, batchnorm: bool, residual: bool):
+    """The network a trainer trains: a ReLU DeepMLP, or for semantic hashing the sigmoid stack of its RBMs."""
+    if trainer == "semantic":
+        return SigmoidEncoder([in_features] + [width] * (depth - 1) + [bits])
+    return DeepMLP(in_features, depth, width, bits, batchnorm=batchnorm, residual=residual)
 
 
 def final_query_map(model: HashingModel, images, split, device: str) -> float:
@@ -78,10 +111,11 @@ def run_training(protocol: str, bits: int, trainer: str, depth: int, width: int,
     """Train one model; write model/history/split/plot under `out` when given; return the summary."""
     from rich.progress import Progress
 
+    check_trainer(trainer)
     spec, x, y, validation, split, images = prepared_data(protocol, data_root, seed)
     torch.manual_seed(seed)
-    encoder = DeepMLP(x.shape[1], depth, width, bits, batchnorm=batchnorm, residual=residual)
-    options = {"device": device, "seed": seed, **({"sweeps": iterations} if trainer == "admm" else {"epochs": iterations}), **(extra or {})}
+    encoder = build_encoder(trainer, x.shape[1], depth, width, bits, batchnorm, residual)
+    options = {"device": device, "seed": seed, TRAINERS[trainer][2]: iterations, **(extra or {})}
     with Progress(disable=not show_progress) as bar:
         task = bar.add_task(f"{trainer} {depth}x{width}", total=iterations)
 
@@ -108,7 +142,7 @@ def run_training(protocol: str, bits: int, trainer: str, depth: int, width: int,
 def train(
     protocol: str = typer.Option("mnist-sample", "--protocol", "--dataset", help="protocol name (PROTOCOL.md)"),
     bits: int = typer.Option(48, help="code length"),
-    trainer: str = typer.Option("admm", help="admm or backprop"),
+    trainer: str = typer.Option("admm", help="admm, backprop, altmin, taylor, replay (features replay) or semantic (RBMs)"),
     depth: int = typer.Option(8, help="weight layers"),
     width: int = typer.Option(None, help="MLP hidden units (default 1024) or CNN base channels (default per encoder)"),
     encoder: str = typer.Option("mlp", help="mlp, or a CNN on the images: small_cnn, resnet9, dwsep (back-prop)"),
@@ -117,12 +151,12 @@ def train(
     residual: bool = typer.Option(False, help="residual connections (back-prop only)"),
     device: str = typer.Option("cuda" if torch.cuda.is_available() else "cpu"),
     seed: int = typer.Option(0),
-    iterations: int = typer.Option(20, "--sweeps", "--epochs", help="ADMM sweeps or back-prop epochs"),
+    iterations: int = typer.Option(20, "--sweeps", "--epochs", help="sweeps (admm, altmin, taylor) or epochs (backprop, replay; semantic: fine-tuning)"),
     out: Path = typer.Option(Path("runs/latest"), help="output folder"),
     data_root: str = typer.Option(None, help="data root (default $VDSH_DATA)"),
     options: str = typer.Option("{}", help='extra trainer options as JSON, e.g. \'{"beta": 0.1}\''),
 ) -> None:
-    """Train a DeepMLP or a CNN on a protocol's training set; save model.safetensors, history.json, split.npz, history.png."""
+    """Train an MLP (any trainer) or a CNN (back-prop) on a protocol's training set; save model.safetensors, history.json, split.npz, history.png."""
     if encoder != "mlp":
         from vdsh.app.cnn_commands import run_cnn_training
 

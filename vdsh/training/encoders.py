@@ -34,3 +34,4 @@ import vdsh.training.baselines  # noqa: E402,F401  (registers "lsh", "itq", "sdh
 from vdsh.training.mlp import DeepMLP  # noqa: E402,F401  (registers "mlp")
 from vdsh.training.cnn import DepthwiseSeparableCNN, ResNet9, SmallCNN  # noqa: E402,F401  (registers "small_cnn", "resnet9", "dwsep")
 from vdsh.training.classifier_baseline import ClassScoreCode  # noqa: E402,F401  (registers "class_scores")
+from vdsh.training.semantic_hashing import SigmoidEncoder  # noqa: E402,F401  (registers "sigmoid-mlp")

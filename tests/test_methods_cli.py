@@ -1,0 +1,55 @@
+"""`vdsh train --trainer X` for the methods of issue 6, and `vdsh bench methods` on a small subset."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from vdsh.app.cli import app
+from vdsh.training.model import load_model
+
+
+def test_every_method_has_a_trainer_behind_the_command():
+    from vdsh.app.train_commands import build_encoder, build_trainer
+    from vdsh.training.altmin import AltMinTrainer
+    from vdsh.training.features_replay import FeaturesReplayTrainer
+    from vdsh.training.semantic_hashing import SemanticHashingTrainer, SigmoidEncoder
+    from vdsh.training.taylor_admm import TaylorAdmmTrainer
+
+    expected = {"altmin": AltMinTrainer, "taylor": TaylorAdmmTrainer, "replay": FeaturesReplayTrainer, "semantic": SemanticHashingTrainer}
+    for name, cls in expected.items():
+        assert isinstance(build_trainer(name, {"seed": 1}, None), cls)
+    assert isinstance(build_encoder("semantic", 784, 3, 32, 16, False, False), SigmoidEncoder)
+
+
+# The ReLU-network trainers share one code path in the command; semantic hashing builds another encoder.
+@pytest.mark.parametrize("trainer, options", [("altmin", {}), ("semantic", {"rbm_epochs": 1})])
+def test_train_command_runs_a_method_and_saves_a_loadable_model(trainer, options, tmp_path):
+    result = CliRunner().invoke(app, ["train", "--trainer", trainer, "--protocol", "mnist-sample", "--bits", "8",
+                                      "--depth", "2", "--width", "16", "--sweeps", "1", "--out", str(tmp_path),
+                                      "--options", json.dumps(options)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.output.strip().splitlines()[-1])
+    assert 0 < metrics["map_all"] <= 1
+    model = load_model(tmp_path / "model.safetensors")
+    assert model.bits == 8 and model.info["trainer"] == trainer
+    assert json.loads((tmp_path / "history.json").read_text())[-1]["time"] > 0
+
+
+def test_train_command_names_the_known_trainers():
+    result = CliRunner().invoke(app, ["train", "--trainer", "nope", "--protocol", "mnist-sample"])
+    assert result.exit_code != 0 and "altmin" in result.output
+
+
+def test_bench_methods_writes_a_table_and_plots(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["bench", "methods", "--protocols", "mnist-sample", "--bits", "8",
+                                      "--methods", "lsh,altmin", "--depth", "2", "--width", "16", "--sweeps", "1",
+                                      "--train-limit", "300", "--out", "bm"])
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "## Methods: mnist-sample" in text and "| lsh | 8 |" in text and "| altmin | 8 |" in text
+    assert (tmp_path / "bm" / "mnist-sample-8-pr.png").is_file()
+    assert (tmp_path / "bm" / "mnist-sample-8-map-vs-time.png").is_file()
+    results = json.loads((tmp_path / "bm" / "mnist-sample-results.json").read_text())
+    assert {r["method"] for r in results} == {"lsh", "altmin"} and all(r["train_s"] > 0 for r in results)
