@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from vdsh.index.codes import code_bytes
+from vdsh.index.distinct_codes import code_keys
 from vdsh.index.hamming_index import HammingIndex
 
 _CHUNK_ROWS = 1 << 18  # draw this many codes at a time: 10M codes never hold 10M x bits bytes at once
@@ -101,7 +102,7 @@ def compare_kinds(
     """
     ids = np.arange(len(database), dtype=np.int64)
     reference = _build("flat", database, ids, bits, {})[0].search(queries, k, device="cpu")
-    distinct = len(np.unique(database, axis=0)) if len(database) <= 2_000_000 else None
+    distinct = len(np.unique(code_keys(database)))
     rows = []
     for kind in kinds:
         index, build_seconds = _build(kind, database, ids, bits, (params or {}).get(kind, {}))

@@ -37,9 +37,11 @@ EXACT_KINDS: tuple[str, ...] = ("flat", "distinct", "auto")
 # `auto` answers through the distinct codes when there are at most this many per item: measured on
 # 64-bit codes at 59k items (see vdsh.index.bench), distinct search wins well before half the items share codes
 AUTO_DISTINCT_RATIO = 0.5
-# FAISS calls scanning fewer codes than this (queries x codes) run on one thread: a parallel region
-# costs more than it saves on small scans, and on a busy 2-core machine its stragglers cost milliseconds
-SINGLE_THREAD_WORK = 1 << 21
+# FAISS calls scanning fewer codes than this (queries x codes) run on one OpenMP thread. Measured on
+# the shared 2-core machine under load: one query over 1M codes took 1.9 ms on one thread and 295 ms
+# on two (OpenMP threads spin-wait for a descheduled partner), and idle pool threads spinning after a
+# parallel call slow the next calls. Only scans large enough to amortise that get both cores.
+SINGLE_THREAD_WORK = 1 << 26
 # GPU search pays off from batches this large (a transfer per call dominates smaller ones)
 GPU_MIN_BATCH = 32
 
@@ -99,19 +101,22 @@ class HammingIndex:
         return self._codes.copy()
 
     def contains(self, item_id: int) -> bool:
-        return bool(self._find_rows(np.array([item_id], dtype=np.int64))[1][0])
+        with self._lock:
+            return bool(self._find_rows(np.array([item_id], dtype=np.int64))[1][0])
 
     def rows_of(self, ids: np.ndarray) -> np.ndarray:
         """Insertion-order rows of `ids`; KeyError naming unknown ids."""
         ids = _as_ids(ids)
-        rows, found = self._find_rows(ids)
+        with self._lock:
+            rows, found = self._find_rows(ids)
         if not found.all():
             raise KeyError(f"unknown ids: {_preview(ids[~found])}")
         return rows
 
     def get_codes(self, ids: np.ndarray) -> np.ndarray:
         """(len(ids), nbytes) packed codes of `ids`."""
-        return self._codes[self.rows_of(ids)]
+        with self._lock:
+            return self._codes[self.rows_of(ids)]
 
     # --------------------------------------------------------------- mutation
 
@@ -259,6 +264,8 @@ class HammingIndex:
             if not np.array_equal(stored, codes):
                 raise ValueError("the codes in the FAISS index differ from the given codes")
         params = {name: int(getattr(base, attr)) for name, attr in _PARAM_ATTRS[kind].items()}
+        if kind == "ivf" and not base.is_trained:
+            params = {}  # an empty IVF saved before training: lists are chosen at the first add
         index = cls(bits, kind, **params)
         if kind == "ivf":
             trained = faiss.clone_binary_index(base)  # keeps the trained quantizer; an owned copy
@@ -369,6 +376,8 @@ class HammingIndex:
         self._params["nlist"] = nlist
         self._params["nprobe"] = min(self._params["nprobe"] or max(1, nlist // 16), nlist)
         self._faiss.nprobe = self._params["nprobe"]
+        # k-means on 39 codes per list (FAISS's minimum) keeps training seconds even at millions of codes
+        self._faiss.cp.max_points_per_centroid = 39
         self._faiss.train(codes)
 
     def _gpu_searcher(self, device: str, batch: int):
