@@ -21,8 +21,11 @@ the file that plain FAISS reads.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import faiss
@@ -37,11 +40,12 @@ EXACT_KINDS: tuple[str, ...] = ("flat", "distinct", "auto")
 # `auto` answers through the distinct codes when there are at most this many per item: measured on
 # 64-bit codes at 59k items (see vdsh.index.bench), distinct search wins well before half the items share codes
 AUTO_DISTINCT_RATIO = 0.5
-# FAISS calls scanning fewer codes than this (queries x codes) run on one OpenMP thread. Measured on
-# the shared 2-core machine under load: one query over 1M codes took 1.9 ms on one thread and 295 ms
-# on two (OpenMP threads spin-wait for a descheduled partner), and idle pool threads spinning after a
-# parallel call slow the next calls. Only scans large enough to amortise that get both cores.
-SINGLE_THREAD_WORK = 1 << 26
+# FAISS runs on one OpenMP thread here; batches that scan more than this many codes (queries x codes)
+# are split across Python threads instead (FAISS releases the GIL). Measured on the shared 2-core
+# machine under load: one query over 1M codes took 1.6-2.2 ms on one OpenMP thread and 300-540 ms on
+# two (OpenMP threads spin-wait for a descheduled partner; fine with OMP_WAIT_POLICY=PASSIVE, which a
+# library cannot set once OpenMP has started). Python threads just sleep when descheduled.
+PARALLEL_MIN_WORK = 1 << 22
 # GPU search pays off from batches this large (a transfer per call dominates smaller ones)
 GPU_MIN_BATCH = 32
 
@@ -135,7 +139,7 @@ class HammingIndex:
                 raise ValueError(f"ids already in the index: {_preview(ids[present])}")
             if len(codes) == 0:
                 return
-            with faiss_threads_for(self._add_work(len(codes))):
+            with single_faiss_thread():
                 if self.kind == "ivf" and not self._faiss.is_trained:
                     self._train_ivf(codes)
                 if self._faiss is not None:
@@ -155,7 +159,7 @@ class HammingIndex:
             if self._faiss is not None:
                 # FAISS labels are rows, which shift on removal: re-add (IVF keeps its trained quantizer)
                 self._faiss.reset()
-                with faiss_threads_for(self._add_work(len(self._codes))):
+                with single_faiss_thread():
                     self._faiss.add(self._codes)
             self._invalidate()
             return len(rows)
@@ -191,11 +195,11 @@ class HammingIndex:
                 return [(np.empty(0, np.int64), np.empty(0, np.int32)) for _ in range(len(queries))]
             if self.kind == "distinct" or (self.kind == "auto" and self._distinct_pays()):
                 distinct = self._distinct_codes()
-                with faiss_threads_for(len(queries) * len(distinct)):
-                    results = distinct.range(queries, radius)
+                parts = in_parallel(lambda q: distinct.range(q, radius), queries, len(distinct))
             else:
-                with self._exhaustive_for(radius), faiss_threads_for(len(queries) * len(self)):
-                    results = self._faiss_range(queries, np.full(len(queries), radius))
+                with self._exhaustive_for(radius):
+                    parts = in_parallel(lambda q: self._faiss_range(q, np.full(len(q), radius)), queries, len(self))
+            results = [result for part in parts for result in part]
             return [(self._ids[rows], dists) for rows, dists in results]
 
     def knn_is_exact(self, kth_distance: int | None = None) -> bool:
@@ -316,17 +320,23 @@ class HammingIndex:
             return gpu.knn(queries, k)
         if self.kind == "distinct" or (self.kind == "auto" and self._distinct_pays()):
             distinct = self._distinct_codes()
-            with faiss_threads_for(len(queries) * len(distinct)):
-                return distinct.knn(queries, k)
-        with faiss_threads_for(len(queries) * len(self)):
-            dists, rows = self._faiss.search(queries, k)
-            if self.kind in ("flat", "auto"):
-                # IndexBinaryFlat scans rows in order and keeps the earliest on ties (checked by the tests)
-                return rows, dists
-            return self._approximate_knn(queries, k, rows, dists)
+            parts = in_parallel(lambda q: distinct.knn(q, k), queries, len(distinct))
+        elif self.kind in ("flat", "auto"):
+            parts = in_parallel(lambda q: self._flat_knn(q, k), queries, len(self))
+        else:
+            parts = in_parallel(lambda q: self._approximate_knn(q, k), queries, len(self))
+        if len(parts) == 1:
+            return parts[0]
+        return np.concatenate([rows for rows, _ in parts]), np.concatenate([dists for _, dists in parts])
 
-    def _approximate_knn(self, queries: np.ndarray, k: int, rows: np.ndarray, dists: np.ndarray) -> SearchResult:
+    def _flat_knn(self, queries: np.ndarray, k: int) -> SearchResult:
+        # IndexBinaryFlat scans rows in order and keeps the earliest on ties (checked by the tests)
+        dists, rows = self._faiss.search(queries, k)
+        return rows, dists
+
+    def _approximate_knn(self, queries: np.ndarray, k: int) -> SearchResult:
         """Hash/IVF k-NN with ties settled by row: every visited item up to the k-th distance competes."""
+        dists, rows = self._faiss.search(queries, k)
         kth = np.where(rows >= 0, dists, -1).max(axis=1)
         results = self._faiss_range(queries, kth)
         rows = np.full((len(queries), k), -1, dtype=np.int64)
@@ -360,13 +370,6 @@ class HammingIndex:
             return _TemporaryParams(self._faiss, nprobe=p["nlist"])
         return _TemporaryParams(self._faiss)
 
-    def _add_work(self, n: int) -> int:
-        """Codes compared when adding n codes: IVF assigns each to a list (and trains 10 rounds first)."""
-        if self.kind != "ivf":
-            return n
-        nlist = self._params["nlist"] or default_nlist(n)
-        return n * nlist * (1 if self._faiss.is_trained else 10)
-
     def _train_ivf(self, codes: np.ndarray) -> None:
         nlist = self._params["nlist"] or default_nlist(len(codes))
         if len(codes) < nlist:
@@ -399,20 +402,33 @@ class HammingIndex:
 
 
 @contextlib.contextmanager
-def faiss_threads_for(work: int):
-    """One OpenMP thread for FAISS calls below SINGLE_THREAD_WORK codes scanned, else the default.
-
-    OpenMP's thread count is per calling thread, so concurrent callers do not disturb each other.
-    """
-    if work >= SINGLE_THREAD_WORK:
-        yield
-        return
+def single_faiss_thread():
+    """FAISS on one OpenMP thread in this thread (OpenMP's thread count is per calling thread)."""
     saved = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
     try:
         yield
     finally:
         faiss.omp_set_num_threads(saved)
+
+
+@functools.lru_cache(maxsize=1)
+def _search_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=os.cpu_count(), thread_name_prefix="vdsh-search")
+
+
+def in_parallel(search, queries: np.ndarray, codes_per_query: int) -> list:
+    """`search` over chunks of `queries`, one chunk per core when the batch is big enough, in order."""
+    workers = min(os.cpu_count() or 1, len(queries))
+    if workers < 2 or len(queries) * codes_per_query < PARALLEL_MIN_WORK:
+        with single_faiss_thread():
+            return [search(queries)]
+
+    def run(chunk: np.ndarray):
+        with single_faiss_thread():
+            return search(chunk)
+
+    return list(_search_pool().map(run, np.array_split(queries, workers)))
 
 
 class _TemporaryParams:
