@@ -55,7 +55,7 @@ SearchResult = tuple[np.ndarray, np.ndarray]
 class HammingIndex:
     """Packed binary codes with unique int64 ids; k-NN and radius search by Hamming distance.
 
-    Safe to share between threads: every call holds one lock (FAISS already uses both cores per call).
+    Safe to share between threads: every call holds one lock (a big batch is itself split across cores).
     """
 
     def __init__(
@@ -246,7 +246,8 @@ class HammingIndex:
             wrapped.own_fields = True
             base.this.disown()
             if len(self):
-                wrapped.add_with_ids(self._codes, self._ids)
+                with single_faiss_thread():
+                    wrapped.add_with_ids(self._codes, self._ids)
             return wrapped
 
     @classmethod
