@@ -37,8 +37,9 @@ from vdsh.index.distinct_codes import DistinctCodes, sort_by_distance_then_row
 Kind = Literal["flat", "distinct", "auto", "hash", "multihash", "ivf"]
 KINDS: tuple[str, ...] = ("flat", "distinct", "auto", "hash", "multihash", "ivf")
 EXACT_KINDS: tuple[str, ...] = ("flat", "distinct", "auto")
-# `auto` answers through the distinct codes when there are at most this many per item: measured on
-# 64-bit codes at 59k items (see vdsh.index.bench), distinct search wins well before half the items share codes
+# `auto` answers through the distinct codes when there are at most this many per item. Measured with
+# vdsh.index.bench on 64-bit clustered codes, k=100, one query: distinct beat flat at u/n = 0.31 (59k
+# items), 0.15 (1M) and 0.08 (10M), and lost at u/n ~ 1 (1.3x slower at 59k, 3x at 1M)
 AUTO_DISTINCT_RATIO = 0.5
 # FAISS runs on one OpenMP thread here; batches that scan more than this many codes (queries x codes)
 # are split across Python threads instead (FAISS releases the GIL). Measured on the shared 2-core
@@ -46,6 +47,8 @@ AUTO_DISTINCT_RATIO = 0.5
 # two (OpenMP threads spin-wait for a descheduled partner; fine with OMP_WAIT_POLICY=PASSIVE, which a
 # library cannot set once OpenMP has started). Python threads just sleep when descheduled.
 PARALLEL_MIN_WORK = 1 << 22
+# os.cpu_count() reads /sys on every call (8 us): once is enough
+CORES = os.cpu_count() or 1
 # GPU search pays off from batches this large (a transfer per call dominates smaller ones)
 GPU_MIN_BATCH = 32
 
@@ -415,12 +418,12 @@ def single_faiss_thread():
 
 @functools.lru_cache(maxsize=1)
 def _search_pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=os.cpu_count(), thread_name_prefix="vdsh-search")
+    return ThreadPoolExecutor(max_workers=CORES, thread_name_prefix="vdsh-search")
 
 
 def in_parallel(search, queries: np.ndarray, codes_per_query: int) -> list:
     """`search` over chunks of `queries`, one chunk per core when the batch is big enough, in order."""
-    workers = min(os.cpu_count() or 1, len(queries))
+    workers = min(CORES, len(queries))
     if workers < 2 or len(queries) * codes_per_query < PARALLEL_MIN_WORK:
         with single_faiss_thread():
             return [search(queries)]
