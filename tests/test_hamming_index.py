@@ -9,6 +9,7 @@ import pytest
 from vdsh.index.bench import clustered_codes, search_latency
 from vdsh.index.codes import pack_codes
 from vdsh.index.gpu_search import TorchHammingSearcher, gpu_backend
+from vdsh.index import hamming_index
 from vdsh.index.hamming_index import EXACT_KINDS, KINDS, HammingIndex
 
 EXHAUSTIVE = {
@@ -301,3 +302,17 @@ def test_search_latency_reports_percentiles_per_batch_size(tied_codes):
     raw = faiss.IndexBinaryFlat(64)
     raw.add(database[:100])
     assert search_latency(raw, queries, 10, batch_sizes=(1,), repeats=20)[1]["calls"] == 20
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_batches_split_across_threads_answer_like_one_call(tied_codes, kind, monkeypatch):
+    database, queries, ids = tied_codes
+    index = build(kind, database, ids, **EXHAUSTIVE.get(kind, {}))
+    whole_knn, whole_range = index.search(queries, 30), index.range_search(queries, 4)
+    monkeypatch.setattr(hamming_index, "PARALLEL_MIN_WORK", 0)  # every batch of 2+ queries is split
+    split_knn, split_range = index.search(queries, 30), index.range_search(queries, 4)
+    for a, b in zip(whole_knn, split_knn):
+        np.testing.assert_array_equal(a, b)
+    for (ai, ad), (bi, bd) in zip(whole_range, split_range):
+        np.testing.assert_array_equal(ai, bi)
+        np.testing.assert_array_equal(ad, bd)

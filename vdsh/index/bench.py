@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from vdsh.index.codes import code_bytes
+from vdsh.index.distinct_codes import code_keys
 from vdsh.index.hamming_index import HammingIndex
 
 _CHUNK_ROWS = 1 << 18  # draw this many codes at a time: 10M codes never hold 10M x bits bytes at once
@@ -92,24 +93,28 @@ def compare_kinds(
     k: int = 100,
     batch_sizes: Iterable[int] = (1, 64),
     params: dict[str, dict] | None = None,
+    recall_queries: int | None = None,
     **latency_options,
 ) -> list[dict]:
     """Build each kind over `database`, time its search and score it against flat (exact) answers.
 
     Each row: kind, items, distinct codes, build seconds, latency per batch size, `recall` (share of
-    flat's ids found), `identical` (same ids, distances and order as flat for every query).
+    flat's ids found), `identical` (same ids, distances and order as flat for every scored query);
+    answers are scored on the first `recall_queries` queries (all by default).
     """
     ids = np.arange(len(database), dtype=np.int64)
-    reference = _build("flat", database, ids, bits, {})[0].search(queries, k, device="cpu")
-    distinct = len(np.unique(database, axis=0)) if len(database) <= 2_000_000 else None
+    scored = queries[:recall_queries]
+    reference = _build("flat", database, ids, bits, {})[0].search(scored, k, device="cpu")
+    distinct = len(np.unique(code_keys(database)))
     rows = []
     for kind in kinds:
         index, build_seconds = _build(kind, database, ids, bits, (params or {}).get(kind, {}))
-        found_ids, found_dists = index.search(queries, k, device="cpu")
+        found_ids, found_dists = index.search(scored, k, device="cpu")
         rows.append(
             {
                 "kind": kind,
                 "items": len(database),
+                "scored_queries": len(scored),
                 "bits": bits,
                 "distinct_codes": distinct,
                 "params": index.params,

@@ -64,6 +64,9 @@ class DistinctCodes:
         # each code holds >= 1 item, so the k nearest codes hold the k nearest items; only the level of
         # the k-th distance may continue past them (then it is fetched whole, see _knn_one)
         code_dists, code_idx = self.index.search(queries, min(k, len(self)))
+        if len(queries) == 1:  # the interactive case: no copies
+            rows, dists = self._knn_one(queries, code_dists[0], code_idx[0], k)
+            return rows[None], dists[None]
         rows = np.empty((len(queries), k), dtype=np.int64)
         dists = np.empty((len(queries), k), dtype=np.int32)
         for i in range(len(queries)):

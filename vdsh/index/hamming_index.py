@@ -21,8 +21,11 @@ the file that plain FAISS reads.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import faiss
@@ -34,12 +37,18 @@ from vdsh.index.distinct_codes import DistinctCodes, sort_by_distance_then_row
 Kind = Literal["flat", "distinct", "auto", "hash", "multihash", "ivf"]
 KINDS: tuple[str, ...] = ("flat", "distinct", "auto", "hash", "multihash", "ivf")
 EXACT_KINDS: tuple[str, ...] = ("flat", "distinct", "auto")
-# `auto` answers through the distinct codes when there are at most this many per item: measured on
-# 64-bit codes at 59k items (see vdsh.index.bench), distinct search wins well before half the items share codes
+# `auto` answers through the distinct codes when there are at most this many per item. Measured with
+# vdsh.index.bench on 64-bit clustered codes, k=100, one query: distinct beat flat at u/n = 0.31 (59k
+# items), 0.15 (1M) and 0.08 (10M), and lost at u/n ~ 1 (1.3x slower at 59k, 3x at 1M)
 AUTO_DISTINCT_RATIO = 0.5
-# FAISS calls scanning fewer codes than this (queries x codes) run on one thread: a parallel region
-# costs more than it saves on small scans, and on a busy 2-core machine its stragglers cost milliseconds
-SINGLE_THREAD_WORK = 1 << 21
+# FAISS runs on one OpenMP thread here; batches that scan more than this many codes (queries x codes)
+# are split across Python threads instead (FAISS releases the GIL). Measured on the shared 2-core
+# machine under load: one query over 1M codes took 1.6-2.2 ms on one OpenMP thread and 300-540 ms on
+# two (OpenMP threads spin-wait for a descheduled partner; fine with OMP_WAIT_POLICY=PASSIVE, which a
+# library cannot set once OpenMP has started). Python threads just sleep when descheduled.
+PARALLEL_MIN_WORK = 1 << 22
+# os.cpu_count() reads /sys on every call (8 us): once is enough
+CORES = os.cpu_count() or 1
 # GPU search pays off from batches this large (a transfer per call dominates smaller ones)
 GPU_MIN_BATCH = 32
 
@@ -49,7 +58,7 @@ SearchResult = tuple[np.ndarray, np.ndarray]
 class HammingIndex:
     """Packed binary codes with unique int64 ids; k-NN and radius search by Hamming distance.
 
-    Safe to share between threads: every call holds one lock (FAISS already uses both cores per call).
+    Safe to share between threads: every call holds one lock (a big batch is itself split across cores).
     """
 
     def __init__(
@@ -99,19 +108,22 @@ class HammingIndex:
         return self._codes.copy()
 
     def contains(self, item_id: int) -> bool:
-        return bool(self._find_rows(np.array([item_id], dtype=np.int64))[1][0])
+        with self._lock:
+            return bool(self._find_rows(np.array([item_id], dtype=np.int64))[1][0])
 
     def rows_of(self, ids: np.ndarray) -> np.ndarray:
         """Insertion-order rows of `ids`; KeyError naming unknown ids."""
         ids = _as_ids(ids)
-        rows, found = self._find_rows(ids)
+        with self._lock:
+            rows, found = self._find_rows(ids)
         if not found.all():
             raise KeyError(f"unknown ids: {_preview(ids[~found])}")
         return rows
 
     def get_codes(self, ids: np.ndarray) -> np.ndarray:
         """(len(ids), nbytes) packed codes of `ids`."""
-        return self._codes[self.rows_of(ids)]
+        with self._lock:
+            return self._codes[self.rows_of(ids)]
 
     # --------------------------------------------------------------- mutation
 
@@ -130,7 +142,7 @@ class HammingIndex:
                 raise ValueError(f"ids already in the index: {_preview(ids[present])}")
             if len(codes) == 0:
                 return
-            with faiss_threads_for(self._add_work(len(codes))):
+            with single_faiss_thread():
                 if self.kind == "ivf" and not self._faiss.is_trained:
                     self._train_ivf(codes)
                 if self._faiss is not None:
@@ -150,7 +162,7 @@ class HammingIndex:
             if self._faiss is not None:
                 # FAISS labels are rows, which shift on removal: re-add (IVF keeps its trained quantizer)
                 self._faiss.reset()
-                with faiss_threads_for(self._add_work(len(self._codes))):
+                with single_faiss_thread():
                     self._faiss.add(self._codes)
             self._invalidate()
             return len(rows)
@@ -186,11 +198,11 @@ class HammingIndex:
                 return [(np.empty(0, np.int64), np.empty(0, np.int32)) for _ in range(len(queries))]
             if self.kind == "distinct" or (self.kind == "auto" and self._distinct_pays()):
                 distinct = self._distinct_codes()
-                with faiss_threads_for(len(queries) * len(distinct)):
-                    results = distinct.range(queries, radius)
+                parts = in_parallel(lambda q: distinct.range(q, radius), queries, len(distinct))
             else:
-                with self._exhaustive_for(radius), faiss_threads_for(len(queries) * len(self)):
-                    results = self._faiss_range(queries, np.full(len(queries), radius))
+                with self._exhaustive_for(radius):
+                    parts = in_parallel(lambda q: self._faiss_range(q, np.full(len(q), radius)), queries, len(self))
+            results = [result for part in parts for result in part]
             return [(self._ids[rows], dists) for rows, dists in results]
 
     def knn_is_exact(self, kth_distance: int | None = None) -> bool:
@@ -237,7 +249,8 @@ class HammingIndex:
             wrapped.own_fields = True
             base.this.disown()
             if len(self):
-                wrapped.add_with_ids(self._codes, self._ids)
+                with single_faiss_thread():
+                    wrapped.add_with_ids(self._codes, self._ids)
             return wrapped
 
     @classmethod
@@ -259,6 +272,8 @@ class HammingIndex:
             if not np.array_equal(stored, codes):
                 raise ValueError("the codes in the FAISS index differ from the given codes")
         params = {name: int(getattr(base, attr)) for name, attr in _PARAM_ATTRS[kind].items()}
+        if kind == "ivf" and not base.is_trained:
+            params = {}  # an empty IVF saved before training: lists are chosen at the first add
         index = cls(bits, kind, **params)
         if kind == "ivf":
             trained = faiss.clone_binary_index(base)  # keeps the trained quantizer; an owned copy
@@ -309,17 +324,23 @@ class HammingIndex:
             return gpu.knn(queries, k)
         if self.kind == "distinct" or (self.kind == "auto" and self._distinct_pays()):
             distinct = self._distinct_codes()
-            with faiss_threads_for(len(queries) * len(distinct)):
-                return distinct.knn(queries, k)
-        with faiss_threads_for(len(queries) * len(self)):
-            dists, rows = self._faiss.search(queries, k)
-            if self.kind in ("flat", "auto"):
-                # IndexBinaryFlat scans rows in order and keeps the earliest on ties (checked by the tests)
-                return rows, dists
-            return self._approximate_knn(queries, k, rows, dists)
+            parts = in_parallel(lambda q: distinct.knn(q, k), queries, len(distinct))
+        elif self.kind in ("flat", "auto"):
+            parts = in_parallel(lambda q: self._flat_knn(q, k), queries, len(self))
+        else:
+            parts = in_parallel(lambda q: self._approximate_knn(q, k), queries, len(self))
+        if len(parts) == 1:
+            return parts[0]
+        return np.concatenate([rows for rows, _ in parts]), np.concatenate([dists for _, dists in parts])
 
-    def _approximate_knn(self, queries: np.ndarray, k: int, rows: np.ndarray, dists: np.ndarray) -> SearchResult:
+    def _flat_knn(self, queries: np.ndarray, k: int) -> SearchResult:
+        # IndexBinaryFlat scans rows in order and keeps the earliest on ties (checked by the tests)
+        dists, rows = self._faiss.search(queries, k)
+        return rows, dists
+
+    def _approximate_knn(self, queries: np.ndarray, k: int) -> SearchResult:
         """Hash/IVF k-NN with ties settled by row: every visited item up to the k-th distance competes."""
+        dists, rows = self._faiss.search(queries, k)
         kth = np.where(rows >= 0, dists, -1).max(axis=1)
         results = self._faiss_range(queries, kth)
         rows = np.full((len(queries), k), -1, dtype=np.int64)
@@ -353,13 +374,6 @@ class HammingIndex:
             return _TemporaryParams(self._faiss, nprobe=p["nlist"])
         return _TemporaryParams(self._faiss)
 
-    def _add_work(self, n: int) -> int:
-        """Codes compared when adding n codes: IVF assigns each to a list (and trains 10 rounds first)."""
-        if self.kind != "ivf":
-            return n
-        nlist = self._params["nlist"] or default_nlist(n)
-        return n * nlist * (1 if self._faiss.is_trained else 10)
-
     def _train_ivf(self, codes: np.ndarray) -> None:
         nlist = self._params["nlist"] or default_nlist(len(codes))
         if len(codes) < nlist:
@@ -369,6 +383,8 @@ class HammingIndex:
         self._params["nlist"] = nlist
         self._params["nprobe"] = min(self._params["nprobe"] or max(1, nlist // 16), nlist)
         self._faiss.nprobe = self._params["nprobe"]
+        # k-means on 39 codes per list (FAISS's minimum) keeps training seconds even at millions of codes
+        self._faiss.cp.max_points_per_centroid = 39
         self._faiss.train(codes)
 
     def _gpu_searcher(self, device: str, batch: int):
@@ -390,20 +406,33 @@ class HammingIndex:
 
 
 @contextlib.contextmanager
-def faiss_threads_for(work: int):
-    """One OpenMP thread for FAISS calls below SINGLE_THREAD_WORK codes scanned, else the default.
-
-    OpenMP's thread count is per calling thread, so concurrent callers do not disturb each other.
-    """
-    if work >= SINGLE_THREAD_WORK:
-        yield
-        return
+def single_faiss_thread():
+    """FAISS on one OpenMP thread in this thread (OpenMP's thread count is per calling thread)."""
     saved = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
     try:
         yield
     finally:
         faiss.omp_set_num_threads(saved)
+
+
+@functools.lru_cache(maxsize=1)
+def _search_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=CORES, thread_name_prefix="vdsh-search")
+
+
+def in_parallel(search, queries: np.ndarray, codes_per_query: int) -> list:
+    """`search` over chunks of `queries`, one chunk per core when the batch is big enough, in order."""
+    workers = min(CORES, len(queries))
+    if workers < 2 or len(queries) * codes_per_query < PARALLEL_MIN_WORK:
+        with single_faiss_thread():
+            return [search(queries)]
+
+    def run(chunk: np.ndarray):
+        with single_faiss_thread():
+            return search(chunk)
+
+    return list(_search_pool().map(run, np.array_split(queries, workers)))
 
 
 class _TemporaryParams:

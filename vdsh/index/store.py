@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 import faiss
@@ -49,7 +50,8 @@ class ItemIndex:
     """A `HammingIndex` and, per item, multi-hot labels, a source string and an optional thumbnail.
 
     `model_id` names the model whose codes the index holds; loading checks it against the caller's model.
-    Metadata rows follow the index's insertion order and are removed with their items.
+    Metadata rows follow the index's insertion order and are removed with their items; one lock keeps
+    them aligned with the index when threads add, remove and read at once.
     """
 
     def __init__(self, index: HammingIndex, model_id: str = "", class_names: list[str] | None = None):
@@ -61,6 +63,7 @@ class ItemIndex:
         self.labels = np.zeros((0, len(self.class_names)), dtype=np.uint8)
         self.sources: list[str] = []
         self.thumbnails: list[np.ndarray | None] = []
+        self._lock = threading.RLock()
 
     def __len__(self) -> int:
         return len(self.index)
@@ -78,33 +81,38 @@ class ItemIndex:
         for name, values in (("sources", sources), ("thumbnails", thumbnails)):
             if len(values) != n:
                 raise ValueError(f"{n} codes but {len(values)} {name}")
-        self.index.add(codes, ids)
-        self.labels = labels if len(self.labels) == 0 else np.concatenate([self.labels, labels])
-        self.sources += sources
-        self.thumbnails += thumbnails
+        with self._lock:
+            self.index.add(codes, ids)
+            self.labels = labels if len(self.labels) == 0 else np.concatenate([self.labels, labels])
+            self.sources = self.sources + sources
+            self.thumbnails = self.thumbnails + thumbnails
 
     def remove(self, ids) -> int:
         """Delete items and their metadata; KeyError naming unknown ids."""
-        rows = self.index.rows_of(np.unique(np.asarray(ids, dtype=np.int64)))
-        keep = np.ones(len(self), dtype=bool)
-        keep[rows] = False
-        removed = self.index.remove(ids)
-        self.labels = self.labels[keep]
-        self.sources = [s for s, k in zip(self.sources, keep) if k]
-        self.thumbnails = [t for t, k in zip(self.thumbnails, keep) if k]
-        return removed
+        with self._lock:
+            rows = self.index.rows_of(np.unique(np.asarray(ids, dtype=np.int64)))
+            keep = np.ones(len(self), dtype=bool)
+            keep[rows] = False
+            removed = self.index.remove(ids)
+            self.labels = self.labels[keep]
+            self.sources = [s for s, k in zip(self.sources, keep) if k]
+            self.thumbnails = [t for t, k in zip(self.thumbnails, keep) if k]
+            return removed
 
     def search(self, queries: np.ndarray, k: int, device: str = "auto"):
         return self.index.search(queries, k, device=device)
 
     def labels_of(self, ids) -> np.ndarray:
-        return self.labels[self.index.rows_of(ids)]
+        with self._lock:
+            return self.labels[self.index.rows_of(ids)]
 
     def sources_of(self, ids) -> list[str]:
-        return [self.sources[r] for r in self.index.rows_of(ids)]
+        with self._lock:
+            return [self.sources[r] for r in self.index.rows_of(ids)]
 
     def thumbnail_of(self, item_id: int) -> np.ndarray | None:
-        return self.thumbnails[int(self.index.rows_of(np.array([item_id]))[0])]
+        with self._lock:
+            return self.thumbnails[int(self.index.rows_of(np.array([item_id]))[0])]
 
     def save(self, directory: str | Path) -> Path:
         return save_index(directory, self)
@@ -155,7 +163,8 @@ def save_index(directory: str | Path, item_index: ItemIndex) -> Path:
         version = f"v{_next_version(directory):06d}"
         staging = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=directory))
         try:
-            _write_version(staging, item_index)
+            with item_index._lock:  # a consistent snapshot; searches go on (they take only the index's lock)
+                _write_version(staging, item_index)
             os.rename(staging, directory / version)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -355,7 +364,7 @@ def _load_version(version_dir: Path, model_id: str | None, bits: int | None) -> 
     if not np.array_equal(index.ids, arrays["ids"]):
         raise IndexMismatchError(f"the ids in {faiss_path} differ from those in {meta_path}")
     item_index = ItemIndex(HammingIndex(index.bits, index.kind), str(attrs["model_id"]), class_names)
-    item_index.index = index
+    item_index.index = index  # ItemIndex starts empty; the loaded index and its metadata replace that
     item_index.labels = arrays["labels"].astype(np.uint8)
     item_index.sources = sources
     item_index.thumbnails = thumbnails
