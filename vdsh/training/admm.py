@@ -350,7 +350,7 @@ class AdmmTrainer:
         state: dict = {"beta": opt.beta, "gamma": opt.gamma, "stats": None, "aux": None}
         full_batch = opt.minibatch_size is None or opt.minibatch_size >= len(x)
         best: tuple[float, LayerWeights | None] = (-1.0, None)
-        since_best = 0
+        since_best, best_sweep = 0, 0
         for sweep in range(1, opt.sweeps + 1):
             if full_batch:
                 weights, terms = self.full_batch_sweep(weights, x, y, head, state, sweep)
@@ -366,10 +366,10 @@ class AdmmTrainer:
                     record["train_map_auxiliary"] = auxiliary_map(state["aux"].a_top, y, opt.eval_size, opt.seed)
                 score = record.get("val_map", record["train_map"])
                 if score > best[0]:
-                    best, since_best = (score, weights.clone()), 0
+                    best, since_best, best_sweep = (score, weights.clone()), 0, sweep
                 else:
                     since_best += 1
-                record["best_sweep"] = sweep if since_best == 0 else history[-1].get("best_sweep", sweep)
+                record["best_sweep"] = best_sweep
             history.append(record)
             if self.progress:
                 self.progress(record)
