@@ -28,7 +28,7 @@ def private_cache(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(scope="session")
 def mnist_sample_features():
-    """Pixels (normalised) and multi-hot labels of 2,000 training images of the embedded MNIST sample."""
+    """Pixels (normalised) and multi-hot labels of 1,000 training images (every 5th) of the embedded MNIST sample."""
     import torch
 
     from vdsh.data.protocols import load_protocol

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vdsh.training.admm import (
-    AdmmOptions, AdmmTrainer, LayerWeights, forward_init, relu_coupled_preactivation, solve_outputs,
+    AdmmOptions, AdmmTrainer, LayerWeights, discrete_codes, forward_init, relu_coupled_preactivation, solve_outputs,
     solve_weights, top_preactivation, weight_statistics,
 )
 from vdsh.training.code_head import ridge_classifier
@@ -104,18 +104,44 @@ def test_top_step_zeroes_the_gradient_of_its_local_objective():
     assert grad.abs().max().item() < 1e-4
 
 
+def test_top_step_with_code_target_zeroes_the_gradient_of_its_local_objective():
+    torch.manual_seed(0)
+    p, y = torch.randn(50, 8), torch.nn.functional.one_hot(torch.randint(0, 3, (50,)), 3).float()
+    b, c = torch.sign(torch.randn(50, 8)), ridge_classifier(torch.sign(torch.randn(50, 8)), y)
+    beta, mu, ell = 0.3, 2.0, 0.5
+    a = top_preactivation(p, y, c, beta, mu, codes=b, loss_weight=ell).requires_grad_(True)
+    objective = ell / 2 * (y - a @ c).pow(2).sum() + beta / 2 * (a - p).pow(2).sum() + mu / 2 * (a - b).pow(2).sum()
+    (grad,) = torch.autograd.grad(objective, a)
+    assert grad.abs().max().item() < 1e-4
+
+
+def test_code_step_leaves_every_bit_at_its_coordinate_minimum():
+    torch.manual_seed(0)
+    f, y = torch.randn(40, 6), torch.nn.functional.one_hot(torch.randint(0, 3, (40,)), 3).float()
+    c, nu = ridge_classifier(torch.sign(torch.randn(40, 6)), y), 0.2
+    objective = lambda b_: ((y - b_ @ c).pow(2).sum(1) + nu * (b_ - f).pow(2).sum(1))  # per sample
+    b = discrete_codes(f, y, c, nu, bit_sweeps=20)
+    assert set(b.unique().tolist()) <= {-1.0, 1.0}
+    assert bool((objective(b) <= objective(torch.sign(y @ c.T + nu * f)) + 1e-5).all())
+    for k in range(b.shape[1]):  # no single flip improves any sample: DCC has converged
+        flipped = b.clone()
+        flipped[:, k] *= -1
+        assert bool((objective(b) <= objective(flipped) + 1e-5).all()), k
+
+
 def test_rejects_non_plain_networks():
     with pytest.raises(ValueError, match="plain"):
         AdmmTrainer().fit(DeepMLP(4, 3, 8, 4, batchnorm=True), torch.randn(5, 4), torch.eye(5))
 
 
-@pytest.mark.parametrize("minibatch_size", [None, 1000])
+@pytest.mark.parametrize("minibatch_size", [None, 500])
 def test_admm_learns_on_the_embedded_sample(mnist_sample_features, minibatch_size):
     x, y = mnist_sample_features
     torch.manual_seed(0)
     encoder = DeepMLP(x.shape[1], depth=4, width=128, bits=32)
-    options = AdmmOptions(sweeps=3, beta=0.1, gamma=0.1, rho=0.0, minibatch_size=minibatch_size, eval_every=0)
+    options = AdmmOptions(sweeps=3, minibatch_size=minibatch_size, eval_every=0)
     trained, history = AdmmTrainer(options).fit(encoder, x, y)
     assert len(history) == 3 and {"loss", "residual_max", "time", "train_map"} <= set(history[-1])
-    # train_map is scored on plain forward-pass codes of the returned encoder; chance is 0.10.
-    assert history[-1]["train_map"] > 0.2
+    # train_map is scored on plain forward-pass codes of the returned encoder; chance is 0.10. Measured (seed 0,
+    # 1,000 samples, so 500 is the stochastic variant): 0.70 full batch, 0.64 with mini-batches of 500.
+    assert history[-1]["train_map"] > 0.5

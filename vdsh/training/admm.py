@@ -4,31 +4,46 @@ Splitting. For a DeepMLP of M weight layers, every sample i carries auxiliary va
 layer: pre-activations a_m = W_m z_{m-1} + b_m (m = 1..M) and outputs z_m = relu(a_m) (m < M); the top
 a_M is the real-valued hashing output, codes b = sgn(a_M). The augmented Lagrangian (per-sample means)
 
-    ½||Y − a_M C||²                                   classifier loss (C: linear classifier)
+    μ/2 ||a_M − B||² + ℓ/2 ||Y − a_M C||²              top: discrete codes B, classifier loss (ℓ = 0 by default)
   + β/2 Σ_m ||a_m − W_m z_{m−1} − b_m + u_m||²        linear constraints, scaled multipliers u_m
   + γ/2 Σ_{m<M} ||z_m − relu(a_m)||²                   activation constraints (quadratic penalty)
   + λ/2 Σ_m ||W_m||² + ρ/2 Σ_m ||W_m − W_m^prev||²     ridge + proximal weight consensus
 
 couples each variable only to its neighbours in the chain x, a_1, z_1, a_2, …, z_{M−1}, a_M. One sweep:
-  1. weights: every W_m is a ridge regression of (a_m + u_m) on z_{m−1}, independent of the other
-     layers; all hidden layers are solved at once with one batched Cholesky factorisation.
-  2. auxiliaries, odd/even: all a_m in parallel (elementwise closed form of the ReLU coupling; the top
-     a_M: one bits×bits linear system with the loss), then all z_m in parallel (each the solution of
-     one width×width linear system, batched over layers).
-  3. top: codes b = sgn(a_M), classifier C by ridge regression on the codes (`code_head`).
+  0. auxiliaries re-initialised from a plain forward pass of the current weights (every
+     `reinit_every` sweeps; multipliers zeroed or kept), so every sweep starts forward-consistent.
+  1. top (SDH's discrete step): codes B ∈ {±1} minimising ||Y − BC||² + ν||B − F||², F the forward
+     outputs, by a few DCC bit sweeps; the classifier C by ridge regression on B (`code_head`). B is
+     the margin-1 target the top auxiliary is pulled to: forward codes then need margin, not a
+     sub-margin nudge of a free real a_M, to flip.
+  2. auxiliaries, `aux_iterations` odd/even rounds: all a_m in parallel (elementwise closed form of
+     the ReLU coupling; the top a_M: one bits×bits system with the code pull), then all z_m in
+     parallel (one width×width system per layer, batched). Each round carries the top's pull one
+     layer further down, so the targets become a proximal step from the forward values.
+  3. weights: every W_m is a ridge regression (with proximal term ρ) of its target a_m + u_m on its
+     input, independent of the other layers; all hidden layers solved at once with one batched
+     Cholesky factorisation. With `fit_inputs='forward'` the input is the forward activation z_{m−1}
+     the layer actually sees at test time (a target-propagation style fit: W moves by a
+     ρ-damped, input-covariance-preconditioned step towards its target); 'auxiliary' is the ADMM z.
   4. multipliers: u_m += a_m − W_m z_{m−1} − b_m.
-Nothing back-propagates through the depth; every step is closed form, so `local_steps` is not needed
-for the plain network. Cost per sweep is linear in depth (one GEMM pass, plus batched w×w solves).
+Nothing back-propagates through the depth; every step is closed form. Cost per sweep is linear in depth
+(aux_iterations + 2 GEMM passes, plus batched w×w solves). The weights kept are those of the sweep with
+the best validation mAP of forward-pass codes (`keep_best`), optionally with early stopping (`patience`).
 
 Stochastic variant (minibatch_size): auxiliaries exist for one mini-batch at a time (initialised by a
-forward pass, multipliers at zero), `batch_iterations` auxiliary updates are run on it, and the weight
-step uses Gram statistics accumulated across mini-batches (an exponential running mean).
+forward pass, multipliers at zero), codes B by the same discrete step, `aux_iterations` odd/even
+rounds are run on it, and the weight step (inputs chosen by `fit_inputs`) uses Gram statistics
+accumulated across mini-batches (an exponential running mean).
 
 Deviations from the paper, and why: the per-sample weight copies θ̃ with their own multipliers v are
 replaced by the proximal term ρ/2||W − W^prev||² (the same consensus pull, without storing N copies of
 every weight matrix); the activation constraint z = relu(a) is a penalty without multiplier (as in
-Taylor et al. 2016, whose splitting this uses to make every step closed form); the classifier loss is
-the squared loss of SDH.
+Taylor et al. 2016, whose splitting this uses to make every step closed form); the top couples a_M to
+SDH-style discrete codes (and optionally the squared classifier loss) rather than the paper's loss on
+sgn(z_M); auxiliaries are re-initialised from the forward pass each sweep and, by default, the weight
+regressions read forward activations: without that the auxiliaries fit the labels (train mAP ~0.99)
+while forward-pass codes stayed near chance (~0.2 mAP), each layer's auxiliary differing 2–5% from
+what the layer computes.
 """
 
 from __future__ import annotations
@@ -40,26 +55,41 @@ from typing import Callable
 import torch
 
 from vdsh.index.metrics import mean_average_precision
-from vdsh.training.code_head import LinearCodeHead, binary_codes, ridge_classifier
+from vdsh.training.code_head import LinearCodeHead, binary_codes, ridge_classifier, squared_loss
 from vdsh.training.mlp import DeepMLP
 
 
 @dataclass
 class AdmmOptions:
-    """ADMM options. Defaults are the best of a few short CPU runs (beta/gamma 1 vs 0.1 vs 0.01, rho 1e-2 vs 0),
-    NOT tuned: forward-pass mAP@all is still ~0.2 on mnist-5k after 6 sweeps (issue 3 notes)."""
+    """ADMM options (see the module docstring for the role of each).
 
-    beta: float = 0.1  # weight of the linear constraints a = Wz + b (and of their multipliers)
-    gamma: float = 0.1  # weight of the activation constraints z = relu(a)
-    rho: float = 0.0  # proximal pull of W towards its previous value (the θ̃ consensus)
+    Defaults: the best of five 6–8-sweep runs on mnist-sample, depth 8 × 256, 48 bits (rho 0.1/0.3, nu 0.01/0.03/0.1,
+    code_weight 1/3, aux_iterations 4/8, multipliers reset/kept): forward-pass validation mAP 0.49 at sweep 4; not a
+    converged tuning. Measured on CPU (mnist-5k, 48 bits, width 256): mAP@all 0.48 at depth 8 after 6 sweeps (back-prop
+    15 epochs: 0.89), validation mAP 0.14 at depth 32 after 4 sweeps: 8 odd/even rounds per sweep carry the top's pull
+    only ~8 layers down, and it weakens with every layer, so deep layers barely learn (the open gap, issue 3).
+    On mnist-sample at depth 8, aux_iterations 16 reached validation mAP 0.555 after 6 sweeps (8: 0.49), at twice the cost
+    per sweep: more rounds help, which points at propagation depth as the limit."""
+
+    beta: float = 1.0  # weight of the linear constraints a = Wz + b (and of their multipliers)
+    gamma: float = 1.0  # weight of the activation constraints z = relu(a)
+    rho: float = 0.1  # proximal pull of W towards its previous value (the θ̃ consensus)
     ridge: float = 1e-3  # λ of the weight ridge regression (per-sample scale)
     classifier_ridge: float = 1.0  # λ of the classifier ridge regression on the codes
-    quantisation: float = 0.0  # μ: extra pull of a_M towards its codes sgn(a_M)
+    code_weight: float = 1.0  # μ: pull of the top a_M towards the discrete codes B (margin 1)
+    loss_weight: float = 0.0  # ℓ: weight of the classifier loss ½||y − a_M C||² on the top auxiliary
+    nu: float = 0.01  # ν: closeness of the discrete codes B to the forward-pass outputs in the B-step
+    bit_sweeps: int = 2  # DCC sweeps over the bits in the B-step
+    aux_iterations: int = 8  # odd/even auxiliary updates per sweep
+    reinit_every: int = 1  # sweeps between re-initialisations of the auxiliaries from a forward pass (0: never)
+    reset_multipliers: bool = True  # zero the multipliers at a re-initialisation
+    fit_inputs: str = "forward"  # inputs of the weight regressions: 'auxiliary' z or 'forward' activations
     penalty_growth: float = 1.0  # β and γ are multiplied by this after every sweep (>1 tightens constraints)
     multipliers: str = "all"  # 'all' layers, 'top' layer only, or 'none' (pure quadratic penalty)
     sweeps: int = 20
+    keep_best: bool = True  # return the weights of the evaluation with the best validation (else train) mAP
+    patience: int = 0  # stop after this many evaluations without improvement (0: never)
     minibatch_size: int | None = None  # None: full batch (every auxiliary variable in memory)
-    batch_iterations: int = 2  # auxiliary updates per mini-batch in the stochastic variant
     stat_decay: float = 0.9  # running-mean decay of the weight statistics in the stochastic variant
     device: str = "cpu"
     dtype: str = "float32"  # storage/GEMM dtype of the auxiliaries: 'float32' or 'bfloat16'; solves stay float32
@@ -70,10 +100,16 @@ class AdmmOptions:
     def __post_init__(self) -> None:
         if self.multipliers not in ("all", "top", "none"):
             raise ValueError(f"multipliers must be 'all', 'top' or 'none', got {self.multipliers!r}")
+        if self.fit_inputs not in ("auxiliary", "forward"):
+            raise ValueError(f"fit_inputs must be 'auxiliary' or 'forward', got {self.fit_inputs!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
         if min(self.beta, self.gamma) <= 0 or min(self.rho, self.ridge) < 0 or self.sweeps < 1:
             raise ValueError("beta and gamma must be > 0, rho and ridge >= 0, sweeps >= 1")
+        if min(self.code_weight, self.loss_weight, self.nu) < 0 or self.code_weight + self.loss_weight <= 0:
+            raise ValueError("code_weight, loss_weight and nu must be >= 0, code_weight + loss_weight > 0")
+        if self.aux_iterations < 1 or self.bit_sweeps < 0 or self.reinit_every < 0 or self.patience < 0:
+            raise ValueError("aux_iterations >= 1; bit_sweeps, reinit_every and patience >= 0")
 
 
 @dataclass
@@ -106,6 +142,9 @@ class LayerWeights:
         width = mlp.width
         stacked = torch.stack(hidden) if hidden else torch.empty(0, width, width + 1, device=device)
         return cls(aug(mlp.linears[0]), stacked, aug(mlp.linears[-1]))
+
+    def clone(self) -> "LayerWeights":
+        return LayerWeights(self.first.clone(), self.hidden.clone(), self.top.clone())
 
     def write_to(self, mlp: DeepMLP) -> None:
         mats = [self.first, *self.hidden.unbind(0), self.top]
@@ -237,14 +276,34 @@ def relu_coupled_preactivation(target: torch.Tensor, z: torch.Tensor, beta: floa
     return torch.where(cost_pos <= cost_neg, a_pos, a_neg)
 
 
-def top_preactivation(target: torch.Tensor, labels: torch.Tensor, classifier: torch.Tensor, beta: float, mu: float) -> torch.Tensor:
-    """argmin_a ½||y − aC||² + β/2||a − p||² + μ/2||a − sgn(a_old)||²: a (CCᵀ + (β+μ)I) = Y Cᵀ + βp + μ sgn(p)."""
+def top_preactivation(target: torch.Tensor, labels: torch.Tensor, classifier: torch.Tensor, beta: float, mu: float,
+                      codes: torch.Tensor | None = None, loss_weight: float = 1.0) -> torch.Tensor:
+    """argmin_a ℓ/2||y − aC||² + β/2||a − p||² + μ/2||a − b||², b the discrete codes (default sgn(p)).
+
+    Normal equations: a (ℓCCᵀ + (β+μ)I) = ℓ Y Cᵀ + βp + μb, one bits×bits system shared by all samples.
+    """
     bits = classifier.shape[0]
-    system = classifier @ classifier.T + (beta + mu) * torch.eye(bits, device=classifier.device)
-    rhs = labels.float() @ classifier.T + beta * target.float()
+    system = loss_weight * classifier @ classifier.T + (beta + mu) * torch.eye(bits, device=classifier.device)
+    rhs = loss_weight * labels.float() @ classifier.T + beta * target.float()
     if mu > 0:
-        rhs = rhs + mu * binary_codes(target.float())
+        rhs = rhs + mu * (binary_codes(target.float()) if codes is None else codes.float())
     return solve_spd_right(system, rhs)
+
+
+def discrete_codes(forward_top: torch.Tensor, labels: torch.Tensor, classifier: torch.Tensor, nu: float, bit_sweeps: int) -> torch.Tensor:
+    """SDH's B-step: argmin_{B ∈ {±1}} ||Y − BC||² + ν||B − F||² by discrete cyclic coordinate descent.
+
+    F are the forward-pass outputs, so the codes stay close to what the network computes while fitting
+    the labels; bit k given the others is b_k = sgn(q_k − B_{−k} C_{−k} c_kᵀ), q = YCᵀ + νF.
+    """
+    q = labels.float() @ classifier.T + nu * forward_top.float()
+    codes = binary_codes(q)
+    cct = classifier @ classifier.T
+    for _ in range(bit_sweeps):
+        for k in range(codes.shape[1]):
+            cross = codes @ cct[:, k] - codes[:, k] * cct[k, k]
+            codes[:, k] = binary_codes(q[:, k] - cross)
+    return codes
 
 
 def solve_outputs(aux: Auxiliaries, weights: LayerWeights, beta: float, gamma: float, dtype: torch.dtype) -> torch.Tensor:
@@ -293,13 +352,13 @@ class AdmmTrainer:
         head = LinearCodeHead(opt.classifier_ridge)
         history: list[dict] = []
         start = time.perf_counter()
-        state = {"beta": opt.beta, "gamma": opt.gamma, "stats": None}
-        if opt.minibatch_size is None or opt.minibatch_size >= len(x):
-            aux = forward_init(weights, x, self.dtype)
-            head.fit(aux.a_top.float(), y)
+        state: dict = {"beta": opt.beta, "gamma": opt.gamma, "stats": None, "aux": None}
+        full_batch = opt.minibatch_size is None or opt.minibatch_size >= len(x)
+        best: tuple[float, LayerWeights | None] = (-1.0, None)
+        since_best, best_sweep = 0, 0
         for sweep in range(1, opt.sweeps + 1):
-            if opt.minibatch_size is None or opt.minibatch_size >= len(x):
-                weights, terms = self.full_batch_sweep(weights, aux, x, y, head, state)
+            if full_batch:
+                weights, terms = self.full_batch_sweep(weights, x, y, head, state, sweep)
             else:
                 weights, terms = self.stochastic_sweep(weights, x, y, head, state)
             state["beta"] *= opt.penalty_growth
@@ -308,22 +367,52 @@ class AdmmTrainer:
             if (opt.eval_every and sweep % opt.eval_every == 0) or sweep == opt.sweeps:
                 weights.write_to(encoder)
                 record.update(self.evaluate(encoder, x, y, validation))
-                if self.options.minibatch_size is None or self.options.minibatch_size >= len(x):
-                    record["train_map_auxiliary"] = auxiliary_map(aux.a_top, y, self.options.eval_size, self.options.seed)
+                if full_batch:
+                    record["train_map_auxiliary"] = auxiliary_map(state["aux"].a_top, y, opt.eval_size, opt.seed)
+                score = record.get("val_map", record["train_map"])
+                if score > best[0]:
+                    best, since_best, best_sweep = (score, weights.clone()), 0, sweep
+                else:
+                    since_best += 1
+                record["best_sweep"] = best_sweep
             history.append(record)
             if self.progress:
                 self.progress(record)
+            if opt.patience and since_best >= opt.patience:
+                break
+        if opt.keep_best and best[1] is not None:
+            weights = best[1]
         weights.write_to(encoder)
         return encoder, history
 
-    def full_batch_sweep(self, weights: LayerWeights, aux: Auxiliaries, x: torch.Tensor, y: torch.Tensor, head: LinearCodeHead, state: dict) -> tuple[LayerWeights, dict]:
+    def full_batch_sweep(self, weights: LayerWeights, x: torch.Tensor, y: torch.Tensor, head: LinearCodeHead, state: dict, sweep: int) -> tuple[LayerWeights, dict]:
+        """Forward (re-)initialisation, the B-step and classifier, odd/even auxiliary updates, weights, multipliers."""
         opt = self.options
-        weights = solve_weights(weight_statistics(x, aux), weights, opt.ridge, opt.rho)  # (1)
-        self.update_auxiliaries(aux, weights, x, y, head, state)  # (2)
-        codes, code_loss = head.fit(aux.a_top.float(), y)  # (3)
+        forward = forward_init(weights, x, self.dtype)
+        aux = state["aux"]
+        if aux is None or (opt.reinit_every and (sweep - 1) % opt.reinit_every == 0):
+            if aux is not None and not opt.reset_multipliers:
+                forward.u, forward.u_top = aux.u, aux.u_top
+            aux = state["aux"] = forward
+            forward = Auxiliaries(aux.a.clone(), aux.z.clone(), aux.u, aux.a_top.clone(), aux.u_top)
+        codes = self.code_step(forward.a_top.float(), y, head)  # (3) top: B and C
+        for _ in range(opt.aux_iterations):
+            self.update_auxiliaries(aux, weights, x, y, head, state, codes)  # (2)
+        inputs = aux if opt.fit_inputs == "auxiliary" else Auxiliaries(aux.a, forward.z, aux.u, aux.a_top, aux.u_top)
+        weights = solve_weights(weight_statistics(x, inputs), weights, opt.ridge, opt.rho)  # (1)
         terms = self.objective_terms(aux, weights, x, y, head, state)
         self.update_multipliers(aux, weights, x)  # (4)
-        return weights, {**terms, "code_loss": code_loss}
+        forward_codes_loss = float(squared_loss(binary_codes(forward.a_top.float()), y, head.classifier))
+        return weights, {**terms, "code_loss": float(squared_loss(codes, y, head.classifier)), "forward_code_loss": forward_codes_loss}
+
+    def code_step(self, forward_top: torch.Tensor, y: torch.Tensor, head: LinearCodeHead) -> torch.Tensor:
+        """Discrete codes B near the forward outputs that fit the labels, then the classifier C on B."""
+        opt = self.options
+        if head.classifier is None:
+            head.fit(forward_top, y)
+        codes = discrete_codes(forward_top, y, head.classifier, opt.nu, opt.bit_sweeps)
+        head.classifier = ridge_classifier(codes, y, opt.classifier_ridge)
+        return codes
 
     def stochastic_sweep(self, weights: LayerWeights, x: torch.Tensor, y: torch.Tensor, head: LinearCodeHead, state: dict) -> tuple[LayerWeights, dict]:
         """One pass over shuffled mini-batches; auxiliaries live for one mini-batch only."""
@@ -335,16 +424,18 @@ class AdmmTrainer:
             idx = order[start : start + opt.minibatch_size]
             xb, yb = x[idx], y[idx]
             aux = forward_init(weights, xb, self.dtype)
+            forward_z = aux.z.clone()
             if head.classifier is None:
                 head.fit(aux.a_top.float(), yb)
-            for _ in range(opt.batch_iterations):
-                self.update_auxiliaries(aux, weights, xb, yb, head, state)
-                self.update_multipliers(aux, weights, xb)
-            stats = weight_statistics(xb, aux)
+            codes = discrete_codes(aux.a_top.float(), yb, head.classifier, opt.nu, opt.bit_sweeps)
+            for _ in range(opt.aux_iterations):
+                self.update_auxiliaries(aux, weights, xb, yb, head, state, codes)
+            inputs = aux if opt.fit_inputs == "auxiliary" else Auxiliaries(aux.a, forward_z, aux.u, aux.a_top, aux.u_top)
+            stats = weight_statistics(xb, inputs)
             state["stats"] = stats if state["stats"] is None else state["stats"].blend(stats, opt.stat_decay)
             weights = solve_weights(state["stats"], weights, opt.ridge, opt.rho)
             # Classifier: ridge on this batch's codes, blended so that it sees the whole set over a sweep.
-            new_classifier = ridge_classifier(binary_codes(aux.a_top.float()), yb, opt.classifier_ridge)
+            new_classifier = ridge_classifier(codes, yb, opt.classifier_ridge)
             head.classifier = opt.stat_decay * head.classifier + (1 - opt.stat_decay) * new_classifier
             terms = self.objective_terms(aux, weights, xb, yb, head, state)
             residuals = terms.pop("residuals")  # per layer: the last mini-batch's
@@ -353,12 +444,13 @@ class AdmmTrainer:
             batches += 1
         return weights, {**{k: v / batches for k, v in totals.items()}, "residuals": residuals}
 
-    def update_auxiliaries(self, aux: Auxiliaries, weights: LayerWeights, x: torch.Tensor, y: torch.Tensor, head: LinearCodeHead, state: dict) -> None:
+    def update_auxiliaries(self, aux: Auxiliaries, weights: LayerWeights, x: torch.Tensor, y: torch.Tensor, head: LinearCodeHead, state: dict, codes: torch.Tensor) -> None:
         """Odd block (all a_m, in parallel) then even block (all z_m, in parallel)."""
+        opt = self.options
         beta, gamma = state["beta"], state["gamma"]
         hidden_target, top_target = preactivation_targets(weights, x, aux)
         aux.a = relu_coupled_preactivation(hidden_target.float() - aux.u.float(), aux.z.float(), beta, gamma).to(self.dtype)
-        aux.a_top = top_preactivation(top_target.float() - aux.u_top.float(), y, head.classifier, beta, self.options.quantisation).to(self.dtype)
+        aux.a_top = top_preactivation(top_target.float() - aux.u_top.float(), y, head.classifier, beta, opt.code_weight, codes, opt.loss_weight).to(self.dtype)
         aux.z = solve_outputs(aux, weights, beta, gamma, self.dtype)
 
     def update_multipliers(self, aux: Auxiliaries, weights: LayerWeights, x: torch.Tensor) -> None:
