@@ -197,7 +197,7 @@ def bench_methods(
     out: Path = typer.Option(Path("runs/bench-methods"), help="folder for results.json and the plots"),
 ) -> None:
     """Every method on each protocol at each code length: mAP@all, P@H<=2, time, memory; BENCHMARKS.md + plots."""
-    from vdsh.app.benchmarks import atomic_write_text
+    from vdsh.files import atomic_write_text
 
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
     unknown = sorted(set(chosen) - set(BASELINE_METHODS + NETWORK_METHODS))

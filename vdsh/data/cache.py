@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -13,6 +11,7 @@ import numpy as np
 
 from vdsh.data.imageset import ImageSet
 from vdsh.data.paths import cache_dir
+from vdsh.files import atomic_path, atomic_write_text
 
 
 def fingerprint(files: list[Path], **params: object) -> str:
@@ -25,12 +24,8 @@ def fingerprint(files: list[Path], **params: object) -> str:
 
 
 def _atomic_save(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def cached_imageset(key: str, build: Callable[[], ImageSet]) -> ImageSet:
@@ -52,8 +47,5 @@ def cached_imageset(key: str, build: Callable[[], ImageSet]) -> ImageSet:
     _atomic_save(folder / "images.npy", imageset.images)
     _atomic_save(folder / "labels.npy", imageset.labels)
     meta = {"name": imageset.name, "class_names": imageset.class_names, "sources": imageset.sources}
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(meta, f)
-    os.replace(tmp, meta_path)  # written last: its presence means the entry is complete
+    atomic_write_text(meta_path, json.dumps(meta))  # written last: its presence means the entry is complete
     return imageset

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from vdsh.data.paths import cache_dir
+from vdsh.files import atomic_path
 
 IMAGE_SIZE = 32
 BOUNDARY = 32  # symmetric padding before filtering, as LMgist's boundaryExtension
@@ -110,13 +109,8 @@ def cached_gist_features(images: np.ndarray, name: str = "images") -> torch.Tens
     if path.is_file():
         return torch.from_numpy(np.load(path))
     features = gist_features(images).numpy()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, features)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return torch.from_numpy(features)
 
 

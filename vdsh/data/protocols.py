@@ -6,14 +6,13 @@ and is saved beside results so anyone can reload it.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from vdsh.data.datasets import load
+from vdsh.files import atomic_path
 from vdsh.data.imageset import ImageSet
 
 
@@ -60,14 +59,8 @@ class ProtocolSplit:
 
     def save(self, path: str | Path) -> None:
         """Write the split as .npz atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.savez(f, protocol=self.protocol, seed=self.seed, train=self.train, query=self.query, database=self.database)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | Path) -> "ProtocolSplit":

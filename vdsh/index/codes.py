@@ -8,13 +8,13 @@ layout FAISS binary indexes use (`d = 8 * nbytes`).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from vdsh.files import atomic_path
 
 
 def code_bytes(bits: int) -> int:
@@ -104,15 +104,10 @@ def save_codes(path: str | Path, code_set: CodeSet) -> None:
     suffix = path.suffix.lower()
     if suffix not in (".npz", ".h5", ".hdf5"):
         raise ValueError(f"unknown codes file type {path.suffix!r}: use .npz or .h5")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         if suffix == ".npz":
             with open(tmp, "wb") as f:
                 np.savez(f, codes=code_set.packed, bits=np.int64(code_set.bits), labels=code_set.labels)
-                f.flush()
-                os.fsync(f.fileno())
         else:
             import h5py
 
@@ -120,12 +115,6 @@ def save_codes(path: str | Path, code_set: CodeSet) -> None:
                 f.create_dataset("codes", data=code_set.packed)
                 f.create_dataset("labels", data=code_set.labels)
                 f.attrs["bits"] = code_set.bits
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def load_codes(path: str | Path, bits: int | None = None) -> CodeSet:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -21,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from vdsh.files import atomic_path
 from vdsh.index.codes import sign_codes
 
 ENCODERS: dict[str, type[nn.Module]] = {}
@@ -122,24 +121,14 @@ def save_model(path: str | Path, model: HashingModel, info: dict | None = None) 
 
     info: free JSON-able facts kept with the model (dataset, protocol, trainer, seed, metrics...).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "encoder": {"kind": model.encoder.kind, "config": model.encoder.config()},
         "input": asdict(model.input_spec),
         "info": info or {},
     }
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.encoder.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"vdsh": json.dumps(meta)})
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"vdsh": json.dumps(meta)})
 
 
 def read_model_metadata(path: str | Path) -> dict:
