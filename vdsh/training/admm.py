@@ -49,14 +49,14 @@ what the layer computes.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from vdsh.index.metrics import mean_average_precision
 from vdsh.training.code_head import LinearCodeHead, binary_codes, ridge_classifier, squared_loss
-from vdsh.training.mlp import DeepMLP
+from vdsh.training.mlp import DeepMLP, check_plain_mlp_problem
 
 
 @dataclass
@@ -338,10 +338,7 @@ class AdmmTrainer:
         return torch.bfloat16 if self.options.dtype == "bfloat16" else torch.float32
 
     def fit(self, encoder: DeepMLP, features: torch.Tensor, labels: torch.Tensor, validation: Validation | None = None) -> tuple[DeepMLP, list[dict]]:
-        if not isinstance(encoder, DeepMLP) or not encoder.is_plain:
-            raise ValueError("AdmmTrainer trains a plain DeepMLP (no BatchNorm, no residual connections)")
-        if features.ndim != 2 or features.shape[1] != encoder.in_features or labels.shape[0] != features.shape[0]:
-            raise ValueError(f"features must be (N, {encoder.in_features}) with N labels, got {tuple(features.shape)}, {tuple(labels.shape)}")
+        check_plain_mlp_problem(encoder, features, labels, "AdmmTrainer")
         opt = self.options
         device = torch.device(opt.device)
         torch.manual_seed(opt.seed)

@@ -36,7 +36,7 @@ import torch
 
 from vdsh.training.admm import Validation, evaluate_encoder
 from vdsh.training.code_head import LinearCodeHead, binary_codes, ridge_classifier
-from vdsh.training.mlp import DeepMLP
+from vdsh.training.mlp import DeepMLP, check_plain_mlp_problem
 
 
 @dataclass
@@ -201,10 +201,7 @@ class AltMinTrainer:
 
     def fit(self, encoder: DeepMLP, features: torch.Tensor, labels: torch.Tensor,
             validation: Validation | None = None) -> tuple[DeepMLP, list[dict]]:
-        if not isinstance(encoder, DeepMLP) or not encoder.is_plain:
-            raise ValueError("AltMinTrainer trains a plain DeepMLP (no BatchNorm, no residual connections)")
-        if features.ndim != 2 or features.shape[1] != encoder.in_features or labels.shape[0] != features.shape[0]:
-            raise ValueError(f"features must be (N, {encoder.in_features}) with N labels, got {tuple(features.shape)}, {tuple(labels.shape)}")
+        check_plain_mlp_problem(encoder, features, labels, "AltMinTrainer")
         opt = self.options
         device = torch.device(opt.device)
         torch.manual_seed(opt.seed)

@@ -67,3 +67,11 @@ class DeepMLP(nn.Module):
     @classmethod
     def from_config(cls, config: dict) -> "DeepMLP":
         return cls(**config)
+
+
+def check_plain_mlp_problem(encoder: nn.Module, features: torch.Tensor, labels: torch.Tensor, trainer: str) -> None:
+    """The layer-wise trainers' precondition: a plain DeepMLP and (N, in_features) features with N labels."""
+    if not isinstance(encoder, DeepMLP) or not encoder.is_plain:
+        raise ValueError(f"{trainer} trains a plain DeepMLP (no BatchNorm, no residual connections)")
+    if features.ndim != 2 or features.shape[1] != encoder.in_features or labels.shape[0] != features.shape[0]:
+        raise ValueError(f"features must be (N, {encoder.in_features}) with N labels, got {tuple(features.shape)}, {tuple(labels.shape)}")

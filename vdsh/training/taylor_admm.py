@@ -34,7 +34,7 @@ import torch
 from vdsh.training.admm import Validation, evaluate_encoder, relu_coupled_preactivation
 from vdsh.training.altmin import affine, forward_preactivations, layer_statistics, solve_layer, weights_of, write_weights
 from vdsh.training.code_head import LinearCodeHead
-from vdsh.training.mlp import DeepMLP
+from vdsh.training.mlp import DeepMLP, check_plain_mlp_problem
 
 
 @dataclass
@@ -91,10 +91,7 @@ class TaylorAdmmTrainer:
 
     def fit(self, encoder: DeepMLP, features: torch.Tensor, labels: torch.Tensor,
             validation: Validation | None = None) -> tuple[DeepMLP, list[dict]]:
-        if not isinstance(encoder, DeepMLP) or not encoder.is_plain:
-            raise ValueError("TaylorAdmmTrainer trains a plain DeepMLP (no BatchNorm, no residual connections)")
-        if features.ndim != 2 or features.shape[1] != encoder.in_features or labels.shape[0] != features.shape[0]:
-            raise ValueError(f"features must be (N, {encoder.in_features}) with N labels, got {tuple(features.shape)}, {tuple(labels.shape)}")
+        check_plain_mlp_problem(encoder, features, labels, "TaylorAdmmTrainer")
         opt = self.options
         device = torch.device(opt.device)
         torch.manual_seed(opt.seed)
