@@ -65,15 +65,11 @@ def bench_cnn(
 def run_cnn_training(protocol: str, bits: int, encoder: str, width: int | None, device: str, seed: int, epochs: int,
                      out, data_root: str | None, extra: dict | None = None, classifier_baseline: bool = False) -> dict:
     """`vdsh train --encoder small_cnn|resnet9|dwsep`: train on the protocol's images, save like the MLP path."""
-    import json
     from dataclasses import asdict, replace
 
-    from vdsh.app.benchmarks import atomic_write_text
-    from vdsh.app.plots import plot_history
-    from vdsh.app.train_commands import final_query_map
+    from vdsh.app.train_commands import final_query_map, save_run
     from vdsh.data.protocols import load_protocol
     from vdsh.training.cnn_training import CNN_OPTIONS, default_augmentation, train_cnn
-    from vdsh.training.model import save_model
 
     images, split = load_protocol(protocol, data_root, seed)
     options = replace(CNN_OPTIONS, device=device, seed=seed, epochs=epochs,
@@ -86,9 +82,5 @@ def run_cnn_training(protocol: str, bits: int, encoder: str, width: int | None, 
                "options": asdict(options),
                "metrics": {"map_all": final_query_map(model, images, split, "cpu"), "train_time_s": history[-1]["time"]}}
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        save_model(out / "model.safetensors", model, summary)
-        atomic_write_text(out / "history.json", json.dumps(history, indent=1))
-        split.save(out / "split.npz")
-        plot_history(history, out / "history.png")
+        save_run(out, model, summary, history, split)
     return summary

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import typer
 
-from vdsh.app.benchmarks import atomic_write_text, write_section
+from vdsh.app.benchmarks import write_section
+from vdsh.files import atomic_write_text
 from vdsh.app.plots import plot_history
 from vdsh.data.protocols import load_protocol
 from vdsh.training.admm import AdmmOptions, AdmmTrainer, Validation
@@ -131,12 +131,17 @@ def run_training(protocol: str, bits: int, trainer: str, depth: int, width: int,
                "batchnorm": batchnorm, "residual": residual, "options": options,
                "metrics": {"map_all": query_map, "val_map": history[-1].get("val_map"), "train_time_s": total_time}}
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        save_model(out / "model.safetensors", model, summary)
-        atomic_write_text(out / "history.json", json.dumps(history, indent=1))
-        split.save(out / "split.npz")
-        plot_history(history, out / "history.png")
+        save_run(out, model, summary, history, split)
     return summary
+
+
+def save_run(out: Path, model: HashingModel, summary: dict, history: list[dict], split) -> None:
+    """What every training run leaves: model.safetensors, history.json, split.npz and history.png."""
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(out / "model.safetensors", model, summary)
+    atomic_write_text(out / "history.json", json.dumps(history, indent=1))
+    split.save(out / "split.npz")
+    plot_history(history, out / "history.png")
 
 
 def train(
