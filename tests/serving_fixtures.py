@@ -10,13 +10,9 @@ from __future__ import annotations
 import atexit
 import functools
 import io
-import os
 import shutil
-import socket
 import subprocess
-import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vdsh.app.bench_http import png_bytes, start_server  # noqa: F401  (re-exported to the tests)
 from vdsh.data.protocols import load_protocol
 from vdsh.training.encoders import LinearEncoder
 from vdsh.training.model import HashingModel, InputSpec, save_model
@@ -71,47 +68,11 @@ def make_serving_setup(root: Path, index_items: int = 1500, train_items: int = 3
     return ServingSetup(model_path, index_dir, queries.images, queries.targets, pool.class_names)
 
 
-def png_bytes(image: np.ndarray) -> bytes:
-    """(1, H, W) or (3, H, W) uint8 -> PNG file bytes."""
-    pixels = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def encoded_bytes(image: np.ndarray, fmt: str) -> bytes:
     pixels = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
     buffer = io.BytesIO()
     Image.fromarray(pixels).convert("RGB").save(buffer, format=fmt)
     return buffer.getvalue()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(index_dir: Path, model_path: Path, api_key: str | None = None) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    command = [sys.executable, "-c", "from vdsh.app.cli import main; main()", "serve", "--index", str(index_dir), "--model", str(model_path),
-               "--port", str(port)] + (["--api-key", api_key] if api_key else [])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    import httpx
-
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited: {process.stderr.read().decode()[-2000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            time.sleep(0.1)
-    process.kill()
-    raise RuntimeError("server did not answer /health within 30 s")
 
 
 @functools.cache

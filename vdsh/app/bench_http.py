@@ -37,13 +37,15 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def start_server(index_dir: Path, model_path: Path, workers: int = 1, timeout_s: float = 60) -> tuple[subprocess.Popen, str]:
-    """`vdsh serve` in a child process; returns once /health answers."""
+def start_server(index_dir: Path, model_path: Path, workers: int = 1, timeout_s: float = 60,
+                 api_key: str | None = None) -> tuple[subprocess.Popen, str]:
+    """`vdsh serve` in a child process on a free loopback port; returns once /health answers."""
     import httpx
 
     port = free_port()
     command = [sys.executable, "-c", "from vdsh.app.cli import main; main()", "serve", "--index", str(index_dir),
                "--model", str(model_path), "--port", str(port), "--workers", str(workers)]
+    command += ["--api-key", api_key] if api_key else []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
