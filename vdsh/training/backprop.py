@@ -130,12 +130,18 @@ class BackpropTrainer:
                 seen += len(idx)
             record = {"epoch": epoch, "sweep": epoch, "time": time.perf_counter() - start, "loss": total / seen,
                       "lr": optimizer.param_groups[0]["lr"]}
-            if not math.isfinite(record["loss"]):
-                record["diverged"] = True
-            if (opt.eval_every and epoch % opt.eval_every == 0) or epoch == opt.epochs:
-                record.update(evaluate_encoder(encoder, x, y, validation, opt.eval_size, opt.seed))
-                encoder.train()
-            history.append(record)
-            if self.progress:
-                self.progress(record)
+            history.append(close_epoch(record, encoder, x, y, validation, opt, self.progress))
         return encoder.eval(), history
+
+
+def close_epoch(record: dict, encoder: nn.Module, x: torch.Tensor, y: torch.Tensor, validation: Validation | None,
+                opt: BackpropOptions, progress: Callable[[dict], None] | None) -> dict:
+    """End of an epoch for every back-prop-style trainer: flag divergence, evaluate on schedule, report."""
+    if not math.isfinite(record["loss"]):
+        record["diverged"] = True
+    if (opt.eval_every and record["epoch"] % opt.eval_every == 0) or record["epoch"] == opt.epochs:
+        record.update(evaluate_encoder(encoder, x, y, validation, opt.eval_size, opt.seed))
+        encoder.train()
+    if progress:
+        progress(record)
+    return record

@@ -28,8 +28,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from vdsh.training.admm import Validation, evaluate_encoder
-from vdsh.training.backprop import BackpropOptions, classification_loss, make_optimizer, make_schedule
+from vdsh.training.admm import Validation
+from vdsh.training.backprop import BackpropOptions, classification_loss, close_epoch, make_optimizer, make_schedule
 from vdsh.training.mlp import DeepMLP
 
 
@@ -161,12 +161,5 @@ class FeaturesReplayTrainer:
                 seen += len(idx)
             record = {"epoch": epoch, "sweep": epoch, "time": time.perf_counter() - start, "loss": total / seen,
                       "lr": optimizer.param_groups[0]["lr"], "modules": len(blocks)}
-            if not math.isfinite(record["loss"]):
-                record["diverged"] = True
-            if (opt.eval_every and epoch % opt.eval_every == 0) or epoch == opt.epochs:
-                record.update(evaluate_encoder(encoder, x, y, validation, opt.eval_size, opt.seed))
-                encoder.train()
-            history.append(record)
-            if self.progress:
-                self.progress(record)
+            history.append(close_epoch(record, encoder, x, y, validation, opt, self.progress))
         return encoder.eval(), history
