@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -44,3 +45,22 @@ def test_eval_missing_file_is_a_clear_error(tmp_path):
     result = CliRunner().invoke(app, ["eval", "--query", str(tmp_path / "nope.npz"), "--database", str(tmp_path / "nope.npz")])
     assert result.exit_code != 0
     assert "codes file not found" in str(result.exception) + result.output
+
+
+def test_eval_with_a_model_scores_its_own_protocol(tmp_path):
+    """--model encodes the protocol the model records and gives the same mAP as scoring its codes directly."""
+    from vdsh.index.metrics import mean_average_precision
+    from vdsh.training.encoders import LinearEncoder
+    from vdsh.training.model import HashingModel, InputSpec, save_model
+
+    torch.manual_seed(0)
+    model = HashingModel(LinearEncoder(784, 16), InputSpec(channels=1, size=28, mean=[0.13], std=[0.31]))
+    save_model(tmp_path / "m.safetensors", model, {"protocol": "mnist-sample"})
+    result = CliRunner().invoke(app, ["eval", "--model", str(tmp_path / "m.safetensors"), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    pool, split = load_protocol("mnist-sample")
+    expected = mean_average_precision(model.encode(pool.images[split.query]), pool.labels[split.query],
+                                      model.encode(pool.images[split.database]), pool.labels[split.database])
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["n_query"] == 1000 and metrics["n_database"] == 9000 and metrics["bits"] == 16
+    assert metrics["metrics"]["mAP@all"] == pytest.approx(expected, abs=1e-6)
