@@ -64,3 +64,14 @@ def test_eval_with_a_model_scores_its_own_protocol(tmp_path):
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["n_query"] == 1000 and metrics["n_database"] == 9000 and metrics["bits"] == 16
     assert metrics["metrics"]["mAP@all"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_train_a_baseline_then_eval_its_model(tmp_path):
+    """`vdsh train --trainer itq` saves a model whose codes `vdsh eval --model` scores far above chance (0.10)."""
+    out = tmp_path / "itq"
+    trained = CliRunner().invoke(app, ["train", "--protocol", "mnist-sample", "--trainer", "itq", "--bits", "32", "--out", str(out)])
+    assert trained.exit_code == 0, trained.output
+    result = CliRunner().invoke(app, ["eval", "--model", str(out / "model.safetensors"), "--out", str(tmp_path / "eval")])
+    assert result.exit_code == 0, result.output
+    map_all = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]["mAP@all"]
+    assert map_all > 0.3  # ITQ on pixels of the sample: ~0.45; LSH ~0.27, chance 0.10

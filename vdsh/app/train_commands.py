@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from vdsh.app.plots import plot_history
 from vdsh.data.protocols import load_protocol
 from vdsh.training.admm import AdmmOptions, AdmmTrainer, Validation
 from vdsh.training.altmin import AltMinOptions, AltMinTrainer
+from vdsh.training.baselines import BASELINES
 from vdsh.training.backprop import BackpropOptions, BackpropTrainer
 from vdsh.training.features_replay import FeaturesReplayOptions, FeaturesReplayTrainer
 from vdsh.training.mlp import DeepMLP
@@ -78,8 +80,8 @@ TRAINERS = {
 
 
 def check_trainer(trainer: str) -> None:
-    if trainer not in TRAINERS:
-        raise typer.BadParameter(f"--trainer must be one of {', '.join(TRAINERS)}, got {trainer!r}")
+    if trainer not in TRAINERS and trainer not in BASELINES:
+        raise typer.BadParameter(f"--trainer must be one of {', '.join([*TRAINERS, *BASELINES])}, got {trainer!r}")
 
 
 def build_trainer(trainer: str, options: dict, progress):
@@ -105,17 +107,12 @@ def final_query_map(model: HashingModel, images, split, device: str) -> float:
     return mean_average_precision(q, images.labels[split.query], db, images.labels[split.database])
 
 
-def run_training(protocol: str, bits: int, trainer: str, depth: int, width: int, batchnorm: bool, residual: bool,
-                 device: str, seed: int, iterations: int, out: Path | None, data_root: str | None,
-                 extra: dict | None = None, show_progress: bool = True) -> dict:
-    """Train one model; write model/history/split/plot under `out` when given; return the summary."""
+def fit_network(trainer: str, x: torch.Tensor, y: torch.Tensor, validation: Validation, depth: int, width: int, bits: int,
+                batchnorm: bool, residual: bool, iterations: int, options: dict, show_progress: bool):
+    """Train a deep encoder with one of TRAINERS, showing a progress bar; (encoder, history)."""
     from rich.progress import Progress
 
-    check_trainer(trainer)
-    spec, x, y, validation, split, images = prepared_data(protocol, data_root, seed)
-    torch.manual_seed(seed)
     encoder = build_encoder(trainer, x.shape[1], depth, width, bits, batchnorm, residual)
-    options = {"device": device, "seed": seed, TRAINERS[trainer][2]: iterations, **(extra or {})}
     with Progress(disable=not show_progress) as bar:
         task = bar.add_task(f"{trainer} {depth}x{width}", total=iterations)
 
@@ -123,7 +120,25 @@ def run_training(protocol: str, bits: int, trainer: str, depth: int, width: int,
             shown = {k: round(v, 4) for k, v in record.items() if k in ("loss", "train_map", "val_map", "residual_max")}
             bar.update(task, advance=1, description=f"{trainer} {depth}x{width} {shown}")
 
-        encoder, history = build_trainer(trainer, options, progress).fit(encoder, x, y, validation)
+        return build_trainer(trainer, options, progress).fit(encoder, x, y, validation)
+
+
+def run_training(protocol: str, bits: int, trainer: str, depth: int, width: int, batchnorm: bool, residual: bool,
+                 device: str, seed: int, iterations: int, out: Path | None, data_root: str | None,
+                 extra: dict | None = None, show_progress: bool = True) -> dict:
+    """Train one model; write model/history/split/plot under `out` when given; return the summary."""
+    check_trainer(trainer)
+    spec, x, y, validation, split, images = prepared_data(protocol, data_root, seed)
+    torch.manual_seed(seed)
+    if trainer in BASELINES:  # shallow hashers: one fit, no iterations
+        options = {"seed": seed, **(extra or {})}
+        start = time.perf_counter()
+        encoder = BASELINES[trainer](x, y.numpy(), bits=bits, **options)
+        history = [{"sweep": 1, "time": time.perf_counter() - start}]
+    else:
+        options = {"device": device, "seed": seed, TRAINERS[trainer][2]: iterations, **(extra or {})}
+        encoder, history = fit_network(trainer, x, y, validation, depth, width, bits, batchnorm, residual, iterations,
+                                       options, show_progress)
     model = HashingModel(encoder.cpu(), spec)
     total_time = history[-1]["time"]
     query_map = final_query_map(model, images, split, "cpu")
@@ -147,7 +162,7 @@ def save_run(out: Path, model: HashingModel, summary: dict, history: list[dict],
 def train(
     protocol: str = typer.Option("mnist-sample", "--protocol", "--dataset", help="protocol name (PROTOCOL.md)"),
     bits: int = typer.Option(48, help="code length"),
-    trainer: str = typer.Option("admm", help="admm, backprop, altmin, taylor, replay (features replay) or semantic (RBMs)"),
+    trainer: str = typer.Option("admm", help="admm, backprop, altmin, taylor, replay (features replay), semantic (RBMs), or a shallow hasher: lsh, itq, sdh, spectral"),
     depth: int = typer.Option(8, help="weight layers"),
     width: int = typer.Option(None, help="MLP hidden units (default 1024) or CNN base channels (default per encoder)"),
     encoder: str = typer.Option("mlp", help="mlp, or a CNN on the images: small_cnn, resnet9, dwsep (back-prop)"),
