@@ -122,7 +122,8 @@ def bench_query(
         table += _latency_rows(rows, f"learned ({hashing_model.bits} bits, mnist-69k)")
     body = ("Codes around 10 random centres with each bit flipped with the given probability; queries drawn the "
             "same way. Latency per query = call time / batch size. `identical`: same ids, distances and tie order "
-            "as the exact flat index for every query.\n\n" + markdown_table(HEADER_QUERY, table))
+            "as the exact flat index for every query. Above 1M items only the exact kinds (flat, distinct, auto) "
+            "are timed: hash, multihash and ivf take minutes to build or seconds per query there.\n\n" + markdown_table(HEADER_QUERY, table))
     if index and model:
         from vdsh.app.bench_http import bench_http
         from vdsh.data import load
