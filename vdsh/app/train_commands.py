@@ -195,7 +195,7 @@ def bench_train(
     bits: int = typer.Option(48),
     depths: str = typer.Option("8,32", help="comma-separated depths"),
     width: int = typer.Option(1024),
-    sweeps: int = typer.Option(20, help="ADMM sweeps"),
+    sweeps: int = typer.Option(15, help="ADMM sweeps"),
     epochs: int = typer.Option(15, help="back-prop epochs"),
     device: str = typer.Option("cuda" if torch.cuda.is_available() else "cpu"),
     seed: int = typer.Option(0),
@@ -205,11 +205,15 @@ def bench_train(
 ) -> None:
     """ADMM vs plain back-prop vs back-prop with BN + residuals at several depths; writes a BENCHMARKS.md section."""
     rows = []
-    runs = [("admm", False, sweeps, json.loads(admm_options)), ("backprop", False, epochs, {}), ("backprop", True, epochs, {})]
+    runs = [  # (row name, trainer, BN + residual, sweeps or epochs, extra options)
+        (f"ADMM (plain, {json.loads(admm_options).get('init', 'identity')} init)", "admm", False, sweeps, json.loads(admm_options)),
+        ("back-prop (plain, MSRA init)", "backprop", False, epochs, {}),
+        ("back-prop (plain, identity init)", "backprop", False, epochs, {"init": "identity"}),
+        ("back-prop BN+residual", "backprop", True, epochs, {}),
+    ]
     for depth in [int(d) for d in depths.split(",")]:
-        for trainer, bn_res, iters, extra in runs:
+        for name, trainer, bn_res, iters, extra in runs:
             summary = run_training(protocol, bits, trainer, depth, width, bn_res, bn_res, device, seed, iters, None, data_root, extra)
-            name = "ADMM (plain)" if trainer == "admm" else ("back-prop BN+residual" if bn_res else "back-prop (plain)")
             m = summary["metrics"]
             rows.append(f"| {depth} × {width} | {name} | {iters} | {m['map_all']:.3f} | {m['train_time_s']:.1f} |")
             typer.echo(rows[-1])
