@@ -17,6 +17,7 @@ from vdsh.data.protocols import load_protocol
 from vdsh.training.admm import AdmmOptions, AdmmTrainer, Validation
 from vdsh.training.altmin import AltMinOptions, AltMinTrainer
 from vdsh.training.baselines import BASELINES
+from vdsh.training.distributed import init_from_env
 from vdsh.training.backprop import BackpropOptions, BackpropTrainer
 from vdsh.training.features_replay import FeaturesReplayOptions, FeaturesReplayTrainer
 from vdsh.training.mlp import DeepMLP
@@ -137,8 +138,13 @@ def run_training(protocol: str, bits: int, trainer: str, depth: int, width: int,
         history = [{"sweep": 1, "time": time.perf_counter() - start}]
     else:
         options = {"device": device, "seed": seed, TRAINERS[trainer][2]: iterations, **(extra or {})}
-        encoder, history = fit_network(trainer, x, y, validation, depth, width, bits, batchnorm, residual, iterations,
-                                       options, show_progress)
+        rank, world = init_from_env(device)  # under torchrun: every process trains on its shard of the samples
+        if world > 1 and trainer != "admm":
+            raise ValueError(f"several processes (torchrun) train with --trainer admm only, not {trainer}")
+        encoder, history = fit_network(trainer, x[rank::world], y[rank::world], validation, depth, width, bits, batchnorm,
+                                       residual, iterations, options, show_progress and rank == 0)
+        if rank > 0:  # the weights are identical on every rank: rank 0 scores and saves them
+            return {"protocol": protocol, "trainer": trainer, "rank": rank}  # no "metrics": nothing to report
     model = HashingModel(encoder.cpu(), spec)
     total_time = history[-1]["time"]
     query_map = final_query_map(model, images, split, "cpu")
@@ -187,7 +193,8 @@ def train(
     width = width or 1024
     summary = run_training(protocol, bits, trainer, depth, width, batchnorm, residual, device, seed, iterations, out,
                            data_root, json.loads(options))
-    typer.echo(json.dumps(summary["metrics"]))
+    if "metrics" in summary:  # under torchrun, only rank 0 scores and reports
+        typer.echo(json.dumps(summary["metrics"]))
 
 
 def bench_train(

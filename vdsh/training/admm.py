@@ -76,6 +76,7 @@ import torch
 
 from vdsh.index.metrics import mean_average_precision
 from vdsh.training.code_head import LinearCodeHead, binary_codes, ridge_classifier, squared_loss
+from vdsh.training.distributed import broadcast_, global_mean, global_min, global_sum, rank_and_world
 from vdsh.training.mlp import DeepMLP, check_plain_mlp_problem, identity_hidden_layers
 
 
@@ -400,12 +401,16 @@ class AdmmTrainer:
         x = features.to(device, self.dtype)
         y = labels.to(device).float()
         weights = LayerWeights.from_mlp(encoder, device)
+        if rank_and_world()[1] > 1 and opt.order != "backward":
+            raise ValueError("data-parallel ADMM (several processes) runs the 'backward' order only")
+        broadcast_([weights.first, weights.hidden, weights.top])  # every rank starts from rank 0's weights
         head = LinearCodeHead(opt.classifier_ridge)
         history: list[dict] = []
         start = time.perf_counter()
         full_batch = opt.minibatch_size is None or opt.minibatch_size >= len(x)
-        batches = 1 if full_batch else -(-len(x) // opt.minibatch_size)
-        state: dict = {"beta": opt.beta, "gamma": opt.gamma, "stats": None, "aux": None, "step": 0, "steps": opt.sweeps * batches}
+        batches = global_min(1 if full_batch else -(-len(x) // opt.minibatch_size), device)  # ranks step together
+        state: dict = {"beta": opt.beta, "gamma": opt.gamma, "stats": None, "aux": None, "step": 0, "steps": opt.sweeps * batches,
+                       "batches": batches}
         best: tuple[float, LayerWeights | None] = (-1.0, None)
         since_best, best_sweep = 0, 0
         for sweep in range(1, opt.sweeps + 1):
@@ -423,7 +428,7 @@ class AdmmTrainer:
                 record.update(self.evaluate(encoder, x, y, validation))
                 if state["aux"] is not None:
                     record["train_map_auxiliary"] = auxiliary_map(state["aux"].a_top, y, opt.eval_size, opt.seed)
-                score = record.get("val_map", record["train_map"])
+                score = float(rank_zero_value(record.get("val_map", record["train_map"]), device))  # ranks keep the same sweep
                 if score > best[0]:
                     best, since_best, best_sweep = (score, weights.clone()), 0, sweep
                 else:
@@ -500,13 +505,13 @@ class AdmmTrainer:
         totals = {"loss": 0.0, "residual_max": 0.0, "residual_mean": 0.0, "step": 0.0}
         residuals = torch.zeros(0)
         batches = 0
-        for idx in torch.randperm(len(x), device=x.device).split(size):
+        for idx in torch.randperm(len(x), device=x.device).split(size)[: state["batches"]]:
             xb, yb = x[idx], y[idx]
             forward = forward_init(weights, xb, self.dtype)
             codes = self.minibatch_codes(forward.a_top.float(), yb, head)
             step = self.step_size(state)
             targets = backward_targets(weights, forward, codes, step)
-            stats = weight_statistics(xb, targets)
+            stats = WeightStatistics(*global_mean(asdict_tensors(weight_statistics(xb, targets)), len(xb)))
             state["stats"] = stats if state["stats"] is None or opt.stat_decay == 0 else state["stats"].blend(stats, opt.stat_decay)
             weights = solve_weights(state["stats"], weights, opt.ridge, opt.rho)
             residuals = target_residuals(weights, xb, targets)
@@ -528,9 +533,9 @@ class AdmmTrainer:
         """The B-step on a mini-batch; the classifier is refitted on its codes and blended, so over a sweep it sees all."""
         opt = self.options
         if head.classifier is None:
-            head.fit(forward_top, y)
+            head.classifier = ridge_classifier(binary_codes(forward_top), y, opt.classifier_ridge, reduce=global_sum)
         codes = discrete_codes(forward_top, y, head.classifier, opt.nu, opt.bit_sweeps)
-        new_classifier = ridge_classifier(codes, y, opt.classifier_ridge)
+        new_classifier = ridge_classifier(codes, y, opt.classifier_ridge, reduce=global_sum)
         head.classifier = opt.classifier_decay * head.classifier + (1 - opt.classifier_decay) * new_classifier
         return codes
 
@@ -579,6 +584,13 @@ class AdmmTrainer:
     def evaluate(self, encoder: DeepMLP, x: torch.Tensor, y: torch.Tensor, validation: Validation | None) -> dict:
         """mAP@all of plain forward-pass codes: training queries vs the training set, and the validation slice."""
         return evaluate_encoder(encoder, x, y, validation, self.options.eval_size, self.options.seed)
+
+
+def rank_zero_value(value: float, device: torch.device) -> torch.Tensor:
+    """Rank 0's value on every rank (a scalar decision all ranks must take alike)."""
+    t = torch.tensor([value], device=device)
+    broadcast_([t])
+    return t[0]
 
 
 def target_residuals(weights: LayerWeights, x: torch.Tensor, targets: Auxiliaries) -> torch.Tensor:
