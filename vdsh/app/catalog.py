@@ -111,9 +111,17 @@ class Catalog:
         name = model_id(model_path)
         items = load_index(index_dir)  # the model check is ours, to give a message that names both files
         try:
-            return cls(model, items, name, Path(index_dir))
+            catalog = cls(model, items, name, Path(index_dir))
         except ModelIndexMismatch as error:
             raise ModelIndexMismatch(f"{index_dir} vs {model_path}: {error}") from None
+        catalog.warm_up()
+        return catalog
+
+    def warm_up(self) -> None:
+        """One search at start-up, so that the first request does not pay the compiled scan's set-up
+        (numba compiles it once, seconds, then loads it from its cache)."""
+        if len(self.items):
+            self.items.search(self.items.index.get_codes(self.items.index.ids[:1]), 1, device="cpu")
 
     # ------------------------------------------------------------- facts
 

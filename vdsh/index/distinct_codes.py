@@ -2,8 +2,9 @@
 
 Codes learned with labels are strongly clustered: the items of one class share a handful of codes.
 Grouping items by code makes a search cost follow the number of distinct codes `u`, not the number
-of items `n`: FAISS ranks the `u` codes, then the best codes are expanded to their items. Items
-that tie on distance come back by insertion order (their row), exactly like a flat scan.
+of items `n`: the `u` codes are ranked (by `flat_scan`, or FAISS where it does not apply), then the
+best codes are expanded to their items. Items that tie on distance come back by insertion order
+(their row), exactly like a flat scan.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
-
+from vdsh.index.codes import code_words
 
 
 def code_keys(codes: np.ndarray) -> np.ndarray:
@@ -53,6 +54,7 @@ class DistinctCodes:
         # FAISS's counting k-NN (one counter per distance) costs about one scan whatever k is, while
         # its heap grows with k: ranking k codes by counting costs ~ a 16-code heap search
         self.index.use_heap = False
+        self.words = code_words(self.codes)  # for the compiled scan (flat_scan)
 
     def __len__(self) -> int:
         """Number of distinct codes."""
@@ -63,7 +65,7 @@ class DistinctCodes:
         k = min(k, self.n_rows)
         # each code holds >= 1 item, so the k nearest codes hold the k nearest items; only the level of
         # the k-th distance may continue past them (then it is fetched whole, see _knn_one)
-        code_dists, code_idx = self.index.search(queries, min(k, len(self)))
+        code_idx, code_dists = self._nearest_codes(queries, min(k, len(self)))
         if len(queries) == 1:  # the interactive case: no copies
             rows, dists = self._knn_one(queries, code_dists[0], code_idx[0], k)
             return rows[None], dists[None]
@@ -72,6 +74,15 @@ class DistinctCodes:
         for i in range(len(queries)):
             rows[i], dists[i] = self._knn_one(queries[i : i + 1], code_dists[i], code_idx[i], k)
         return rows, dists
+
+    def _nearest_codes(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(q, k) indices and distances of the nearest distinct codes, by (distance, index)."""
+        from vdsh.index import flat_scan  # here, not at the top: numba takes 0.3 s to import
+
+        if flat_scan.supports(8 * self.codes.shape[1], k):
+            return flat_scan.knn(self.words, queries, k)
+        code_dists, code_idx = self.index.search(queries, k)
+        return code_idx, code_dists
 
     def range(self, queries: np.ndarray, max_distance: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per query: every row within `max_distance` (inclusive), by (distance, row)."""
