@@ -224,6 +224,35 @@ def test_codes_whose_length_is_not_a_multiple_of_8():
         build("flat", database, ids, bits=20).search(np.full((1, 3), 255, np.uint8), 1)
 
 
+@pytest.mark.parametrize("kind", EXACT_KINDS)
+@pytest.mark.parametrize("bits", [64, 20])
+def test_adds_between_searches_extend_the_caches_and_answer_like_a_fresh_index(kind, bits):
+    """Small adds after searches: the id look-up, distinct grouping and scan words grow in place, and
+    every answer equals that of an index built in one go."""
+    database = clustered_codes(3000, bits, centres=4, flip=0.01, seed=6)  # repeats old codes and brings new ones
+    queries = clustered_codes(8, bits, centres=4, flip=0.03, seed=6, draw=1)
+    ids = np.random.default_rng(6).permutation(100_000)[:3000].astype(np.int64)
+    index = build(kind, database[:2000], ids[:2000], bits=bits)
+    index.search(queries, 5)
+    index.range_search(queries, 3)
+    index.rows_of(ids[:3])
+    grouping = index._distinct
+    for start in range(2000, 3000, 250):
+        index.add(database[start : start + 250], ids[start : start + 250])
+        if grouping is not None:
+            assert index._distinct is grouping  # extended, not rebuilt
+        fresh = build(kind, database[: start + 250], ids[: start + 250], bits=bits)
+        for got, want in zip(index.search(queries, 40), fresh.search(queries, 40)):
+            np.testing.assert_array_equal(got, want)
+        for (gi, gd), (wi, wd) in zip(index.range_search(queries, 3), fresh.range_search(queries, 3)):
+            np.testing.assert_array_equal(gi, wi)
+            np.testing.assert_array_equal(gd, wd)
+        np.testing.assert_array_equal(index.rows_of(ids[: start + 250]), np.arange(start + 250))
+    want = brute_force_knn(queries, database, ids, 40)
+    np.testing.assert_array_equal(index.search(queries, 40)[0], want[0])
+    assert not index.contains(int(ids.max()) + 1)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_remove_keeps_insertion_order_of_the_rest(tied_codes, kind):
     database, queries, ids = tied_codes

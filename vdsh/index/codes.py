@@ -166,3 +166,11 @@ def code_words(codes: np.ndarray) -> np.ndarray:
     padded = np.zeros((n, 8 * words), dtype=np.uint8)
     padded[:, :nbytes] = codes
     return np.ascontiguousarray(padded.view(np.uint64).T)
+
+
+def extended_code_words(words: np.ndarray, codes: np.ndarray, added: np.ndarray) -> np.ndarray:
+    """`code_words(codes)` where `codes` are the codes of `words` followed by `added`: a view again for
+    8-byte codes, else one concatenation, never a redo of the words already there."""
+    if codes.shape[1] == 8:
+        return code_words(codes)
+    return np.concatenate([words, code_words(added)], axis=1)

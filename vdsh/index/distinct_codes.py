@@ -12,7 +12,7 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
-from vdsh.index.codes import code_words
+from vdsh.index.codes import code_words, extended_code_words
 
 
 def code_keys(codes: np.ndarray) -> np.ndarray:
@@ -41,9 +41,11 @@ class DistinctCodes:
     def __init__(self, codes: np.ndarray):
         codes = np.ascontiguousarray(codes, dtype=np.uint8)
         self.n_rows, nbytes = codes.shape
-        _, first, inverse, counts = np.unique(
+        keys, first, inverse, counts = np.unique(
             code_keys(codes), return_index=True, return_inverse=True, return_counts=True
         )
+        # distinct codes by key, to find a new code's group (codes added later go last, not in key order)
+        self._sorted_keys, self._code_of_sorted = keys, np.arange(len(keys), dtype=np.int64)
         self.codes = codes[first]  # (u, nbytes): one row per distinct code
         self.counts = counts.astype(np.int64)  # items per distinct code
         # rows grouped by code; a stable sort keeps each group in insertion (row) order
@@ -59,6 +61,48 @@ class DistinctCodes:
     def __len__(self) -> int:
         """Number of distinct codes."""
         return len(self.codes)
+
+    def append(self, codes: np.ndarray) -> None:
+        """Group `codes` as rows n_rows, n_rows + 1, ... in place: array copies (O(n)), no regrouping (a sort)
+        of the rows already here. Each group keeps its rows in row order, the new ones last."""
+        codes = np.ascontiguousarray(codes, dtype=np.uint8)
+        keys, first, inverse = np.unique(code_keys(codes), return_index=True, return_inverse=True)
+        group, fresh = self._groups_of(keys)
+        old_groups = len(self.codes)
+        self.codes = np.concatenate([self.codes, codes[first[fresh]]])
+        self.words = extended_code_words(self.words, self.codes, codes[first[fresh]])
+        self.index.add(codes[first[fresh]])
+        at = np.searchsorted(self._sorted_keys, keys[fresh])
+        self._sorted_keys = np.insert(self._sorted_keys, at, keys[fresh])
+        self._code_of_sorted = np.insert(self._code_of_sorted, at, group[fresh])
+        self._regroup_rows(group[inverse.ravel()], old_groups)
+
+    def _groups_of(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Distinct-code index of each (unique, sorted) key, numbering unknown ones after the known codes;
+        and the positions of the unknown ones."""
+        pos = np.minimum(np.searchsorted(self._sorted_keys, keys), len(self._sorted_keys) - 1)
+        known = self._sorted_keys[pos] == keys
+        group = self._code_of_sorted[pos].copy()
+        fresh = np.flatnonzero(~known)
+        group[fresh] = len(self.codes) + np.arange(len(fresh))
+        return group, fresh
+
+    def _regroup_rows(self, new_row_groups: np.ndarray, old_groups: int) -> None:
+        """Make room in `rows_by_code` after each group's rows for its new rows (`new_row_groups[i]` is the
+        group of row n_rows + i), and put them there."""
+        added = np.bincount(new_row_groups, minlength=len(self.codes))
+        old_counts = np.concatenate([self.counts, np.zeros(len(self.codes) - old_groups, np.int64)])
+        counts = old_counts + added
+        starts = np.cumsum(counts) - counts
+        rows = np.empty(self.n_rows + len(new_row_groups), dtype=np.int64)
+        shift = (starts[:old_groups] - self.starts)[np.repeat(np.arange(old_groups), self.counts)]
+        rows[np.arange(self.n_rows) + shift] = self.rows_by_code
+        order = np.argsort(new_row_groups, kind="stable")  # the new rows by group, in row order
+        by_group = new_row_groups[order]
+        rank = np.arange(len(order)) - (np.cumsum(added) - added)[by_group]
+        rows[starts[by_group] + old_counts[by_group] + rank] = self.n_rows + order
+        self.rows_by_code, self.counts, self.starts = rows, counts, starts
+        self.n_rows += len(new_row_groups)
 
     def knn(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(q, min(k, n)) rows and int32 distances, by (distance, row); exact."""

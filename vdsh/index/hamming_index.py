@@ -32,7 +32,7 @@ from typing import Literal
 import faiss
 import numpy as np
 
-from vdsh.index.codes import code_bytes, code_words
+from vdsh.index.codes import code_bytes, code_words, extended_code_words
 from vdsh.index.distinct_codes import DistinctCodes, sort_by_distance_then_row
 
 Kind = Literal["flat", "distinct", "auto", "hash", "multihash", "ivf"]
@@ -149,9 +149,10 @@ class HammingIndex:
                     self._train_ivf(codes)
                 if self._faiss is not None:
                     self._faiss.add(codes)
+            first_row = len(self._ids)
             self._codes = np.concatenate([self._codes, codes])
             self._ids = np.concatenate([self._ids, ids])
-            self._invalidate()
+            self._extend_caches(codes, ids, first_row)
 
     def remove(self, ids: np.ndarray) -> int:
         """Delete `ids` (KeyError naming any unknown one); later items keep their relative order."""
@@ -290,6 +291,20 @@ class HammingIndex:
         self._sorted_ids: tuple[np.ndarray, np.ndarray] | None = None
         self._distinct: DistinctCodes | None = None
         self._words: np.ndarray | None = None
+        self._gpu = None
+
+    def _extend_caches(self, codes: np.ndarray, ids: np.ndarray, first_row: int) -> None:
+        """Bring the look-up structures up to date with rows appended from `first_row` instead of dropping
+        them: one add then costs array copies (O(n)), not the sorts and grouping of a rebuild (O(n log n))."""
+        if self._sorted_ids is not None:
+            sorted_ids, order = self._sorted_ids
+            by_id = np.argsort(ids, kind="stable")
+            at = np.searchsorted(sorted_ids, ids[by_id])
+            self._sorted_ids = (np.insert(sorted_ids, at, ids[by_id]), np.insert(order, at, first_row + by_id))
+        if self._distinct is not None:
+            self._distinct.append(codes)
+        if self._words is not None:
+            self._words = extended_code_words(self._words, self._codes, codes)
         self._gpu = None
 
     def _check_codes(self, codes: np.ndarray, what: str) -> np.ndarray:
