@@ -387,10 +387,10 @@ def test_a_failed_save_answers_503_and_serves_the_saved_state(writable, setup, m
 
     before = writable.get("/stats").json()["items"]
 
-    def disk_full(self, directory):
+    def disk_full(self, directory, added=(), removed=()):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ItemIndex, "save", disk_full)
+    monkeypatch.setattr(ItemIndex, "save_changes", disk_full)
     response = writable.post("/items", files=upload(setup.query_images[0]), headers={"X-API-Key": KEY})
     assert response.status_code == 503 and "nothing was added" in response.json()["detail"]
     assert writable.delete("/items/5", headers={"X-API-Key": KEY}).status_code == 503

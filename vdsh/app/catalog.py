@@ -1,10 +1,10 @@
 """The served collection: one model, one `ItemIndex`, and the locks that keep them consistent.
 
 Reads (search, item look-ups) run concurrently; writes are serialised by one lock held through the
-in-memory change *and* the atomic save, so the file on disk always matches a state the server has
-served. The in-memory change itself (a few numpy concatenations) is guarded by a readers-writer lock,
-so a search never sees index rows and metadata rows out of step; the slow save runs under the writer
-lock only, so searches go on while an item is being persisted.
+in-memory change *and* its atomic commit to disk (one small delta file, `vdsh.index.store.save_changes`),
+so the directory always holds a state the server has served. The in-memory change itself (a few numpy
+concatenations) is guarded by a readers-writer lock, so a search never sees index rows and metadata
+rows out of step; the commit runs under the writer lock only, so searches go on while it is written.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -207,7 +207,7 @@ class Catalog:
                 raise FileExistsError(f"item {item_id} already exists")
             with self._rw.writing():
                 self.items.add(code, np.array([item_id]), labels=labels[None], sources=[source], thumbnails=[item_thumbnail(image)])
-            self._persist()
+            self._persist(added=[item_id])
         return self.item(item_id)
 
     def remove(self, item_id: int) -> None:
@@ -215,7 +215,7 @@ class Catalog:
         with self._write:
             with self._rw.writing():
                 self.items.remove(np.array([item_id], dtype=np.int64))
-            self._persist()
+            self._persist(removed=[item_id])
 
     def labels_from_names(self, names: list[str]) -> np.ndarray:
         """Class names -> multi-hot row; ValueError naming unknown classes."""
@@ -227,11 +227,12 @@ class Catalog:
             row[self.class_names.index(name)] = 1
         return row
 
-    def _persist(self) -> None:
+    def _persist(self, added: Sequence[int] = (), removed: Sequence[int] = ()) -> None:
+        """Commit the change to disk (one small delta file, a full save now and then) before answering."""
         if self.directory is None:
             return
         try:
-            self.items.save(self.directory)
+            self.items.save_changes(self.directory, added=added, removed=removed)
             self.saved_at = time.time()
         except BaseException:
             # the file still holds the last committed state: serve exactly that again

@@ -2,27 +2,39 @@
 
 Layout of a saved directory::
 
-    <dir>/CURRENT               the committed version's name, e.g. "v000003"
-    <dir>/v000003/index.faiss   IndexBinaryIDMap2 with the real ids: plain `faiss.read_index_binary` reads it
-    <dir>/v000003/meta.h5       ids, codes, labels (multi-hot), sources, thumbnails, model id, bits, kind,
-                                and the FAISS file's SHA-256 so that a mixed pair is caught
-    <dir>/v000002/...           the previous version, kept so that a reader who just read CURRENT can finish
+    <dir>/CURRENT                 the committed version's name, e.g. "v000003"
+    <dir>/v000003/index.faiss     IndexBinaryIDMap2 with the real ids: plain `faiss.read_index_binary` reads it
+    <dir>/v000003/meta.h5         ids, codes, labels (multi-hot), sources, thumbnails, model id, bits, kind,
+                                  and the FAISS file's SHA-256 so that a mixed pair is caught
+    <dir>/v000003/d000001.delta   changes since that full save, one file per commit (items added or
+    <dir>/v000003/d000002.delta   removed), each checksummed; replayed in order on load
+    <dir>/v000002/...             the previous version, kept so that a reader who just read CURRENT can finish
 
-A save writes the new version into a temporary sibling (``.tmp-*``), fsyncs every file and the
-directory, renames it to its version name, then replaces CURRENT (write ``CURRENT.tmp``, fsync,
-rename). CURRENT names a complete version before and after every step, so a crash at any point leaves
-the old index or the new one, never a broken one; leftovers of a crashed save are removed by the next.
+A full save (`save_index`) writes the new version into a temporary sibling (``.tmp-*``), fsyncs every
+file and the directory, renames it to its version name, then replaces CURRENT (write ``CURRENT.tmp``,
+fsync, rename). CURRENT names a complete version before and after every step, so a crash at any point
+leaves the old index or the new one, never a broken one; leftovers of a crashed save are removed by
+the next.
+
+A small change (`save_changes`: the server's POST /items and DELETE /items) is one delta file instead
+of a full save: written to a temporary name, fsynced, renamed to the next sequence number, and the
+directory fsynced. The rename is the commit: a crash leaves the change wholly there or wholly absent.
+Every `COMPACT_EVERY` deltas (and at any explicit `save`) the state is saved in full again, which
+starts a version with no deltas, so loading never replays more than that many.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import re
 import shutil
 import tempfile
 import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
@@ -38,7 +50,13 @@ META_FILE = "meta.h5"
 POINTER_FILE = "CURRENT"
 LOCK_FILE = ".lock"
 THUMBNAIL_MAX_SIDE = 64
+# deltas on top of a full save before the next change is saved in full (which also bounds load time)
+COMPACT_EVERY = 64
+DELTA_MAGIC = b"VDSH-DELTA-1\n"
 _VERSION = re.compile(r"^v(\d{6,})$")
+_DELTA = re.compile(r"^d(\d{6,})\.delta$")
+# a delta file: DELTA_MAGIC, the SHA-256 of the rest, then these arrays as .npy records in this order
+_DELTA_FIELDS = ("removed", "ids", "codes", "labels", "sources", "thumbnail_shapes", "thumbnail_offsets", "thumbnail_data")
 _OURS = re.compile(r"^(v\d{6,}|\.tmp-.*|CURRENT|CURRENT\.tmp|\.lock)$")
 
 
@@ -64,6 +82,7 @@ class ItemIndex:
         self.sources: list[str] = []
         self.thumbnails: list[np.ndarray | None] = []
         self._lock = threading.RLock()
+        self._on_disk: _DiskState | None = None  # the saved state this one extends, for save_changes
 
     def __len__(self) -> int:
         return len(self.index)
@@ -84,8 +103,8 @@ class ItemIndex:
         with self._lock:
             self.index.add(codes, ids)
             self.labels = labels if len(self.labels) == 0 else np.concatenate([self.labels, labels])
-            self.sources = self.sources + sources
-            self.thumbnails = self.thumbnails + thumbnails
+            self.sources.extend(sources)  # in place: a copy of every source per add is what a server cannot afford
+            self.thumbnails.extend(thumbnails)
 
     def remove(self, ids) -> int:
         """Delete items and their metadata; KeyError naming unknown ids."""
@@ -115,7 +134,12 @@ class ItemIndex:
             return self.thumbnails[int(self.index.rows_of(np.array([item_id]))[0])]
 
     def save(self, directory: str | Path) -> Path:
+        """A full save as a new version (compacts any deltas)."""
         return save_index(directory, self)
+
+    def save_changes(self, directory: str | Path, added: Sequence[int] = (), removed: Sequence[int] = ()) -> Path:
+        """Persist items just added and removed in memory, as one delta file where possible (`save_changes`)."""
+        return save_changes(directory, self, added, removed)
 
     @classmethod
     def load(cls, directory: str | Path, model_id: str | None = None, bits: int | None = None) -> "ItemIndex":
@@ -153,26 +177,108 @@ def make_thumbnail(image: np.ndarray, side: int = THUMBNAIL_MAX_SIDE) -> np.ndar
 # ------------------------------------------------------------------ saving
 
 
+@dataclass(frozen=True)
+class _DiskState:
+    """Where an ItemIndex's state is saved: a directory's version plus its first `deltas` delta files."""
+
+    directory: Path
+    version: str
+    deltas: int
+
+
 def save_index(directory: str | Path, item_index: ItemIndex) -> Path:
     """Commit `item_index` as the directory's new version (atomic); returns the version's path."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     _refuse_foreign(directory)
     with _writer_lock(directory):
-        previous = _read_pointer(directory)
-        version = f"v{_next_version(directory):06d}"
-        staging = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=directory))
-        try:
-            with item_index._lock:  # a consistent snapshot; searches go on (they take only the index's lock)
-                _write_version(staging, item_index)
-            os.rename(staging, directory / version)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        _fsync_dir(directory)
-        _write_pointer(directory, version)
-        _remove_stale(directory, keep={version, previous})
-        return directory / version
+        return _save_version(directory, item_index)
+
+
+def save_changes(directory: str | Path, item_index: ItemIndex, added: Sequence[int] = (), removed: Sequence[int] = ()) -> Path:
+    """Persist `added` and `removed` ids, already applied to `item_index`, as one delta file; returns its path.
+
+    A delta extends the saved state `item_index` was loaded from or last saved to; when the directory
+    holds another state (or none), or already `COMPACT_EVERY` deltas, this is a full save instead.
+    """
+    directory = Path(directory)
+    added, removed = np.asarray(added, dtype=np.int64), np.asarray(removed, dtype=np.int64)
+    if directory.is_dir():
+        with _writer_lock(directory):
+            state = item_index._on_disk
+            if _extends(directory, state) and state.deltas < COMPACT_EVERY:
+                with item_index._lock:
+                    payload = _delta_payload(item_index, added, removed)
+                path = _write_delta(directory / state.version, state.deltas + 1, payload)
+                item_index._on_disk = _DiskState(state.directory, state.version, state.deltas + 1)
+                return path
+    return save_index(directory, item_index)
+
+
+def _save_version(directory: Path, item_index: ItemIndex) -> Path:
+    """The body of `save_index`, under the writer lock."""
+    previous = _read_pointer(directory)
+    version = f"v{_next_version(directory):06d}"
+    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=directory))
+    try:
+        with item_index._lock:  # a consistent snapshot; searches go on (they take only the index's lock)
+            _write_version(staging, item_index)
+        os.rename(staging, directory / version)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _fsync_dir(directory)
+    _write_pointer(directory, version)
+    _remove_stale(directory, keep={version, previous})
+    item_index._on_disk = _DiskState(directory.resolve(), version, 0)
+    return directory / version
+
+
+def _extends(directory: Path, state: _DiskState | None) -> bool:
+    """Whether the directory's committed state is exactly `state` (no other writer saved since)."""
+    if state is None or state.directory != directory.resolve():
+        return False
+    try:
+        current = _read_pointer(directory)
+    except FileNotFoundError:
+        return False
+    return current == state.version and _delta_numbers(directory / current) == list(range(1, state.deltas + 1))
+
+
+def _delta_payload(item_index: ItemIndex, added: np.ndarray, removed: np.ndarray) -> bytes:
+    """The added items (code, labels, source, thumbnail) and removed ids, as .npz bytes."""
+    rows = item_index.index.rows_of(added) if len(added) else np.empty(0, np.int64)
+    shapes, offsets, data = _pack_thumbnails([item_index.thumbnails[r] for r in rows])
+    arrays = {
+        "removed": removed,
+        "ids": added,
+        "codes": item_index.index.get_codes(added) if len(added) else np.empty((0, item_index.index.nbytes), np.uint8),
+        "labels": item_index.labels[rows],
+        "sources": np.array([item_index.sources[r] for r in rows], dtype=str),
+        "thumbnail_shapes": shapes,
+        "thumbnail_offsets": offsets,
+        "thumbnail_data": data,
+    }
+    buffer = io.BytesIO()
+    for name in _DELTA_FIELDS:  # .npy records back to back: a zip (np.savez) costs milliseconds a commit
+        np.lib.format.write_array(buffer, np.ascontiguousarray(arrays[name]), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _write_delta(version_dir: Path, number: int, payload: bytes) -> Path:
+    """Commit one delta: temporary file, fsync, rename to its number (the commit point), fsync the directory."""
+    for leftover in os.listdir(version_dir):  # of a writer killed before its rename
+        if leftover.startswith(".tmp-"):
+            (version_dir / leftover).unlink(missing_ok=True)
+    path = version_dir / f"d{number:06d}.delta"
+    tmp = version_dir / f".tmp-{path.name}"
+    with open(tmp, "wb") as f:
+        f.write(DELTA_MAGIC + hashlib.sha256(payload).digest() + payload)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, path)
+    _fsync_dir(version_dir)
+    return path
 
 
 def _write_version(staging: Path, item_index: ItemIndex) -> None:
@@ -324,11 +430,16 @@ def committed_version(directory: str | Path) -> Path:
 
 
 def load_index(directory: str | Path, model_id: str | None = None, bits: int | None = None) -> ItemIndex:
-    """Load the committed version; IndexMismatchError naming what disagrees (files, model, bits)."""
+    """Load the committed version and replay its deltas; IndexMismatchError naming what disagrees
+    (files, checksums, model, bits)."""
     for attempt in range(3):
         version_dir = committed_version(directory)
         try:
-            return _load_version(version_dir, model_id, bits)
+            item_index = _load_version(version_dir, model_id, bits)
+            deltas = _replay_deltas(version_dir, item_index)
+            if version_dir != Path(directory):  # a bare version directory has no CURRENT to extend
+                item_index._on_disk = _DiskState(Path(directory).resolve(), version_dir.name, deltas)
+            return item_index
         except FileNotFoundError:
             # a writer may have committed and pruned this version since CURRENT was read: read it again
             if attempt == 2 or committed_version(directory) == version_dir:
@@ -369,6 +480,45 @@ def _load_version(version_dir: Path, model_id: str | None, bits: int | None) -> 
     item_index.sources = sources
     item_index.thumbnails = thumbnails
     return item_index
+
+
+def _delta_numbers(version_dir: Path) -> list[int]:
+    """The sequence numbers of the committed deltas in a version directory, ascending."""
+    return sorted(int(m.group(1)) for entry in os.listdir(version_dir) if (m := _DELTA.match(entry)))
+
+
+def _replay_deltas(version_dir: Path, item_index: ItemIndex) -> int:
+    """Apply the version's deltas in order; IndexMismatchError for a gap or a damaged file. Returns how many."""
+    numbers = _delta_numbers(version_dir)
+    if numbers != list(range(1, len(numbers) + 1)):
+        raise IndexMismatchError(f"{version_dir}: delta files {numbers} are not numbered 1..{len(numbers)}; one is missing")
+    for number in numbers:
+        path = version_dir / f"d{number:06d}.delta"
+        arrays = _read_delta(path)
+        try:
+            if len(arrays["removed"]):
+                item_index.remove(arrays["removed"])
+            if len(arrays["ids"]):
+                thumbnails = _unpack_thumbnails(arrays["thumbnail_shapes"], arrays["thumbnail_offsets"], arrays["thumbnail_data"])
+                item_index.add(arrays["codes"], arrays["ids"], labels=arrays["labels"], sources=arrays["sources"].tolist(),
+                               thumbnails=thumbnails)
+        except (KeyError, ValueError) as error:
+            raise IndexMismatchError(f"{path} does not apply to the index before it: {error}") from error
+    return len(numbers)
+
+
+def _read_delta(path: Path) -> dict[str, np.ndarray]:
+    data = path.read_bytes()
+    head, digest, payload = data[: len(DELTA_MAGIC)], data[len(DELTA_MAGIC) : len(DELTA_MAGIC) + 32], data[len(DELTA_MAGIC) + 32 :]
+    if head != DELTA_MAGIC:
+        raise IndexMismatchError(f"{path} is not a vdsh delta file")
+    if hashlib.sha256(payload).digest() != digest:
+        raise IndexMismatchError(f"{path} is damaged (checksum differs); restore it or drop it and the deltas after it")
+    records = io.BytesIO(payload)
+    try:
+        return {name: np.lib.format.read_array(records, allow_pickle=False) for name in _DELTA_FIELDS}
+    except ValueError as error:
+        raise IndexMismatchError(f"{path} has the right checksum but not the fields of a delta: {error}") from error
 
 
 def _check_attrs(attrs: dict, meta_path: Path, model_id: str | None, bits: int | None) -> None:
