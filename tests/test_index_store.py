@@ -442,3 +442,32 @@ def test_killing_a_process_that_saves_changes_leaves_every_committed_item_whole(
         np.testing.assert_array_equal(loaded.index.ids, np.arange(n))
         assert loaded.sources == [f"item-{i}" for i in range(n)]
         assert [int(t[0, 0, 0]) for t in loaded.thumbnails[1:]] == [i % 256 for i in range(1, n)]
+
+
+def test_labels_and_sources_stay_readable_while_a_full_save_writes(tmp_path, monkeypatch):
+    """A full save copies what it writes under the lock, then writes without it: readers do not wait."""
+    import threading
+
+    items = make_items(n=100)
+    writing, release = threading.Event(), threading.Event()
+    real_write_meta = store._write_meta
+
+    def slow_write_meta(*args):
+        writing.set()
+        assert release.wait(10)
+        real_write_meta(*args)
+
+    monkeypatch.setattr(store, "_write_meta", slow_write_meta)
+    saver = threading.Thread(target=save_index, args=(tmp_path / "idx", items))
+    saver.start()
+    assert writing.wait(10)
+    answers = []
+    reader = threading.Thread(target=lambda: answers.append(items.sources_of([7])))
+    reader.start()
+    reader.join(5)
+    answered_during_the_save = not reader.is_alive()
+    release.set()
+    saver.join(10)
+    reader.join(10)
+    assert answered_during_the_save and answers == [["cifar10:1"]]
+    assert_same_items(load_index(tmp_path / "idx"), items)
