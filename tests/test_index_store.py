@@ -471,3 +471,14 @@ def test_labels_and_sources_stay_readable_while_a_full_save_writes(tmp_path, mon
     reader.join(10)
     assert answered_during_the_save and answers == [["cifar10:1"]]
     assert_same_items(load_index(tmp_path / "idx"), items)
+
+
+def test_add_latency_times_every_way_of_committing_a_change(tmp_path):
+    from vdsh.index.bench import add_latency
+
+    result = add_latency(300, adds=6, full_saves=2, thumbnail_side=8, directory=tmp_path)
+    assert {name: row["count"] for name, row in result.items()} == {"add, full save": 2, "add, delta": 6,
+                                                                  "delete, delta": 1, "load": 1}
+    for row in result.values():
+        assert 0 < row["p50_ms"] <= row["p99_ms"] <= row["max_ms"] and row["mean_ms"] > 0
+    assert list(tmp_path.iterdir()) == []  # the temporary index is gone
