@@ -19,7 +19,8 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from vdsh.data.transforms import load_image, thumbnail
-from vdsh.index.codes import pack_codes
+from vdsh.index.codes import code_bytes, pack_codes
+from vdsh.index.shards import ShardedItems
 from vdsh.index.store import ItemIndex, load_index
 from vdsh.training.model import HashingModel, load_model, model_id
 
@@ -90,9 +91,13 @@ class ItemRecord:
 
 
 class Catalog:
-    """A model and the index of its codes, loaded together and checked to agree."""
+    """A model and the index of its codes, loaded together and checked to agree.
 
-    def __init__(self, model: HashingModel, items: ItemIndex, model_name: str, directory: Path | None) -> None:
+    The index is one `ItemIndex` (writable when `directory` is given) or, for several directories,
+    `ShardedItems` (read-only): reads go through the methods both have.
+    """
+
+    def __init__(self, model: HashingModel, items: ItemIndex | ShardedItems, model_name: str, directory: Path | None) -> None:
         if items.model_id and items.model_id != model_name:
             raise ModelIndexMismatch(
                 f"the index was built with model {items.model_id!r} but the server was given model {model_name!r}; "
@@ -106,14 +111,17 @@ class Catalog:
         self.saved_at: float | None = None
 
     @classmethod
-    def open(cls, index_dir: str | Path, model_path: str | Path) -> "Catalog":
+    def open(cls, index_dirs: str | Path | Sequence[str | Path], model_path: str | Path) -> "Catalog":
+        """One index directory (writable), or several shards searched as one (read-only)."""
+        dirs = [Path(index_dirs)] if isinstance(index_dirs, (str, Path)) else [Path(d) for d in index_dirs]
         model = load_model(model_path)
         name = model_id(model_path)
-        items = load_index(index_dir)  # the model check is ours, to give a message that names both files
+        # the model check is ours, to give a message that names both files
+        items = load_index(dirs[0]) if len(dirs) == 1 else ShardedItems.load(dirs)
         try:
-            catalog = cls(model, items, name, Path(index_dir))
+            catalog = cls(model, items, name, dirs[0] if len(dirs) == 1 else None)
         except ModelIndexMismatch as error:
-            raise ModelIndexMismatch(f"{index_dir} vs {model_path}: {error}") from None
+            raise ModelIndexMismatch(f"{', '.join(map(str, dirs))} vs {model_path}: {error}") from None
         catalog.warm_up()
         return catalog
 
@@ -121,7 +129,7 @@ class Catalog:
         """One search at start-up, so that the first request does not pay the compiled scan's set-up
         (numba compiles it once, seconds, then loads it from its cache)."""
         if len(self.items):
-            self.items.search(self.items.index.get_codes(self.items.index.ids[:1]), 1, device="cpu")
+            self.items.search(np.zeros((1, code_bytes(self.bits)), np.uint8), 1, device="cpu")
 
     # ------------------------------------------------------------- facts
 
@@ -131,7 +139,7 @@ class Catalog:
 
     @property
     def kind(self) -> str:
-        return self.items.index.kind
+        return self.items.kind
 
     @property
     def class_names(self) -> list[str]:
@@ -162,20 +170,19 @@ class Catalog:
     def within(self, packed: np.ndarray, radius: int, limit: int) -> tuple[list[Neighbour], int]:
         """Items within `radius`, nearest first, at most `limit` of them; also the total count."""
         with self._rw.reading():
-            ids, dists = self.items.index.range_search(packed, radius)[0]
+            ids, dists = self.items.range_search(packed, radius)[0]
             return self._neighbours(ids[:limit], dists[:limit]), len(ids)
 
     def item(self, item_id: int) -> ItemRecord:
         """KeyError for unknown ids."""
         with self._rw.reading():
             ids = np.array([item_id], dtype=np.int64)
-            row = int(self.items.index.rows_of(ids)[0])
             return ItemRecord(
                 id=item_id,
-                labels=self._label_names(self.items.labels[row]),
-                source=self.items.sources[row],
-                code=self.items.index.get_codes(ids)[0],
-                has_thumbnail=self.items.thumbnails[row] is not None,
+                labels=self._label_names(self.items.labels_of(ids)[0]),
+                source=self.items.sources_of(ids)[0],
+                code=self.items.codes_of(ids)[0],
+                has_thumbnail=self.items.thumbnail_of(item_id) is not None,
             )
 
     def thumbnail(self, item_id: int) -> np.ndarray | None:

@@ -94,6 +94,10 @@ class ItemIndex:
     def bits(self) -> int:
         return self.index.bits
 
+    @property
+    def kind(self) -> str:
+        return self.index.kind
+
     def add(self, codes, ids, labels=None, sources=None, thumbnails=None) -> None:
         """Add items: packed codes, unique ids, labels (class indices or multi-hot), sources, thumbnails."""
         n = len(codes)
@@ -123,6 +127,12 @@ class ItemIndex:
 
     def search(self, queries: np.ndarray, k: int, device: str = "auto"):
         return self.index.search(queries, k, device=device)
+
+    def range_search(self, queries: np.ndarray, radius: int):
+        return self.index.range_search(queries, radius)
+
+    def codes_of(self, ids) -> np.ndarray:
+        return self.index.get_codes(ids)
 
     def labels_of(self, ids) -> np.ndarray:
         with self._lock:
