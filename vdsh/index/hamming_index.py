@@ -4,8 +4,9 @@ Every answer is ordered by (Hamming distance, insertion order): items at the sam
 in the order they were added, so results are reproducible and identical to an exact brute-force
 scan wherever the index kind is exact. Kinds:
 
-- ``flat``: a full scan. Exact. k-NN on the CPU runs `vdsh.index.flat_scan` (a compiled scan, ~3x
-  FAISS's for one query); range search and storage use FAISS ``IndexBinaryFlat``.
+- ``flat``: a full scan. Exact. k-NN on the CPU runs `vdsh.index.flat_scan` (a compiled scan: 0.05 ms
+  for one query over 59k 64-bit codes, k=100, where FAISS's took 0.10-0.12 ms); range search and
+  storage use FAISS ``IndexBinaryFlat``.
 - ``distinct``: items grouped by identical code, each distinct code scored once (`DistinctCodes`).
   Exact; cost follows the number of distinct codes, which is small for learned supervised codes.
 - ``auto``: ``flat`` storage that answers through ``distinct`` when codes repeat enough to pay. Exact.

@@ -258,7 +258,7 @@ def _extends(directory: Path, state: _DiskState | None) -> bool:
 
 
 def _delta_payload(item_index: ItemIndex, added: np.ndarray, removed: np.ndarray) -> bytes:
-    """The added items (code, labels, source, thumbnail) and removed ids, as .npz bytes."""
+    """The added items (code, labels, source, thumbnail) and removed ids: a delta file's payload."""
     rows = item_index.index.rows_of(added) if len(added) else np.empty(0, np.int64)
     shapes, offsets, data = _pack_thumbnails([item_index.thumbnails[r] for r in rows])
     arrays = {
