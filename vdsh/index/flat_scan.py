@@ -48,14 +48,25 @@ def knn(words: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.
     `words` is `code_words(database)`, `queries` packed (q, nbytes) codes of the same length. Queries
     go through the database together, a group at a time, so that each chunk is read once per group.
     """
-    query_words = np.ascontiguousarray(code_words(queries).T)
+    query_words = _query_words(queries)
     rows = np.empty((len(queries), k), dtype=np.int64)
     dists = np.empty((len(queries), k), dtype=np.int32)
     group = max(1, min(QUERY_GROUP, MAX_LEVEL_SLOTS // (_levels(64 * words.shape[0]) * k)))
+    if len(queries) <= group:  # the interactive case, one query: no slices (each costs ~1 us)
+        _knn_group(words, query_words, k, rows, dists)
+        return rows, dists
     for first in range(0, len(queries), group):
         end = first + group
         _knn_group(words, query_words[first:end], k, rows[first:end], dists[first:end])
     return rows, dists
+
+
+def _query_words(queries: np.ndarray) -> np.ndarray:
+    """(q, w) uint64 words of packed queries, zero-padded like `code_words`; a view for whole words."""
+    queries = np.ascontiguousarray(queries)
+    if queries.shape[1] % 8 == 0:
+        return queries.view(np.uint64)
+    return np.ascontiguousarray(code_words(queries).T)
 
 
 @intrinsic
