@@ -16,7 +16,7 @@ from PIL import Image
 
 from serving_fixtures import (BITS, encoded_bytes, png_bytes, shared_server, shared_setup, start_server, stop_server,
                               train_ridge_hashing_model)
-from vdsh.app.catalog import ModelIndexMismatch
+from vdsh.app.catalog import ModelIndexMismatch, ReadOnlyCatalog
 from vdsh.app.server import create_app
 from vdsh.index.store import load_index
 from vdsh.training.model import save_model
@@ -489,6 +489,8 @@ def test_server_over_shards_answers_like_one_index_and_is_read_only(client, setu
         assert stats["items"] == 1000 and stats["read_only"] and stats["index_kind"] == "flat"
         response = sharded.post("/items", files=upload(setup.query_images[0]), headers={"X-API-Key": KEY})
         assert response.status_code == 403 and "several index shards" in response.json()["detail"]
+        with pytest.raises(ReadOnlyCatalog, match="read-only"):
+            sharded.app.state.catalog.remove(3)
 
 
 def test_vdsh_serve_with_repeated_index_options_serves_the_shards_as_one(setup, tmp_path):

@@ -35,6 +35,10 @@ class ModelIndexMismatch(RuntimeError):
     """The model cannot serve this index (different model or code length)."""
 
 
+class ReadOnlyCatalog(RuntimeError):
+    """A write to a catalog that cannot take one (several shards)."""
+
+
 class ReadWriteLock:
     """Many readers or one writer; writers do not starve (new readers wait while one is queued)."""
 
@@ -204,6 +208,7 @@ class Catalog:
 
     def add(self, image: np.ndarray, label_names: list[str], source: str, item_id: int | None = None) -> ItemRecord:
         """Encode, add and persist one item; on a failed save the index is reloaded from disk."""
+        self._check_writable()
         labels = self.labels_from_names(label_names)
         code = self.encode(image)
         with self._write:
@@ -219,6 +224,7 @@ class Catalog:
 
     def remove(self, item_id: int) -> None:
         """KeyError for unknown ids; persists before returning."""
+        self._check_writable()
         with self._write:
             with self._rw.writing():
                 self.items.remove(np.array([item_id], dtype=np.int64))
@@ -233,6 +239,10 @@ class Catalog:
         for name in names:
             row[self.class_names.index(name)] = 1
         return row
+
+    def _check_writable(self) -> None:
+        if not isinstance(self.items, ItemIndex):
+            raise ReadOnlyCatalog("several index shards are served read-only: change each shard's own directory")
 
     def _persist(self, added: Sequence[int] = (), removed: Sequence[int] = ()) -> None:
         """Commit the change to disk (one small delta file, a full save now and then) before answering."""
