@@ -85,7 +85,7 @@ class AdmmOptions:
     """ADMM options (see the module docstring for the role of each).
 
     Defaults ('backward' order): from prototype runs on mnist-5k, depth 8 × 256, 48 bits, 10–15 sweeps (step 0.03/0.1/0.3,
-    rho 0.1/1/3, mini-batches 250/500/1000, nu 0.1/1, stat_decay 0/0.9, identity/MSRA start); the odd-even settings that
+    rho 0.1/0.3/1/3, mini-batches 50/100/250/500/1000, nu 0.1/1, stat_decay 0/0.9, identity/MSRA start); the odd-even settings that
     were best for that order are rho 0.1, nu 0.01, minibatch_size None, stat_decay 0.9, init 'msra'. Not a converged tuning."""
 
     order: str = "backward"  # auxiliary update order: 'backward' (one top→bottom pass per mini-batch) or 'odd-even'
@@ -110,7 +110,7 @@ class AdmmOptions:
     sweeps: int = 15
     keep_best: bool = True  # return the weights of the evaluation with the best validation (else train) mAP
     patience: int = 0  # stop after this many evaluations without improvement (0: never)
-    minibatch_size: int | None = 250  # None: full batch (every auxiliary variable in memory)
+    minibatch_size: int | None = 100  # None: full batch (every auxiliary variable in memory)
     stat_decay: float = 0.0  # running-mean decay of the weight statistics across mini-batches (0: this batch's only)
     classifier_decay: float = 0.9  # running-mean decay of the classifier across mini-batches
     device: str = "cpu"
