@@ -61,13 +61,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
 from vdsh.training.admm import Validation, discrete_codes, evaluate_encoder, top_preactivation
+from vdsh.training.augment import Augmentation
 from vdsh.training.backprop import BackpropOptions, make_schedule
 from vdsh.training.cnn import ImageEncoder
+from vdsh.training.cnn_training import cnn_problem, prepared_validation
 from vdsh.training.code_head import LinearCodeHead, ridge_classifier, squared_loss
+from vdsh.training.model import HashingModel
 
 
 @dataclass
@@ -326,3 +330,19 @@ def check_image_problem(encoder: nn.Module, images: torch.Tensor, labels: torch.
     encoder.check_input(images)
     if labels.ndim != 2 or len(labels) != len(images):
         raise ValueError(f"labels must be multi-hot (N, L) with one row per image, got {tuple(labels.shape)} for {len(images)} images")
+
+
+def train_cnn_admm(kind: str, images: np.ndarray, labels: np.ndarray, bits: int, width: int | None = None,
+                   options: CnnAdmmOptions | None = None, augmentation: Augmentation | None = None,
+                   validation: Validation | None = None, progress: Callable[[dict], None] | None = None,
+                   ) -> tuple[HashingModel, list[dict]]:
+    """uint8 images (N, C, H, H), multi-hot labels (N, L) -> (HashingModel, history), as `cnn_training.train_cnn`.
+
+    validation: held-out uint8 images and labels (prepared here like the training images) that pick the epoch kept.
+    """
+    options = options or CnnAdmmOptions()
+    torch.manual_seed(options.seed)  # the encoder's initial weights
+    encoder, spec, x = cnn_problem(kind, images, labels, bits, width, options.device)
+    trainer = CnnAdmmTrainer(options, progress, augmentation)
+    encoder, history = trainer.fit(encoder, x, torch.as_tensor(labels).float(), prepared_validation(spec, validation))
+    return HashingModel(encoder.cpu().eval(), spec), history
