@@ -218,10 +218,11 @@ class CnnAdmmTrainer:
         encoder.to(device).train()
         x, y = images.to(device).float(), labels.to(device).float()
         blocks = encoder.blocks()
-        optimizers = [torch.optim.AdamW(block.parameters(), lr=opt.lr, weight_decay=opt.weight_decay) for block in blocks]
+        optimizers = [None if self.closed_form(block) else torch.optim.AdamW(block.parameters(), lr=opt.lr, weight_decay=opt.weight_decay)
+                      for block in blocks]
         steps_per_epoch = math.ceil(len(x) / opt.batch_size)
         schedule_options = BackpropOptions(epochs=opt.epochs, lr=opt.lr, schedule=opt.schedule)
-        schedules = [make_schedule(optimizer, schedule_options, steps_per_epoch) for optimizer in optimizers]
+        schedules = [make_schedule(optimizer, schedule_options, steps_per_epoch) for optimizer in optimizers if optimizer]
         self.classifier = None
         history: list[dict] = []
         best: tuple[float, dict | None] = (-1.0, None)
@@ -257,7 +258,7 @@ class CnnAdmmTrainer:
             encoder.load_state_dict(best[1])
         return encoder.eval(), history
 
-    def batch_step(self, blocks: nn.Sequential, optimizers: list[torch.optim.Optimizer], x: torch.Tensor,
+    def batch_step(self, blocks: nn.Sequential, optimizers: list[torch.optim.Optimizer | None], x: torch.Tensor,
                    y: torch.Tensor) -> dict:
         """Steps 0-4 of the module docstring on one mini-batch; returns its objective terms."""
         opt = self.options
@@ -277,10 +278,15 @@ class CnnAdmmTrainer:
         return {**terms, "block_fit": sum(fits) / len(fits), "residual_max": max(residuals),
                 "residual_mean": sum(residuals) / len(residuals), "residuals": residuals}
 
-    def weight_step(self, block: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, target: torch.Tensor) -> float:
+    def closed_form(self, block: nn.Module) -> bool:
+        """Whether a block's local problem is solved exactly: a linear block (the head), unless linear_rho is None."""
+        return isinstance(block, nn.Linear) and self.options.linear_rho is not None
+
+    def weight_step(self, block: nn.Module, optimizer: torch.optim.Optimizer | None, inputs: torch.Tensor,
+                    target: torch.Tensor) -> float:
         """A block's local problem: closed form for a linear block (the head), local AdamW steps otherwise."""
         opt = self.options
-        if isinstance(block, nn.Linear) and opt.linear_rho is not None:
+        if self.closed_form(block):
             return linear_block_solve(block, inputs, target, opt.weight_decay, opt.linear_rho)
         return local_weight_step(block, optimizer, inputs, target, opt.weight_steps)
 
