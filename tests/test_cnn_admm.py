@@ -205,3 +205,64 @@ def test_fold_standardisation_is_exact():
     expected = mlp((f - mean) / std)
     fold_standardisation(mlp, mean, std)
     assert torch.allclose(mlp(f), expected, atol=1e-5)
+
+
+CLI_RUNS = {
+    "cnn-admm": ["--width", "4", "--epochs", "1"],
+    "hybrid": ["--width", "4", "--epochs", "1", "--depth", "3", "--options", '{"mlp_width": 32, "head": {"sweeps": 2}}'],
+}
+
+
+@pytest.mark.parametrize("trainer", CLI_RUNS)
+def test_train_command_saves_a_model_that_eval_and_index_build_use_unchanged(trainer, tmp_path, one_thread):
+    import json
+
+    from typer.testing import CliRunner
+
+    from vdsh.app.cli import app
+
+    run = tmp_path / "run"
+    trained = CliRunner().invoke(app, ["train", "--trainer", trainer, "--bits", "16", "--out", str(run), *CLI_RUNS[trainer]])
+    assert trained.exit_code == 0, trained.output
+    model = load_model(run / "model.safetensors")
+    assert model.encoder.kind == {"cnn-admm": "small_cnn", "hybrid": "cnn_mlp"}[trainer] and model.bits == 16
+    assert model.info["trainer"] == trainer and model.info["metrics"]["val_map"] is not None
+    evaluated = CliRunner().invoke(app, ["eval", "--model", str(run / "model.safetensors"), "--out", str(tmp_path / "eval")])
+    assert evaluated.exit_code == 0, evaluated.output
+    map_all = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]["mAP@all"]
+    assert map_all == pytest.approx(model.info["metrics"]["map_all"], abs=1e-6)
+    assert map_all > CHANCE_MAP  # one epoch of a width-4 net: above chance, nothing more claimed
+    indexed = CliRunner().invoke(app, ["index", "build", "--model", str(run / "model.safetensors"), "--protocol",
+                                       "mnist-sample", "--limit", "200", "--out", str(tmp_path / "index")])
+    assert indexed.exit_code == 0, indexed.output
+    assert "indexed 200 items (16 bits" in indexed.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--encoder", "small_cnn", "--trainer", "admm"], "a CNN encoder trains with"),
+    (["--encoder", "mlp", "--trainer", "hybrid"], "a CNN encoder trains with"),
+    (["--trainer", "cnn-admm", "--classifier-baseline"], "classifier-baseline"),
+])
+def test_train_command_refuses_trainer_and_encoder_that_do_not_fit(args, message):
+    from typer.testing import CliRunner
+
+    from vdsh.app.cli import app
+
+    result = CliRunner().invoke(app, ["train", "--bits", "8", "--epochs", "1", *args])
+    assert result.exit_code != 0 and message in result.output
+
+
+def test_bench_cnn_train_writes_one_row_per_trainer(tmp_path, monkeypatch, one_thread):
+    from typer.testing import CliRunner
+
+    from vdsh.app.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["bench", "cnn-train", "--protocol", "mnist-sample", "--bits", "8", "--width", "4",
+                                      "--epochs", "1", "--rows", "classifier,hybrid",
+                                      "--options", '{"hybrid": {"mlp_width": 16, "head": {"sweeps": 1}}}'])
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "## CNN trainers: mnist-sample, 8 bits, small_cnn" in text
+    assert "| classifier baseline |" in text and "| hybrid: back-prop trunk + ADMM MLP head |" in text
+    assert "| back-prop CNN |" not in text and "| CNN ADMM" not in text
