@@ -84,7 +84,7 @@ class CnnAdmmOptions:
     aux_steps: int = 1  # gradient steps per auxiliary update
     aux_step_size: float = 1.0  # 1: one step solves the local problem with the block above linearised
     weight_steps: int = 2  # AdamW steps of each conv block's local problem per iteration
-    lr: float = 2e-2  # peak AdamW learning rate of those (1e-2 constant: 0.56; 4e-2 one-cycle: 0.92, on the sample)
+    lr: float = 2e-2  # peak AdamW learning rate of those (4e-2: 0.92 on the sample with 1 weight step)
     schedule: str = "onecycle"  # learning-rate schedule over mini-batches: 'onecycle', 'cosine', 'step' or 'constant'
     weight_decay: float = 5e-4  # AdamW's decoupled decay; also the ridge λ of the head's regression
     beta: float = 1.0  # weight of the block constraints (and of their multipliers)
@@ -93,7 +93,8 @@ class CnnAdmmOptions:
     bit_sweeps: int = 2  # DCC sweeps over the bits in the B-step
     classifier_ridge: float = 1.0  # λ of the classifier's ridge regression on the codes
     classifier_decay: float = 0.99  # running-mean decay of the classifier across mini-batches
-    linear_rho: float | None = 0.1  # proximal pull of the head's closed-form step (1.0: 0.88, 10: 0.73; None: AdamW steps)
+    linear_rho: float | None = 0.1  # proximal pull of the head's closed-form step (1 weight step: 0.1/1/10 gave 0.91/0.88/0.73;
+    #                                 None: AdamW steps like the conv blocks)
     fit_inputs: str = "forward"  # inputs of the weight steps: 'forward' activations or 'auxiliary' z_{m-1}
     multipliers: bool = True  # scaled multipliers (augmented Lagrangian) or a pure quadratic penalty
     keep_best: bool = True
@@ -103,6 +104,8 @@ class CnnAdmmOptions:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.schedule not in ("onecycle", "cosine", "step", "constant"):
+            raise ValueError(f"schedule must be onecycle, cosine, step or constant, got {self.schedule!r}")
         if self.fit_inputs not in ("forward", "auxiliary"):
             raise ValueError(f"fit_inputs must be 'forward' or 'auxiliary', got {self.fit_inputs!r}")
         if min(self.epochs, self.batch_size, self.inner_iterations, self.weight_steps) < 1:
@@ -229,21 +232,8 @@ class CnnAdmmTrainer:
         best_epoch = 0
         start = time.perf_counter()
         for epoch in range(1, opt.epochs + 1):
-            totals: dict[str, float] = {}
-            batches = 0
-            for idx in torch.randperm(len(x), device=device).split(opt.batch_size):
-                inputs = self.augment(x[idx]) if self.augment else x[idx]
-                terms = self.batch_step(blocks, optimizers, inputs, y[idx])
-                for schedule in schedules:
-                    schedule.step()
-                residuals = terms.pop("residuals")  # per block: the last mini-batch's
-                for key, value in terms.items():
-                    totals[key] = totals.get(key, 0.0) + value
-                batches += 1
-            record = {"epoch": epoch, "sweep": epoch, "time": time.perf_counter() - start,
-                      **{k: v / batches for k, v in totals.items()}, "residuals": residuals}
-            if not math.isfinite(record["block_fit"]):
-                record["diverged"] = True
+            terms = self.run_epoch(blocks, optimizers, schedules, x, y)
+            record = {"epoch": epoch, "sweep": epoch, "time": time.perf_counter() - start, **terms}
             if (opt.eval_every and epoch % opt.eval_every == 0) or epoch == opt.epochs:
                 record.update(evaluate_encoder(encoder, x, y, validation, opt.eval_size, opt.seed))
                 encoder.train()
@@ -257,6 +247,25 @@ class CnnAdmmTrainer:
         if opt.keep_best and best[1] is not None:
             encoder.load_state_dict(best[1])
         return encoder.eval(), history
+
+    def run_epoch(self, blocks: nn.Sequential, optimizers: list[torch.optim.Optimizer | None],
+                  schedules: list[torch.optim.lr_scheduler.LRScheduler], x: torch.Tensor, y: torch.Tensor) -> dict:
+        """One pass over shuffled mini-batches; the batch terms averaged, the last batch's residuals per block."""
+        totals: dict[str, float] = {}
+        batches = 0
+        for idx in torch.randperm(len(x), device=x.device).split(self.options.batch_size):
+            inputs = self.augment(x[idx]) if self.augment else x[idx]
+            terms = self.batch_step(blocks, optimizers, inputs, y[idx])
+            for schedule in schedules:
+                schedule.step()
+            residuals = terms.pop("residuals")
+            for key, value in terms.items():
+                totals[key] = totals.get(key, 0.0) + value
+            batches += 1
+        record = {**{k: v / batches for k, v in totals.items()}, "residuals": residuals}
+        if not math.isfinite(record["block_fit"]):
+            record["diverged"] = True
+        return record
 
     def batch_step(self, blocks: nn.Sequential, optimizers: list[torch.optim.Optimizer | None], x: torch.Tensor,
                    y: torch.Tensor) -> dict:

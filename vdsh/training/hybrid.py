@@ -14,6 +14,7 @@ into the MLP's first layer (W' = W / σ, b' = b − W' μ): exact, and the file 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -93,14 +94,17 @@ def train_hybrid(kind: str, images: np.ndarray, labels: np.ndarray, bits: int, w
     """uint8 images (N, C, H, H), multi-hot labels (N, L) -> (HashingModel of a CnnMlpEncoder, history).
 
     validation: held-out uint8 images and labels; the ADMM head keeps the sweep with the best mAP on them.
-    History: the trunk's epochs ("stage": "trunk") then the head's sweeps ("stage": "head"), one clock.
+    History: the trunk's epochs ("stage": "trunk") then the head's sweeps ("stage": "head"), one clock that
+    also counts the extraction of the training features between them.
     """
     options = options or HybridOptions()
     torch.manual_seed(options.trunk.seed)  # the trunk's initial weights
     trunk, trunk_history = train_trunk(kind, images, labels, bits, width, options, augmentation)
     spec = image_spec(images)
+    extraction_start = time.perf_counter()
     trunk.to(options.trunk.device)
     features = trunk_features(trunk, spec, images)
+    extraction_s = time.perf_counter() - extraction_start
     mean, std = features.mean(0), features.std(0).clamp_min(1e-6)
     head_validation = feature_validation(trunk, spec, validation, mean, std)
     torch.manual_seed(options.head.seed)
@@ -109,7 +113,7 @@ def train_hybrid(kind: str, images: np.ndarray, labels: np.ndarray, bits: int, w
                                                                 torch.as_tensor(labels).float(), head_validation)
     mlp = mlp.cpu()
     fold_standardisation(mlp, mean, std)
-    offset = trunk_history[-1]["time"] if trunk_history else 0.0
+    offset = (trunk_history[-1]["time"] if trunk_history else 0.0) + extraction_s  # the training features' extraction counts
     history = [{**r, "stage": "trunk"} for r in trunk_history]
     history += [{**r, "stage": "head", "time": offset + r["time"]} for r in head_history]
     return HashingModel(CnnMlpEncoder(trunk.cpu(), mlp).eval(), spec), history
