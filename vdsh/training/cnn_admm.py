@@ -23,16 +23,21 @@ couples every auxiliary to the block below (f_m) and the block above (f_{m+1}) o
   4. multipliers u_m += z_m − f_m(input_m); steps 2–4 repeat for `inner_iterations`.
 Codes are sgn(f_M ∘ … ∘ f_1(x)), a plain forward pass, like every encoder's.
 
-What the defaults amount to, measured (mnist-sample, small_cnn width 8, 2,000 training images,
-4 epochs, batch 128, 48 bits, one CPU thread): mAP@all 0.90 in ~15 s; back-prop (`cnn_training`,
-same images and epochs) 0.57 in ~3.5 s. With forward-initialised auxiliaries, one auxiliary step of
-size 1 (the exact minimiser of the local problem with the block above linearised) gives z_m − f_m
-= the back-propagated error of μ/(β+μ)·½||f − B||² at block m, so each conv block's first local step
-follows the back-prop gradient of the code loss (tests/test_cnn_admm.py checks this). What ADMM adds
-beyond it did not help here: several inner iterations with multipliers diverged (NaN), auxiliary
-inputs for the weight steps gave 0.20, 0.5-size auxiliary steps 0.90, 2 weight steps 0.90 (1: 0.90).
-The gain over back-prop on this budget comes from the top: the closed-form head (Adam steps instead:
-0.56) and slowly moving classifier, i.e. class codes kept far apart (decay 0.9 with ν 0.01: 0.79).
+What the defaults amount to, measured (mnist-sample, small_cnn width 8, 2,000 training images, no
+augmentation, 4 epochs, 48 bits, one CPU thread on a shared 2-core machine): mAP@all 0.90 in ~15 s;
+back-prop (`cnn_training`'s recipe, same images and epochs) 0.57 in ~3.5 s. With forward-initialised
+auxiliaries, one auxiliary step of size 1 (the exact minimiser of the local problem with the block
+above linearised) leaves z_m − f_m = the back-propagated error of μ/(β+μ)·½||f − B||² at block m, so
+each conv block's first local step follows the back-prop gradient of the code loss (tests check it).
+What ADMM adds beyond that did not help here: 2 inner iterations with multipliers diverged (NaN, mAP
+0.10); auxiliary inputs for the weight steps gave 0.32; auxiliary steps of 0.5 gave 0.88; 1 weight
+step 0.90 (2, the default: 0.90). The gain over back-prop on this budget comes from the top: the
+closed-form head (AdamW steps instead: 0.69) and the SDH codes of a random classifier (ridge on a
+random CNN's codes instead: 0.87, class codes 12 bits apart at least, 20 from the random one; ν 0.01
+with classifier decay 0.9: 0.89). On mnist-5k, `vdsh train --protocol mnist-5k --bits 48 --trainer
+cnn-admm --epochs 3` (small_cnn width 32, crop augmentation, OMP_NUM_THREADS=1, 2-core CPU under a load
+of ~6): mAP@all 0.926 in 164 s of training; back-prop (`--encoder small_cnn`) 0.823 in 37 s with 3
+epochs, 0.943 in 64 s with 10. Per epoch it costs ~4x back-prop.
 
 Choices that are ours, not the paper's (which trains plain MLPs, full batch, closed form):
 - auxiliaries and multipliers live for one mini-batch (CNN activations of the whole set do not fit),
@@ -44,7 +49,7 @@ Choices that are ours, not the paper's (which trains plain MLPs, full batch, clo
 - a block's weight step reads the forward activation of the block below (`fit_inputs='forward'`, what
   it sees at test time), as the MLP trainer does by default;
 - the classifier starts random (SDH starts from random codes): the codes of a random CNN are correlated
-  across classes, and ridge on them gave class codes as close as 5 of 48 bits;
+  across classes, so ridge on them makes class codes closer (see above);
 - BatchNorm normalises by batch statistics in every step, but its running averages (used at test time)
   move only in the weight steps, never while auxiliaries are probed;
 - AdamW state and a one-cycle schedule per block persist across mini-batches; the weights kept are those

@@ -10,6 +10,12 @@ used only through its public `fit`. The trunk is frozen in stage 2 (no gradient,
 One model, one file: `cnn_mlp.CnnMlpEncoder` (kind "cnn_mlp") composes the trunk and the MLP, so
 `vdsh eval --model`, `vdsh index build` and the server use it unchanged. The standardisation is folded
 into the MLP's first layer (W' = W / σ, b' = b − W' μ): exact, and the file holds only the two networks.
+
+Measured on mnist-5k, 48 bits, `vdsh train --protocol mnist-5k --bits 48 --trainer hybrid --epochs E`
+(small_cnn width 32, head 4 x 256, 10 ADMM sweeps; OMP_NUM_THREADS=1, 2-core CPU under a load of ~6):
+E = 3: mAP@all 0.921 in 60 s; E = 10: 0.958 in 103 s. The same trunk's own codes (the classifier
+baseline, `--encoder small_cnn --classifier-baseline`): 0.767 (3 epochs), 0.901 (10); back-prop
+hashing CNN: 0.823 (3), 0.943 (10).
 """
 
 from __future__ import annotations
