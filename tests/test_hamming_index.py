@@ -131,6 +131,69 @@ def test_flat_tie_order_holds_across_faiss_blocks_and_threads():
         np.testing.assert_array_equal(got[1], want[1])
 
 
+@pytest.mark.parametrize("bits", [8, 20, 32, 64, 72, 128, 192])
+def test_compiled_flat_scan_equals_faiss_flat_search(bits):
+    """Across chunk borders, code lengths of 1-3 words, heavy ties and k from 1 to n: FAISS's exact answers."""
+    from vdsh.index import flat_scan
+
+    n = 2 * flat_scan.CHUNK + 123
+    database = clustered_codes(n, bits, centres=5, flip=0.03, seed=bits)
+    queries = np.concatenate([clustered_codes(20, bits, centres=5, flip=0.1, seed=bits, draw=1), database[[0, n - 1]]])
+    reference = faiss.IndexBinaryFlat(8 * database.shape[1])
+    reference.add(database)
+    words = flat_scan.code_words(database)
+    for k in (1, 9, 100, 1000, n):
+        assert flat_scan.supports(bits, k)
+        want_d, want_rows = reference.search(queries, k)
+        rows, dists = flat_scan.knn(words, queries, k)
+        np.testing.assert_array_equal(dists, want_d)
+        np.testing.assert_array_equal(rows, want_rows)
+
+
+def test_flat_scan_stops_at_k_exact_matches_and_keeps_the_earliest():
+    """More than k copies of the query: the first k rows, none of the later copies."""
+    from vdsh.index import flat_scan
+
+    other = clustered_codes(5000, 64, centres=3, flip=0.2, seed=9)
+    query = other[:1] ^ np.uint8(0xFF)
+    database = np.concatenate([other[:700], np.repeat(query, 50, axis=0), other[700:], np.repeat(query, 50, axis=0)])
+    rows, dists = flat_scan.knn(flat_scan.code_words(database), query, 30)
+    np.testing.assert_array_equal(rows[0], np.arange(700, 730))
+    assert (dists == 0).all()
+
+
+def test_flat_kinds_fall_back_to_faiss_beyond_the_scan(monkeypatch):
+    """256-bit codes (distances past a byte) and huge k take FAISS's flat search, with the same answers."""
+    from vdsh.index import flat_scan
+
+    assert not flat_scan.supports(256, 10) and not flat_scan.supports(64, flat_scan.MAX_LEVEL_SLOTS)
+    database = clustered_codes(3000, 256, centres=4, flip=0.05, seed=4)
+    queries = clustered_codes(5, 256, centres=4, flip=0.05, seed=4, draw=1)
+    ids = np.arange(3000, dtype=np.int64)[::-1].copy()
+    got = build("flat", database, ids, bits=256).search(queries, 50)
+    want = brute_force_knn(queries, database, ids, 50)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    monkeypatch.setattr(flat_scan, "MAX_LEVEL_SLOTS", 64)  # k=100 at 64 bits no longer fits the scan
+    small = clustered_codes(3000, 64, centres=4, flip=0.02, seed=4)
+    got = build("flat", small, ids).search(small[:5], 100)
+    want = brute_force_knn(small[:5], small, ids, 100)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_auto_answers_through_distinct_codes_only_when_they_repeat_enough():
+    ids = np.arange(4000, dtype=np.int64)
+    for flip, through_distinct in ((0.002, True), (0.1, False)):
+        database = clustered_codes(4000, 64, centres=4, flip=flip, seed=8)
+        index = build("auto", database, ids)
+        got = index.search(database[:6], 50)
+        assert index._distinct_pays() is through_distinct
+        want = brute_force_knn(database[:6], database, ids, 50)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+
+
 def test_distinct_wide_boundary_level_matches_flat():
     """Many codes tie at the k-th distance, past any small window: all must compete on insertion order."""
     bits = 12
@@ -159,6 +222,35 @@ def test_codes_whose_length_is_not_a_multiple_of_8():
         np.testing.assert_array_equal(got[1], want[1])
     with pytest.raises(ValueError, match="padding bits"):
         build("flat", database, ids, bits=20).search(np.full((1, 3), 255, np.uint8), 1)
+
+
+@pytest.mark.parametrize("kind", EXACT_KINDS)
+@pytest.mark.parametrize("bits", [64, 20])
+def test_adds_between_searches_extend_the_caches_and_answer_like_a_fresh_index(kind, bits):
+    """Small adds after searches: the id look-up, distinct grouping and scan words grow in place, and
+    every answer equals that of an index built in one go."""
+    database = clustered_codes(3000, bits, centres=4, flip=0.01, seed=6)  # repeats old codes and brings new ones
+    queries = clustered_codes(8, bits, centres=4, flip=0.03, seed=6, draw=1)
+    ids = np.random.default_rng(6).permutation(100_000)[:3000].astype(np.int64)
+    index = build(kind, database[:2000], ids[:2000], bits=bits)
+    index.search(queries, 5)
+    index.range_search(queries, 3)
+    index.rows_of(ids[:3])
+    grouping = index._distinct
+    for start in range(2000, 3000, 250):
+        index.add(database[start : start + 250], ids[start : start + 250])
+        if grouping is not None:
+            assert index._distinct is grouping  # extended, not rebuilt
+        fresh = build(kind, database[: start + 250], ids[: start + 250], bits=bits)
+        for got, want in zip(index.search(queries, 40), fresh.search(queries, 40)):
+            np.testing.assert_array_equal(got, want)
+        for (gi, gd), (wi, wd) in zip(index.range_search(queries, 3), fresh.range_search(queries, 3)):
+            np.testing.assert_array_equal(gi, wi)
+            np.testing.assert_array_equal(gd, wd)
+        np.testing.assert_array_equal(index.rows_of(ids[: start + 250]), np.arange(start + 250))
+    want = brute_force_knn(queries, database, ids, 40)
+    np.testing.assert_array_equal(index.search(queries, 40)[0], want[0])
+    assert not index.contains(int(ids.max()) + 1)
 
 
 @pytest.mark.parametrize("kind", KINDS)

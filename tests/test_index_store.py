@@ -278,3 +278,207 @@ def test_threads_adding_removing_and_searching_keep_metadata_aligned():
     ids = items.index.ids
     np.testing.assert_array_equal(items.labels_of(ids).argmax(axis=1), ids % 4)
     assert items.sources_of(ids) == [str(i) for i in ids]
+
+
+# ------------------------------------------------------------ incremental changes
+
+
+def version_files(directory: Path) -> list[str]:
+    version = committed_version(directory)
+    return sorted(f"{version.name}/{p.name}" for p in version.iterdir())
+
+
+def add_some(items: ItemIndex, first_id: int, n: int, seed: int) -> list[int]:
+    rng = np.random.default_rng(seed)
+    ids = list(range(first_id, first_id + n))
+    items.add(clustered_codes(n, 64, centres=4, flip=0.05, seed=seed), ids, labels=rng.integers(0, 2, (n, 4)),
+              sources=[f"new:{i}" for i in ids], thumbnails=[rng.integers(0, 256, (5, 7, 3), dtype=np.uint8), *[None] * (n - 1)])
+    return ids
+
+
+@pytest.mark.parametrize("kind", ["flat", "auto", "ivf"])
+def test_changes_are_delta_files_replayed_on_load(tmp_path, kind):
+    directory = tmp_path / "idx"
+    save_index(directory, make_items(kind=kind))
+    items = load_index(directory)
+    added = add_some(items, 10_000, 3, seed=1)
+    assert items.save_changes(directory, added=added).name == "d000001.delta"
+    items.remove([7, 14])
+    items.save_changes(directory, removed=[7, 14])
+    added = add_some(items, 20_000, 1, seed=2)
+    items.save_changes(directory, added=added)
+    assert version_files(directory) == ["v000001/d000001.delta", "v000001/d000002.delta", "v000001/d000003.delta",
+                                        "v000001/index.faiss", "v000001/meta.h5"]
+    loaded = load_index(directory, model_id="model-a", bits=64)
+    assert_same_items(loaded, items)
+    assert loaded.thumbnail_of(10_000).shape == (5, 7, 3) and loaded.sources_of([20_000]) == ["new:20000"]
+    for a, b in zip(items.search(items.index.codes[:10], 25), loaded.search(items.index.codes[:10], 25)):
+        np.testing.assert_array_equal(a, b)
+    added = add_some(loaded, 30_000, 2, seed=3)  # the loaded index goes on from the deltas it replayed
+    assert loaded.save_changes(directory, added=added).name == "d000004.delta"
+    assert_same_items(load_index(directory), loaded)
+
+
+def test_every_compact_every_changes_a_full_save_starts_a_version_without_deltas(tmp_path, monkeypatch):
+    monkeypatch.setattr(store, "COMPACT_EVERY", 2)
+    directory = tmp_path / "idx"
+    items = make_items(n=50)
+    save_index(directory, items)
+    paths = [items.save_changes(directory, added=add_some(items, 1000 + 10 * i, 2, seed=i)) for i in range(5)]
+    assert [p.name for p in paths] == ["d000001.delta", "d000002.delta", "v000002", "d000001.delta", "d000002.delta"]
+    assert committed_version(directory).name == "v000002" and len(version_files(directory)) == 4
+    assert_same_items(load_index(directory), items)
+    items.save(directory)  # an explicit save compacts too
+    assert version_files(directory) == ["v000003/index.faiss", "v000003/meta.h5"]
+    assert_same_items(load_index(directory), items)
+
+
+def test_a_damaged_or_missing_delta_is_refused_with_its_name(tmp_path):
+    directory = tmp_path / "idx"
+    items = make_items(n=40)
+    save_index(directory, items)
+    for i in range(2):
+        items.save_changes(directory, added=add_some(items, 500 + 10 * i, 2, seed=i))
+    second = committed_version(directory) / "d000002.delta"
+    data = bytearray(second.read_bytes())
+    data[-5] ^= 1
+    second.write_bytes(bytes(data))
+    with pytest.raises(IndexMismatchError, match="d000002.delta is damaged"):
+        load_index(directory)
+    (committed_version(directory) / "d000001.delta").unlink()
+    with pytest.raises(IndexMismatchError, match=r"not numbered 1..1; one is missing"):
+        load_index(directory)
+
+
+def test_a_change_on_top_of_another_writers_save_is_saved_in_full(tmp_path):
+    """Two loaded copies change one directory: the second cannot extend a state it has not seen."""
+    directory = tmp_path / "idx"
+    save_index(directory, make_items(n=40))
+    first, second = load_index(directory), load_index(directory)
+    first.save_changes(directory, added=add_some(first, 900, 1, seed=1))
+    assert second.save_changes(directory, added=add_some(second, 950, 2, seed=2)).name == "v000002"
+    assert_same_items(load_index(directory), second)
+    fresh = make_items(n=10)  # never saved here: also a full save
+    assert fresh.save_changes(directory, added=[]).name == "v000003"
+
+
+def test_a_crash_at_any_step_of_a_delta_leaves_the_change_whole_or_absent(tmp_path, monkeypatch):
+    directory = tmp_path / "idx"
+    real = {name: getattr(os, name) for name in ("replace", "rename", "fsync")}
+    step = 0
+    while True:
+        items = make_items(n=30)
+        save_index(directory, items)
+        before = load_index(directory)
+        changed = load_index(directory)
+        added = add_some(changed, 700, 2, seed=4)
+        calls = {"n": 0}
+
+        def failing(name):
+            def call(*args, **kwargs):
+                calls["n"] += 1
+                if calls["n"] == step + 1:
+                    raise Crash(f"{name} at step {step}")
+                return real[name](*args, **kwargs)
+
+            return call
+
+        for name in real:
+            monkeypatch.setattr(os, name, failing(name))
+        try:
+            changed.save_changes(directory, added=added)
+            crashed = False
+        except Crash:
+            crashed = True
+        finally:
+            for name, function in real.items():
+                monkeypatch.setattr(os, name, function)
+        loaded = load_index(directory)
+        assert_same_items(loaded, changed if loaded.index.contains(700) else before)
+        if not crashed:
+            break
+        step += 1
+    assert step >= 3  # the file's fsync, the rename, the directory's fsync
+
+
+DELTA_CHILD = textwrap.dedent(
+    """
+    import sys, types
+    sys.modules["torch"] = types.ModuleType("torch")  # saving never touches torch; skip its slow import
+    import numpy as np
+    from vdsh.index import store
+    from vdsh.index.hamming_index import HammingIndex
+    from vdsh.index.store import ItemIndex, load_index, save_index
+    store.COMPACT_EVERY = 7  # compactions happen during the run too
+    directory = sys.argv[1]
+    items = load_index(directory)
+    codes = np.random.default_rng(1).integers(0, 256, (5000, 8), dtype=np.uint8)
+    for i in range(len(items), 5000):
+        items.add(codes[i : i + 1], [i], sources=[f"item-{i}"], thumbnails=[np.full((4, 4, 1), i % 256, np.uint8)])
+        items.save_changes(directory, added=[i])
+        print(i, flush=True)
+    """
+)
+
+
+def test_killing_a_process_that_saves_changes_leaves_every_committed_item_whole(tmp_path):
+    """SIGKILL a process committing one item at a time: each acknowledged item survives, whole."""
+    directory = tmp_path / "idx"
+    items = ItemIndex(HammingIndex(64, "flat"), model_id="m")
+    items.add(np.zeros((1, 8), np.uint8), [0], sources=["item-0"], thumbnails=[np.zeros((4, 4, 1), np.uint8)])
+    save_index(directory, items)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for delay in (0.05, 0.13, 0.29):
+        child = subprocess.Popen([sys.executable, "-c", DELTA_CHILD, str(directory)], env=env, stdout=subprocess.PIPE)
+        acknowledged = int(child.stdout.readline())
+        time.sleep(delay)
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+        acknowledged = max([acknowledged] + [int(line) for line in child.stdout.read().split()])
+        child.stdout.close()
+        loaded = load_index(directory)
+        n = len(loaded)
+        assert acknowledged < n <= acknowledged + 2  # every acknowledged item, at most the one in flight
+        np.testing.assert_array_equal(loaded.index.ids, np.arange(n))
+        assert loaded.sources == [f"item-{i}" for i in range(n)]
+        assert [int(t[0, 0, 0]) for t in loaded.thumbnails[1:]] == [i % 256 for i in range(1, n)]
+
+
+def test_labels_and_sources_stay_readable_while_a_full_save_writes(tmp_path, monkeypatch):
+    """A full save copies what it writes under the lock, then writes without it: readers do not wait."""
+    import threading
+
+    items = make_items(n=100)
+    writing, release = threading.Event(), threading.Event()
+    real_write_meta = store._write_meta
+
+    def slow_write_meta(*args):
+        writing.set()
+        assert release.wait(10)
+        real_write_meta(*args)
+
+    monkeypatch.setattr(store, "_write_meta", slow_write_meta)
+    saver = threading.Thread(target=save_index, args=(tmp_path / "idx", items))
+    saver.start()
+    assert writing.wait(10)
+    answers = []
+    reader = threading.Thread(target=lambda: answers.append(items.sources_of([7])))
+    reader.start()
+    reader.join(5)
+    answered_during_the_save = not reader.is_alive()
+    release.set()
+    saver.join(10)
+    reader.join(10)
+    assert answered_during_the_save and answers == [["cifar10:1"]]
+    assert_same_items(load_index(tmp_path / "idx"), items)
+
+
+def test_add_latency_times_every_way_of_committing_a_change(tmp_path):
+    from vdsh.index.bench import add_latency
+
+    result = add_latency(300, adds=6, full_saves=2, thumbnail_side=8, directory=tmp_path)
+    assert {name: row["count"] for name, row in result.items()} == {"add, full save": 2, "add, delta": 6,
+                                                                  "delete, delta": 1, "load": 1}
+    for row in result.values():
+        assert 0 < row["p50_ms"] <= row["p99_ms"] <= row["max_ms"] and row["mean_ms"] > 0
+    assert list(tmp_path.iterdir()) == []  # the temporary index is gone

@@ -16,7 +16,7 @@ from PIL import Image
 
 from serving_fixtures import (BITS, encoded_bytes, png_bytes, shared_server, shared_setup, start_server, stop_server,
                               train_ridge_hashing_model)
-from vdsh.app.catalog import ModelIndexMismatch
+from vdsh.app.catalog import ModelIndexMismatch, ReadOnlyCatalog
 from vdsh.app.server import create_app
 from vdsh.index.store import load_index
 from vdsh.training.model import save_model
@@ -387,10 +387,10 @@ def test_a_failed_save_answers_503_and_serves_the_saved_state(writable, setup, m
 
     before = writable.get("/stats").json()["items"]
 
-    def disk_full(self, directory):
+    def disk_full(self, directory, added=(), removed=()):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ItemIndex, "save", disk_full)
+    monkeypatch.setattr(ItemIndex, "save_changes", disk_full)
     response = writable.post("/items", files=upload(setup.query_images[0]), headers={"X-API-Key": KEY})
     assert response.status_code == 503 and "nothing was added" in response.json()["detail"]
     assert writable.delete("/items/5", headers={"X-API-Key": KEY}).status_code == 503
@@ -452,3 +452,74 @@ def test_http_load_generator_is_bounded_and_counts_every_request(setup):
     row = run_load(url, uploads, k=10, concurrency=2, requests=10**9, duration_s=1.0)  # the time limit stops it
     assert time.monotonic() - started < 15 and row["errors"] == 0 and row["requests"] > 0
     assert len(health_latency(url, 5)) == 2
+
+
+# ------------------------------------------------------------------ shards
+
+
+def split_into_shards(index_dir, root, cut: int = 400) -> list:
+    """The shared index cut into two shard directories: items [0, cut) and [cut, n), in order."""
+    from vdsh.index.hamming_index import HammingIndex
+    from vdsh.index.store import ItemIndex
+
+    whole = load_index(index_dir)
+    ids = whole.index.ids
+    dirs = []
+    for i, part in enumerate((ids[:cut], ids[cut:])):
+        shard = ItemIndex(HammingIndex(whole.bits, whole.kind), whole.model_id, whole.class_names)
+        shard.add(whole.codes_of(part), part, labels=whole.labels_of(part), sources=whole.sources_of(part),
+                  thumbnails=[whole.thumbnail_of(int(j)) for j in part])
+        shard.save(root / f"shard{i}")
+        dirs.append(root / f"shard{i}")
+    return dirs
+
+
+def test_server_over_shards_answers_like_one_index_and_is_read_only(client, setup, tmp_path):
+    dirs = split_into_shards(setup.index_dir, tmp_path)
+    with TestClient(create_app(dirs, setup.model_path, api_key=KEY)) as sharded:
+        for image in setup.query_images[:5]:
+            want = client.post("/search", files=upload(image), data={"k": "30"}).json()["results"]
+            assert sharded.post("/search", files=upload(image), data={"k": "30"}).json()["results"] == want
+        code = client.get("/items/3").json()["code"]
+        assert (sharded.post("/search", json={"code": code, "radius": 4}).json()["results"]
+                == client.post("/search", json={"code": code, "radius": 4}).json()["results"])
+        assert sharded.get("/items/700").json() == client.get("/items/700").json()
+        assert sharded.get("/items/700/thumbnail").content == client.get("/items/700/thumbnail").content
+        stats = sharded.get("/stats").json()
+        assert stats["items"] == 1000 and stats["read_only"] and stats["index_kind"] == "flat"
+        response = sharded.post("/items", files=upload(setup.query_images[0]), headers={"X-API-Key": KEY})
+        assert response.status_code == 403 and "several index shards" in response.json()["detail"]
+        with pytest.raises(ReadOnlyCatalog, match="read-only"):
+            sharded.app.state.catalog.remove(3)
+
+
+def test_vdsh_serve_with_repeated_index_options_serves_the_shards_as_one(setup, tmp_path):
+    import httpx
+
+    dirs = split_into_shards(setup.index_dir, tmp_path, cut=600)
+    process, url = start_server(dirs, setup.model_path, api_key=KEY)
+    try:
+        assert httpx.get(url + "/stats").json()["items"] == 1000
+        found = httpx.post(url + "/search", files=upload(setup.query_images[0]), data={"k": "10"}).json()["results"]
+        assert found == httpx.post(shared_server() + "/search", files=upload(setup.query_images[0]),
+                                   data={"k": "10"}).json()["results"]
+        assert httpx.delete(url + "/items/1", headers={"X-API-Key": KEY}).status_code == 403
+    finally:
+        stop_server(process)
+
+
+def test_cli_query_searches_repeated_index_options_as_one(setup, tmp_path):
+    from typer.testing import CliRunner
+
+    from vdsh.app.cli import app
+
+    dirs = split_into_shards(setup.index_dir, tmp_path)
+    image = tmp_path / "query.png"
+    image.write_bytes(png_bytes(setup.query_images[3]))
+    runner = CliRunner()
+    base = ["query", "--model", str(setup.model_path), str(image), "-k", "25"]
+    whole = runner.invoke(app, base + ["--index", str(setup.index_dir)])
+    sharded = runner.invoke(app, base + ["--index", str(dirs[0]), "--index", str(dirs[1])])
+    assert whole.exit_code == 0 and sharded.exit_code == 0, sharded.output
+    lines = [line for line in sharded.output.splitlines() if "id=" in line]
+    assert len(lines) == 25 and lines == [line for line in whole.output.splitlines() if "id=" in line]

@@ -138,4 +138,31 @@ def bench_query(
     write_section(f"Search latency, {bits} bits, k={k}", body)
 
 
+@bench.command("items")
+def bench_items(
+    items: int = typer.Option(59_000, help="Items in the saved index (synthetic codes, 64x64 grey thumbnails)."),
+    bits: int = typer.Option(64),
+    kind: str = typer.Option("flat", help="Index kind."),
+    adds: int = typer.Option(100, help="Timed adds committed as deltas (a fifth as many deletes)."),
+    full_saves: int = typer.Option(3, help="Timed adds committed as a full save each (the old way)."),
+    directory: str = typer.Option(None, help="Where to write the temporary index (default: the system temp dir)."),
+) -> None:
+    """Latency of adding / deleting one item of a saved index and committing it to disk (POST /items' store part)."""
+    from vdsh.index.bench import add_latency
+
+    load_before = os.getloadavg()[0]
+    result = add_latency(items, bits, kind, adds=adds, full_saves=full_saves, directory=directory)
+    rows = [[name, r["count"], f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}", f"{r['max_ms']:.1f}", f"{r['mean_ms']:.1f}"]
+            for name, r in result.items()]
+    table = markdown_table(["operation", "count", "p50 ms", "p99 ms", "max ms", "mean ms"], rows)
+    typer.echo(table)
+    write_section(f"Index changes, {items:,} items", (
+        f"One item added to (or deleted from) a saved {kind} index of {items:,} {bits}-bit items with 64x64 grey "
+        "thumbnails, committed before returning: as a full new version (`add, full save`: the server before "
+        "delta files, and the cost of a compaction every 256 changes) or as one delta file (`add, delta`, "
+        f"`delete, delta`: the server now); `load` replays the {adds + max(1, adds // 5)} deltas. Includes the "
+        f"fsyncs of the disk under the temporary directory; 1-min load average {load_before:.1f} before, "
+        f"{os.getloadavg()[0]:.1f} after.\n\n" + table))
+
+
 HEADER_QUERY = ["codes", "items", "distinct codes", "kind", "batch", "p50 ms/query", "p99 ms/query", "queries/s", "identical to flat"]

@@ -37,13 +37,16 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def start_server(index_dir: Path, model_path: Path, workers: int = 1, timeout_s: float = 60,
+def start_server(index_dir: Path | list[Path], model_path: Path, workers: int = 1, timeout_s: float = 60,
                  api_key: str | None = None) -> tuple[subprocess.Popen, str]:
-    """`vdsh serve` in a child process on a free loopback port; returns once /health answers."""
+    """`vdsh serve` (of one index directory, or of several as shards) in a child process on a free
+    loopback port; returns once /health answers."""
     import httpx
 
     port = free_port()
-    command = [sys.executable, "-c", "from vdsh.app.cli import main; main()", "serve", "--index", str(index_dir),
+    shards = [index_dir] if isinstance(index_dir, (str, Path)) else index_dir
+    command = [sys.executable, "-c", "from vdsh.app.cli import main; main()", "serve",
+               *[arg for d in shards for arg in ("--index", str(d))],
                "--model", str(model_path), "--port", str(port), "--workers", str(workers)]
     command += ["--api-key", api_key] if api_key else []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}

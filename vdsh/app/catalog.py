@@ -1,10 +1,10 @@
 """The served collection: one model, one `ItemIndex`, and the locks that keep them consistent.
 
 Reads (search, item look-ups) run concurrently; writes are serialised by one lock held through the
-in-memory change *and* the atomic save, so the file on disk always matches a state the server has
-served. The in-memory change itself (a few numpy concatenations) is guarded by a readers-writer lock,
-so a search never sees index rows and metadata rows out of step; the slow save runs under the writer
-lock only, so searches go on while an item is being persisted.
+in-memory change *and* its atomic commit to disk (one small delta file, `vdsh.index.store.save_changes`),
+so the directory always holds a state the server has served. The in-memory change itself (a few numpy
+concatenations) is guarded by a readers-writer lock, so a search never sees index rows and metadata
+rows out of step; the commit runs under the writer lock only, so searches go on while it is written.
 """
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
 from vdsh.data.transforms import load_image, thumbnail
-from vdsh.index.codes import pack_codes
+from vdsh.index.codes import code_bytes, pack_codes
+from vdsh.index.shards import ShardedItems
 from vdsh.index.store import ItemIndex, load_index
 from vdsh.training.model import HashingModel, load_model, model_id
 
@@ -32,6 +33,10 @@ def item_thumbnail(image: np.ndarray) -> np.ndarray:
 
 class ModelIndexMismatch(RuntimeError):
     """The model cannot serve this index (different model or code length)."""
+
+
+class ReadOnlyCatalog(RuntimeError):
+    """A write to a catalog that cannot take one (several shards)."""
 
 
 class ReadWriteLock:
@@ -90,9 +95,13 @@ class ItemRecord:
 
 
 class Catalog:
-    """A model and the index of its codes, loaded together and checked to agree."""
+    """A model and the index of its codes, loaded together and checked to agree.
 
-    def __init__(self, model: HashingModel, items: ItemIndex, model_name: str, directory: Path | None) -> None:
+    The index is one `ItemIndex` (writable when `directory` is given) or, for several directories,
+    `ShardedItems` (read-only): reads go through the methods both have.
+    """
+
+    def __init__(self, model: HashingModel, items: ItemIndex | ShardedItems, model_name: str, directory: Path | None) -> None:
         if items.model_id and items.model_id != model_name:
             raise ModelIndexMismatch(
                 f"the index was built with model {items.model_id!r} but the server was given model {model_name!r}; "
@@ -106,14 +115,25 @@ class Catalog:
         self.saved_at: float | None = None
 
     @classmethod
-    def open(cls, index_dir: str | Path, model_path: str | Path) -> "Catalog":
+    def open(cls, index_dirs: str | Path | Sequence[str | Path], model_path: str | Path) -> "Catalog":
+        """One index directory (writable), or several shards searched as one (read-only)."""
+        dirs = [Path(index_dirs)] if isinstance(index_dirs, (str, Path)) else [Path(d) for d in index_dirs]
         model = load_model(model_path)
         name = model_id(model_path)
-        items = load_index(index_dir)  # the model check is ours, to give a message that names both files
+        # the model check is ours, to give a message that names both files
+        items = load_index(dirs[0]) if len(dirs) == 1 else ShardedItems.load(dirs)
         try:
-            return cls(model, items, name, Path(index_dir))
+            catalog = cls(model, items, name, dirs[0] if len(dirs) == 1 else None)
         except ModelIndexMismatch as error:
-            raise ModelIndexMismatch(f"{index_dir} vs {model_path}: {error}") from None
+            raise ModelIndexMismatch(f"{', '.join(map(str, dirs))} vs {model_path}: {error}") from None
+        catalog.warm_up()
+        return catalog
+
+    def warm_up(self) -> None:
+        """One search at start-up, so that the first request does not pay the compiled scan's set-up
+        (numba compiles it once, seconds, then loads it from its cache)."""
+        if len(self.items):
+            self.items.search(np.zeros((1, code_bytes(self.bits)), np.uint8), 1, device="cpu")
 
     # ------------------------------------------------------------- facts
 
@@ -123,7 +143,7 @@ class Catalog:
 
     @property
     def kind(self) -> str:
-        return self.items.index.kind
+        return self.items.kind
 
     @property
     def class_names(self) -> list[str]:
@@ -154,20 +174,19 @@ class Catalog:
     def within(self, packed: np.ndarray, radius: int, limit: int) -> tuple[list[Neighbour], int]:
         """Items within `radius`, nearest first, at most `limit` of them; also the total count."""
         with self._rw.reading():
-            ids, dists = self.items.index.range_search(packed, radius)[0]
+            ids, dists = self.items.range_search(packed, radius)[0]
             return self._neighbours(ids[:limit], dists[:limit]), len(ids)
 
     def item(self, item_id: int) -> ItemRecord:
         """KeyError for unknown ids."""
         with self._rw.reading():
             ids = np.array([item_id], dtype=np.int64)
-            row = int(self.items.index.rows_of(ids)[0])
             return ItemRecord(
                 id=item_id,
-                labels=self._label_names(self.items.labels[row]),
-                source=self.items.sources[row],
-                code=self.items.index.get_codes(ids)[0],
-                has_thumbnail=self.items.thumbnails[row] is not None,
+                labels=self._label_names(self.items.labels_of(ids)[0]),
+                source=self.items.sources_of(ids)[0],
+                code=self.items.codes_of(ids)[0],
+                has_thumbnail=self.items.thumbnail_of(item_id) is not None,
             )
 
     def thumbnail(self, item_id: int) -> np.ndarray | None:
@@ -189,6 +208,7 @@ class Catalog:
 
     def add(self, image: np.ndarray, label_names: list[str], source: str, item_id: int | None = None) -> ItemRecord:
         """Encode, add and persist one item; on a failed save the index is reloaded from disk."""
+        self._check_writable()
         labels = self.labels_from_names(label_names)
         code = self.encode(image)
         with self._write:
@@ -199,15 +219,16 @@ class Catalog:
                 raise FileExistsError(f"item {item_id} already exists")
             with self._rw.writing():
                 self.items.add(code, np.array([item_id]), labels=labels[None], sources=[source], thumbnails=[item_thumbnail(image)])
-            self._persist()
+            self._persist(added=[item_id])
         return self.item(item_id)
 
     def remove(self, item_id: int) -> None:
         """KeyError for unknown ids; persists before returning."""
+        self._check_writable()
         with self._write:
             with self._rw.writing():
                 self.items.remove(np.array([item_id], dtype=np.int64))
-            self._persist()
+            self._persist(removed=[item_id])
 
     def labels_from_names(self, names: list[str]) -> np.ndarray:
         """Class names -> multi-hot row; ValueError naming unknown classes."""
@@ -219,11 +240,16 @@ class Catalog:
             row[self.class_names.index(name)] = 1
         return row
 
-    def _persist(self) -> None:
+    def _check_writable(self) -> None:
+        if not isinstance(self.items, ItemIndex):
+            raise ReadOnlyCatalog("several index shards are served read-only: change each shard's own directory")
+
+    def _persist(self, added: Sequence[int] = (), removed: Sequence[int] = ()) -> None:
+        """Commit the change to disk (one small delta file, a full save now and then) before answering."""
         if self.directory is None:
             return
         try:
-            self.items.save(self.directory)
+            self.items.save_changes(self.directory, added=added, removed=removed)
             self.saved_at = time.time()
         except BaseException:
             # the file still holds the last committed state: serve exactly that again

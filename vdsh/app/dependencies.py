@@ -39,7 +39,7 @@ async def get_settings(request: Request) -> Settings:
 async def require_api_key(key: str | None = Security(api_key_header), settings: Settings = Depends(get_settings)) -> None:
     """Writes need the configured key; with no key configured, or in read-only mode, writes are off."""
     if settings.read_only:
-        raise HTTPException(403, "this server is read-only (several workers share one index); writes are disabled")
+        raise HTTPException(403, "this server is read-only (several workers, or several index shards); writes are disabled")
     if settings.api_key is None:
         raise HTTPException(403, "writes are disabled: start the server with an API key (vdsh serve --api-key ...)")
     if key is None:

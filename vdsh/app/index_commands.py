@@ -110,18 +110,21 @@ def build_command(
 
 def query_command(
     images: list[Path] = typer.Argument(..., exists=True, dir_okay=False, help="image files (JPEG, PNG, WebP...)"),
-    index: Path = typer.Option(..., "--index", exists=True, file_okay=False, help="index directory"),
+    index: list[Path] = typer.Option(..., "--index", exists=True, file_okay=False,
+                                     help="index directory; repeat it to search several shards as one"),
     model: Path = typer.Option(..., "--model", exists=True, dir_okay=False, help="the model the index was built with"),
     k: int = typer.Option(10, "-k", "--k", min=1, max=1000, help="neighbours per image"),
 ) -> None:
     """Print the k nearest indexed items of each image: id, Hamming distance, labels, source."""
     from vdsh.data.transforms import ImageDecodeError, load_image
     from vdsh.index.codes import pack_codes
+    from vdsh.index.shards import ShardedItems
     from vdsh.index.store import load_index
     from vdsh.training.model import load_model, model_id
 
     hashing_model = load_model(model)
-    items = load_index(index, model_id=model_id(model), bits=hashing_model.bits)
+    expected = {"model_id": model_id(model), "bits": hashing_model.bits}
+    items = load_index(index[0], **expected) if len(index) == 1 else ShardedItems.load(index, **expected)
     spec = hashing_model.input_spec
     for path in images:
         try:
@@ -140,7 +143,8 @@ def query_command(
 
 
 def serve_command(
-    index: Path = typer.Option(..., "--index", exists=True, file_okay=False, help="index directory"),
+    index: list[Path] = typer.Option(..., "--index", exists=True, file_okay=False,
+                                     help="index directory; repeat it to serve several shards as one (read-only)"),
     model: Path = typer.Option(..., "--model", exists=True, dir_okay=False, help="the model the index was built with"),
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8000, "--port", min=0, max=65535),
@@ -154,7 +158,7 @@ def serve_command(
 
     # every worker process loads the index; a write in one would be lost to the others, so writes are off
     os.environ.update(
-        VDSH_SERVE_INDEX=str(index), VDSH_SERVE_MODEL=str(model),
+        VDSH_SERVE_INDEX=os.pathsep.join(map(str, index)), VDSH_SERVE_MODEL=str(model),
         VDSH_SERVE_MAX_UPLOAD_BYTES=str(int(max_upload_mb * 1024 * 1024)),
         VDSH_SERVE_READ_ONLY="1" if workers > 1 else "0", VDSH_SERVE_THREADS=str(threads),
     )

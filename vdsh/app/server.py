@@ -1,7 +1,8 @@
 """The FastAPI application: one model + one index loaded at start-up, served over HTTP.
 
 `create_app(index_dir, model_path)` builds the app; the lifespan handler loads the model and the index
-and refuses to start when they disagree (another model's index, another code length). Routers:
+and refuses to start when they disagree (another model's index, another code length). Several index
+directories are served as shards of one collection (`vdsh.index.shards`), read-only. Routers:
 `routers.search` (POST /search), `routers.items` (/items...), `routers.service` (/health, /stats,
 /metrics); the web page is `static/index.html` at `/`.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,13 +72,15 @@ class RecordMetrics:
 
 
 def create_app(
-    index_dir: str | Path,
+    index_dir: str | Path | Sequence[str | Path],
     model_path: str | Path,
     api_key: str | None = None,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     read_only: bool = False,
 ) -> FastAPI:
-    """The app for one index directory and one model file; nothing is loaded until start-up."""
+    """The app for one index directory (or several shards, read-only) and one model file; nothing is
+    loaded until start-up."""
+    shards = not isinstance(index_dir, (str, Path)) and len(index_dir) > 1
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -91,7 +95,7 @@ def create_app(
         version=_version(),
         lifespan=lifespan,
     )
-    app.state.settings = Settings(api_key=api_key, max_upload_bytes=max_upload_bytes, read_only=read_only)
+    app.state.settings = Settings(api_key=api_key, max_upload_bytes=max_upload_bytes, read_only=read_only or shards)
     app.state.metrics = Metrics()
     app.include_router(search.router)
     app.include_router(items.router)
@@ -139,7 +143,7 @@ def app_from_environment() -> FastAPI:
     env = os.environ
     _limit_threads(int(env.get("VDSH_SERVE_THREADS", "1")))
     return create_app(
-        env["VDSH_SERVE_INDEX"],
+        env["VDSH_SERVE_INDEX"].split(os.pathsep),  # several: shards
         env["VDSH_SERVE_MODEL"],
         api_key=env.get("VDSH_API_KEY") or None,
         max_upload_bytes=int(env.get("VDSH_SERVE_MAX_UPLOAD_BYTES", DEFAULT_MAX_UPLOAD_BYTES)),

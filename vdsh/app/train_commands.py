@@ -17,6 +17,7 @@ from vdsh.data.protocols import load_protocol
 from vdsh.training.admm import AdmmOptions, AdmmTrainer, Validation
 from vdsh.training.altmin import AltMinOptions, AltMinTrainer
 from vdsh.training.baselines import BASELINES
+from vdsh.training.distributed import init_from_env
 from vdsh.training.backprop import BackpropOptions, BackpropTrainer
 from vdsh.training.features_replay import FeaturesReplayOptions, FeaturesReplayTrainer
 from vdsh.training.mlp import DeepMLP
@@ -137,8 +138,13 @@ def run_training(protocol: str, bits: int, trainer: str, depth: int, width: int,
         history = [{"sweep": 1, "time": time.perf_counter() - start}]
     else:
         options = {"device": device, "seed": seed, TRAINERS[trainer][2]: iterations, **(extra or {})}
-        encoder, history = fit_network(trainer, x, y, validation, depth, width, bits, batchnorm, residual, iterations,
-                                       options, show_progress)
+        rank, world = init_from_env(device)  # under torchrun: every process trains on its shard of the samples
+        if world > 1 and trainer != "admm":
+            raise ValueError(f"several processes (torchrun) train with --trainer admm only, not {trainer}")
+        encoder, history = fit_network(trainer, x[rank::world], y[rank::world], validation, depth, width, bits, batchnorm,
+                                       residual, iterations, options, show_progress and rank == 0)
+        if rank > 0:  # the weights are identical on every rank: rank 0 scores and saves them
+            return {"protocol": protocol, "trainer": trainer, "rank": rank}  # no "metrics": nothing to report
     model = HashingModel(encoder.cpu(), spec)
     total_time = history[-1]["time"]
     query_map = final_query_map(model, images, split, "cpu")
@@ -191,7 +197,8 @@ def train(
         return
     summary = run_training(protocol, bits, trainer or "admm", depth or 8, width or 1024, batchnorm, residual, device, seed,
                            iterations, out, data_root, json.loads(options))
-    typer.echo(json.dumps(summary["metrics"]))
+    if "metrics" in summary:  # under torchrun, only rank 0 scores and reports
+        typer.echo(json.dumps(summary["metrics"]))
 
 
 def bench_train(
@@ -199,7 +206,7 @@ def bench_train(
     bits: int = typer.Option(48),
     depths: str = typer.Option("8,32", help="comma-separated depths"),
     width: int = typer.Option(1024),
-    sweeps: int = typer.Option(20, help="ADMM sweeps"),
+    sweeps: int = typer.Option(15, help="ADMM sweeps"),
     epochs: int = typer.Option(15, help="back-prop epochs"),
     device: str = typer.Option("cuda" if torch.cuda.is_available() else "cpu"),
     seed: int = typer.Option(0),
@@ -209,11 +216,15 @@ def bench_train(
 ) -> None:
     """ADMM vs plain back-prop vs back-prop with BN + residuals at several depths; writes a BENCHMARKS.md section."""
     rows = []
-    runs = [("admm", False, sweeps, json.loads(admm_options)), ("backprop", False, epochs, {}), ("backprop", True, epochs, {})]
+    runs = [  # (row name, trainer, BN + residual, sweeps or epochs, extra options)
+        (f"ADMM (plain, {json.loads(admm_options).get('init', 'identity')} init)", "admm", False, sweeps, json.loads(admm_options)),
+        ("back-prop (plain, MSRA init)", "backprop", False, epochs, {}),
+        ("back-prop (plain, identity init)", "backprop", False, epochs, {"init": "identity"}),
+        ("back-prop BN+residual", "backprop", True, epochs, {}),
+    ]
     for depth in [int(d) for d in depths.split(",")]:
-        for trainer, bn_res, iters, extra in runs:
+        for name, trainer, bn_res, iters, extra in runs:
             summary = run_training(protocol, bits, trainer, depth, width, bn_res, bn_res, device, seed, iters, None, data_root, extra)
-            name = "ADMM (plain)" if trainer == "admm" else ("back-prop BN+residual" if bn_res else "back-prop (plain)")
             m = summary["metrics"]
             rows.append(f"| {depth} × {width} | {name} | {iters} | {m['map_all']:.3f} | {m['train_time_s']:.1f} |")
             typer.echo(rows[-1])

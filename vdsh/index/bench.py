@@ -1,4 +1,5 @@
-"""Search benchmarks: synthetic clustered codes and per-query latency of any index's `search`.
+"""Index benchmarks: synthetic clustered codes, per-query latency of any index's `search`, and the
+latency of adding one item to a saved index directory.
 
 Learned supervised codes are clustered by class, so benchmarks draw codes around a few random centres
 with each bit flipped with probability `flip`: flip=0.15 at 64 bits makes nearly every code distinct;
@@ -7,14 +8,17 @@ flip=0.02 gives the few distinct codes real learned codes have (a third of the i
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 
 from vdsh.index.codes import code_bytes
 from vdsh.index.distinct_codes import code_keys
 from vdsh.index.hamming_index import HammingIndex
+from vdsh.index.store import ItemIndex, load_index, save_index
 
 _CHUNK_ROWS = 1 << 18  # draw this many codes at a time: 10M codes never hold 10M x bits bytes at once
 
@@ -140,3 +144,56 @@ def _build(kind: str, database: np.ndarray, ids: np.ndarray, bits: int, params: 
 def _recall(found: np.ndarray, reference: np.ndarray) -> float:
     hits = sum(len(np.intersect1d(f[f >= 0], r[r >= 0])) for f, r in zip(found, reference))
     return hits / max(int((reference >= 0).sum()), 1)
+
+
+def add_latency(items: int, bits: int = 64, kind: str = "flat", adds: int = 50, full_saves: int = 3,
+                thumbnail_side: int = 64, directory: str | Path | None = None) -> dict[str, dict[str, float]]:
+    """Milliseconds to change a saved index of `items` items by one item and commit it to disk.
+
+    Rows: `add, full save` (a new version per add: what the server did before, and what a compaction
+    costs), `add, delta` and `delete, delta` (`ItemIndex.save_changes`, one delta file each: what the
+    server does now), and `load` of the directory with those deltas to replay. Items carry a grey
+    `thumbnail_side`-pixel square thumbnail, as the server stores for MNIST. Each row: median, p99,
+    max, mean, count.
+    """
+    deletes = max(1, adds // 5)
+    with tempfile.TemporaryDirectory(prefix="vdsh-add-bench-", dir=directory) as tmp:
+        path = Path(tmp) / "index"
+        item_index = _item_index(items, bits, kind, thumbnail_side)
+        save_index(path, item_index)
+        codes = clustered_codes(full_saves + adds, bits, seed=1, draw=2)
+        thumbnail = np.full((thumbnail_side, thumbnail_side, 1), 128, np.uint8)
+        timings: dict[str, list[float]] = {"add, full save": [], "add, delta": [], "delete, delta": [], "load": []}
+        for i in range(full_saves + adds):
+            item_id, start = items + i, time.perf_counter()
+            item_index.add(codes[i : i + 1], [item_id], sources=[f"bench:{item_id}"], thumbnails=[thumbnail])
+            if i < full_saves:
+                item_index.save(path)
+            else:
+                item_index.save_changes(path, added=[item_id])
+            timings["add, full save" if i < full_saves else "add, delta"].append(time.perf_counter() - start)
+        for item_id in range(deletes):
+            start = time.perf_counter()
+            item_index.remove([item_id])
+            item_index.save_changes(path, removed=[item_id])
+            timings["delete, delta"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        loaded = load_index(path)
+        timings["load"].append(time.perf_counter() - start)
+        if len(loaded) != len(item_index):
+            raise AssertionError(f"the directory reloads {len(loaded)} items, {len(item_index)} were committed")
+        return {name: _summary(seconds) for name, seconds in timings.items()}
+
+
+def _item_index(items: int, bits: int, kind: str, thumbnail_side: int) -> ItemIndex:
+    item_index = ItemIndex(HammingIndex(bits, kind), model_id="bench", class_names=[str(c) for c in range(10)])
+    thumbnails = np.random.default_rng(0).integers(0, 256, (items, thumbnail_side, thumbnail_side, 1), dtype=np.uint8)
+    item_index.add(clustered_codes(items, bits, seed=0), np.arange(items), labels=np.arange(items) % 10,
+                   sources=[f"bench:{i}" for i in range(items)], thumbnails=list(thumbnails))
+    return item_index
+
+
+def _summary(seconds: list[float]) -> dict[str, float]:
+    ms = np.array(seconds) * 1e3
+    return {"p50_ms": float(np.median(ms)), "p99_ms": float(np.percentile(ms, 99)), "max_ms": float(ms.max()),
+            "mean_ms": float(ms.mean()), "count": len(ms)}

@@ -152,3 +152,25 @@ def load_codes(path: str | Path, bits: int | None = None) -> CodeSet:
     if bits is not None and codes.shape[1] != bits:
         raise ValueError(f"{path}: expected {bits}-bit codes, found {codes.shape[1]} columns")
     return CodeSet.from_codes(np.where(codes > 0, 1, -1), labels)
+
+
+def code_words(codes: np.ndarray) -> np.ndarray:
+    """(w, n) uint64 words of packed (n, nbytes) codes, zero-padded to whole words; a view when nbytes == 8.
+
+    Word-major so that each word of every code is one contiguous row, the loop `flat_scan` vectorises.
+    """
+    n, nbytes = codes.shape
+    if nbytes == 8:
+        return np.ascontiguousarray(codes).view(np.uint64).reshape(1, n)
+    words = -(-nbytes // 8)
+    padded = np.zeros((n, 8 * words), dtype=np.uint8)
+    padded[:, :nbytes] = codes
+    return np.ascontiguousarray(padded.view(np.uint64).T)
+
+
+def extended_code_words(words: np.ndarray, codes: np.ndarray, added: np.ndarray) -> np.ndarray:
+    """`code_words(codes)` where `codes` are the codes of `words` followed by `added`: a view again for
+    8-byte codes, else one concatenation, never a redo of the words already there."""
+    if codes.shape[1] == 8:
+        return code_words(codes)
+    return np.concatenate([words, code_words(added)], axis=1)

@@ -4,7 +4,9 @@ Every answer is ordered by (Hamming distance, insertion order): items at the sam
 in the order they were added, so results are reproducible and identical to an exact brute-force
 scan wherever the index kind is exact. Kinds:
 
-- ``flat``: FAISS ``IndexBinaryFlat``, a full scan. Exact.
+- ``flat``: a full scan. Exact. k-NN on the CPU runs `vdsh.index.flat_scan` (a compiled scan: 0.05 ms
+  for one query over 59k 64-bit codes, k=100, where FAISS's took 0.10-0.12 ms); range search and
+  storage use FAISS ``IndexBinaryFlat``.
 - ``distinct``: items grouped by identical code, each distinct code scored once (`DistinctCodes`).
   Exact; cost follows the number of distinct codes, which is small for learned supervised codes.
 - ``auto``: ``flat`` storage that answers through ``distinct`` when codes repeat enough to pay. Exact.
@@ -31,16 +33,17 @@ from typing import Literal
 import faiss
 import numpy as np
 
-from vdsh.index.codes import code_bytes
+from vdsh.index.codes import code_bytes, code_words, extended_code_words
 from vdsh.index.distinct_codes import DistinctCodes, sort_by_distance_then_row
 
 Kind = Literal["flat", "distinct", "auto", "hash", "multihash", "ivf"]
 KINDS: tuple[str, ...] = ("flat", "distinct", "auto", "hash", "multihash", "ivf")
 EXACT_KINDS: tuple[str, ...] = ("flat", "distinct", "auto")
 # `auto` answers through the distinct codes when there are at most this many per item. Measured with
-# vdsh.index.bench on 64-bit clustered codes, k=100, one query: distinct beat flat at u/n = 0.31 (59k
-# items), 0.15 (1M) and 0.08 (10M), and lost at u/n ~ 1 (1.3x slower at 59k, 3x at 1M)
-AUTO_DISTINCT_RATIO = 0.5
+# `vdsh bench query` on 64-bit clustered codes, k=100, since the compiled flat scan (2-core machine
+# under load): at u/n = 0.31 (59k items) flat took 0.046 ms a query, distinct 0.095; at u/n = 0.15
+# (1M items) both ~0.17 ms for one query and distinct 2x faster in batches of 64 (0.27 vs 0.57 ms)
+AUTO_DISTINCT_RATIO = 0.2
 # FAISS runs on one OpenMP thread here; batches that scan more than this many codes (queries x codes)
 # are split across Python threads instead (FAISS releases the GIL). Measured on the shared 2-core
 # machine under load: one query over 1M codes took 1.6-2.2 ms on one OpenMP thread and 300-540 ms on
@@ -147,9 +150,10 @@ class HammingIndex:
                     self._train_ivf(codes)
                 if self._faiss is not None:
                     self._faiss.add(codes)
+            first_row = len(self._ids)
             self._codes = np.concatenate([self._codes, codes])
             self._ids = np.concatenate([self._ids, ids])
-            self._invalidate()
+            self._extend_caches(codes, ids, first_row)
 
     def remove(self, ids: np.ndarray) -> int:
         """Delete `ids` (KeyError naming any unknown one); later items keep their relative order."""
@@ -287,6 +291,21 @@ class HammingIndex:
     def _invalidate(self) -> None:
         self._sorted_ids: tuple[np.ndarray, np.ndarray] | None = None
         self._distinct: DistinctCodes | None = None
+        self._words: np.ndarray | None = None
+        self._gpu = None
+
+    def _extend_caches(self, codes: np.ndarray, ids: np.ndarray, first_row: int) -> None:
+        """Bring the look-up structures up to date with rows appended from `first_row` instead of dropping
+        them: one add then costs array copies (O(n)), not the sorts and grouping of a rebuild (O(n log n))."""
+        if self._sorted_ids is not None:
+            sorted_ids, order = self._sorted_ids
+            by_id = np.argsort(ids, kind="stable")
+            at = np.searchsorted(sorted_ids, ids[by_id])
+            self._sorted_ids = (np.insert(sorted_ids, at, ids[by_id]), np.insert(order, at, first_row + by_id))
+        if self._distinct is not None:
+            self._distinct.append(codes)
+        if self._words is not None:
+            self._words = extended_code_words(self._words, self._codes, codes)
         self._gpu = None
 
     def _check_codes(self, codes: np.ndarray, what: str) -> np.ndarray:
@@ -326,17 +345,34 @@ class HammingIndex:
             distinct = self._distinct_codes()
             parts = in_parallel(lambda q: distinct.knn(q, k), queries, len(distinct))
         elif self.kind in ("flat", "auto"):
-            parts = in_parallel(lambda q: self._flat_knn(q, k), queries, len(self))
+            search, calls_faiss = self._flat_knn(k)
+            parts = in_parallel(search, queries, len(self), calls_faiss)
         else:
             parts = in_parallel(lambda q: self._approximate_knn(q, k), queries, len(self))
         if len(parts) == 1:
             return parts[0]
         return np.concatenate([rows for rows, _ in parts]), np.concatenate([dists for _, dists in parts])
 
-    def _flat_knn(self, queries: np.ndarray, k: int) -> SearchResult:
-        # IndexBinaryFlat scans rows in order and keeps the earliest on ties (checked by the tests)
-        dists, rows = self._faiss.search(queries, k)
-        return rows, dists
+    def _flat_knn(self, k: int):
+        """Exact k-NN over every row for this k, and whether it calls FAISS: the compiled scan where it
+        applies, else FAISS's flat search.
+
+        Both keep the earliest rows on ties (checked by the tests). The scan's words are built here,
+        under the lock, so that the worker threads only read them.
+        """
+        from vdsh.index import flat_scan  # here, not at the top: numba takes 0.3 s to import
+
+        if flat_scan.supports(self.bits, k):
+            if self._words is None:
+                self._words = code_words(self._codes)
+            words = self._words
+            return (lambda queries: flat_scan.knn(words, queries, k)), False
+
+        def faiss_knn(queries: np.ndarray) -> SearchResult:
+            dists, rows = self._faiss.search(queries, k)
+            return rows, dists
+
+        return faiss_knn, True
 
     def _approximate_knn(self, queries: np.ndarray, k: int) -> SearchResult:
         """Hash/IVF k-NN with ties settled by row: every visited item up to the k-th distance competes."""
@@ -421,15 +457,20 @@ def _search_pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=CORES, thread_name_prefix="vdsh-search")
 
 
-def in_parallel(search, queries: np.ndarray, codes_per_query: int) -> list:
-    """`search` over chunks of `queries`, one chunk per core when the batch is big enough, in order."""
+def in_parallel(search, queries: np.ndarray, codes_per_query: int, calls_faiss: bool = True) -> list:
+    """`search` over chunks of `queries`, one chunk per core when the batch is big enough, in order.
+
+    FAISS is held to one OpenMP thread while `search` runs, unless it does not call FAISS
+    (`calls_faiss=False`: the compiled scan), which spares three calls into FAISS (2 us).
+    """
+    threads = single_faiss_thread if calls_faiss else contextlib.nullcontext
     workers = min(CORES, len(queries))
     if workers < 2 or len(queries) * codes_per_query < PARALLEL_MIN_WORK:
-        with single_faiss_thread():
+        with threads():
             return [search(queries)]
 
     def run(chunk: np.ndarray):
-        with single_faiss_thread():
+        with threads():
             return search(chunk)
 
     return list(_search_pool().map(run, np.array_split(queries, workers)))

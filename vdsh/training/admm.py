@@ -9,7 +9,22 @@ a_M is the real-valued hashing output, codes b = sgn(a_M). The augmented Lagrang
   + γ/2 Σ_{m<M} ||z_m − relu(a_m)||²                   activation constraints (quadratic penalty)
   + λ/2 Σ_m ||W_m||² + ρ/2 Σ_m ||W_m − W_m^prev||²     ridge + proximal weight consensus
 
-couples each variable only to its neighbours in the chain x, a_1, z_1, a_2, …, z_{M−1}, a_M. One sweep:
+couples each variable only to its neighbours in the chain x, a_1, z_1, a_2, …, z_{M−1}, a_M. Two orders of the
+auxiliary updates are implemented (`order`):
+
+'backward' (default): per mini-batch, auxiliaries start at a forward pass (multipliers zero), the top's codes B are
+  fitted (SDH's B-step), and one top→bottom pass of local steps sets every layer's target: a_M moves a fraction
+  `step` towards B; each lower a_m changes by W_{m+1}ᵀ δa_{m+1}, masked to the units that are on (the z- and a-steps
+  linearised in the limit of a small penalty ratio). Each hidden layer's change is scaled to step·||a_m|| (adaptive
+  per-layer penalties). Then every W_m is, independently and at once, the proximal ridge regression of its target
+  on the forward input it sees. `step` decays on a cosine over the run; hidden layers start at the identity (`init`).
+  Note what this order is: the one pass carries the top's pull through the whole depth, and its direction is
+  exactly the back-propagated gradient of ½||a_M − B||² (a test checks this against autograd). What differs from
+  back-prop is everything else: discrete code targets, equal relative target steps for every layer, and weights
+  solved in closed form (an input-covariance-preconditioned, proximal least-squares step) instead of a gradient step.
+  Measured on mnist-5k (48 bits, width 256, CPU): mAP 0.87 at depth 8 and 0.83 at depth 32 (see BENCHMARKS.md).
+
+'odd-even' (the DESIGN's parallel order, full batch or mini-batches), one sweep:
   0. auxiliaries re-initialised from a plain forward pass of the current weights (every
      `reinit_every` sweeps; multipliers zeroed or kept), so every sweep starts forward-consistent.
   1. top (SDH's discrete step): codes B ∈ {±1} minimising ||Y − BC||² + ν||B − F||², F the forward
@@ -26,11 +41,15 @@ couples each variable only to its neighbours in the chain x, a_1, z_1, a_2, …,
      the layer actually sees at test time (a target-propagation style fit: W moves by a
      ρ-damped, input-covariance-preconditioned step towards its target); 'auxiliary' is the ADMM z.
   4. multipliers: u_m += a_m − W_m z_{m−1} − b_m.
-Nothing back-propagates through the depth; every step is closed form. Cost per sweep is linear in depth
+In this order nothing crosses more than one layer per round; every step is closed form. Cost per sweep is linear in depth
 (aux_iterations + 2 GEMM passes, plus batched w×w solves). The weights kept are those of the sweep with
 the best validation mAP of forward-pass codes (`keep_best`), optionally with early stopping (`patience`).
 
-Stochastic variant (minibatch_size): auxiliaries exist for one mini-batch at a time (initialised by a
+Why 'backward' is the default: with fixed penalties each odd/even round carries the top's pull one layer down and
+shrinks it (by about γ/(β+γ) · βs²/(γ+βs²) ≤ 1/4 per layer for β = γ and singular values s ≈ 1), so deep layers
+barely learn: 0.48 mAP at depth 8 on mnist-5k, near chance at depth 32, against 0.87 and 0.83 for 'backward'.
+
+Stochastic variant of 'odd-even' (minibatch_size): auxiliaries exist for one mini-batch at a time (initialised by a
 forward pass, multipliers at zero), codes B by the same discrete step, `aux_iterations` odd/even
 rounds are run on it, and the weight step (inputs chosen by `fit_inputs`) uses Gram statistics
 accumulated across mini-batches (an exponential running mean).
@@ -48,6 +67,7 @@ what the layer computes.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -56,29 +76,30 @@ import torch
 
 from vdsh.index.metrics import mean_average_precision
 from vdsh.training.code_head import LinearCodeHead, binary_codes, ridge_classifier, squared_loss
-from vdsh.training.mlp import DeepMLP, check_plain_mlp_problem
+from vdsh.training.distributed import broadcast_, global_mean, global_min, global_sum, rank_and_world
+from vdsh.training.mlp import DeepMLP, check_plain_mlp_problem, identity_hidden_layers
 
 
 @dataclass
 class AdmmOptions:
     """ADMM options (see the module docstring for the role of each).
 
-    Defaults: the best of five 6–8-sweep runs on mnist-sample, depth 8 × 256, 48 bits (rho 0.1/0.3, nu 0.01/0.03/0.1,
-    code_weight 1/3, aux_iterations 4/8, multipliers reset/kept): forward-pass validation mAP 0.49 at sweep 4; not a
-    converged tuning. Measured on CPU (mnist-5k, 48 bits, width 256): mAP@all 0.48 at depth 8 after 6 sweeps (back-prop
-    15 epochs: 0.89), validation mAP 0.14 at depth 32 after 4 sweeps: 8 odd/even rounds per sweep carry the top's pull
-    only ~8 layers down, and it weakens with every layer, so deep layers barely learn (the open gap, issue 3).
-    On mnist-sample at depth 8, aux_iterations 16 reached validation mAP 0.555 after 6 sweeps (8: 0.49), at twice the cost
-    per sweep: more rounds help, which points at propagation depth as the limit."""
+    Defaults ('backward' order): from prototype runs on mnist-5k, depth 8 × 256, 48 bits, 10–15 sweeps (step 0.03/0.1/0.3,
+    rho 0.1/1/3, mini-batches 250/500/1000, nu 0.1/1, stat_decay 0/0.9, identity/MSRA start); the odd-even settings that
+    were best for that order are rho 0.1, nu 0.01, minibatch_size None, stat_decay 0.9, init 'msra'. Not a converged tuning."""
 
+    order: str = "backward"  # auxiliary update order: 'backward' (one top→bottom pass per mini-batch) or 'odd-even'
+    init: str = "identity"  # hidden layers start as 'identity' (W = I, b = 0) or keep the encoder's 'msra' init
+    step: float = 0.1  # 'backward': every layer's target moves by step·||a_m|| (relative, per mini-batch)
+    step_schedule: str = "cosine"  # 'cosine' decay of step over the run, or 'constant'
     beta: float = 1.0  # weight of the linear constraints a = Wz + b (and of their multipliers)
     gamma: float = 1.0  # weight of the activation constraints z = relu(a)
-    rho: float = 0.1  # proximal pull of W towards its previous value (the θ̃ consensus)
+    rho: float = 1.0  # proximal pull of W towards its previous value (the θ̃ consensus)
     ridge: float = 1e-3  # λ of the weight ridge regression (per-sample scale)
     classifier_ridge: float = 1.0  # λ of the classifier ridge regression on the codes
     code_weight: float = 1.0  # μ: pull of the top a_M towards the discrete codes B (margin 1)
     loss_weight: float = 0.0  # ℓ: weight of the classifier loss ½||y − a_M C||² on the top auxiliary
-    nu: float = 0.01  # ν: closeness of the discrete codes B to the forward-pass outputs in the B-step
+    nu: float = 0.1  # ν: closeness of the discrete codes B to the forward-pass outputs in the B-step
     bit_sweeps: int = 2  # DCC sweeps over the bits in the B-step
     aux_iterations: int = 8  # odd/even auxiliary updates per sweep
     reinit_every: int = 1  # sweeps between re-initialisations of the auxiliaries from a forward pass (0: never)
@@ -86,11 +107,12 @@ class AdmmOptions:
     fit_inputs: str = "forward"  # inputs of the weight regressions: 'auxiliary' z or 'forward' activations
     penalty_growth: float = 1.0  # β and γ are multiplied by this after every sweep (>1 tightens constraints)
     multipliers: str = "all"  # 'all' layers, 'top' layer only, or 'none' (pure quadratic penalty)
-    sweeps: int = 20
+    sweeps: int = 15
     keep_best: bool = True  # return the weights of the evaluation with the best validation (else train) mAP
     patience: int = 0  # stop after this many evaluations without improvement (0: never)
-    minibatch_size: int | None = None  # None: full batch (every auxiliary variable in memory)
-    stat_decay: float = 0.9  # running-mean decay of the weight statistics in the stochastic variant
+    minibatch_size: int | None = 250  # None: full batch (every auxiliary variable in memory)
+    stat_decay: float = 0.0  # running-mean decay of the weight statistics across mini-batches (0: this batch's only)
+    classifier_decay: float = 0.9  # running-mean decay of the classifier across mini-batches
     device: str = "cpu"
     dtype: str = "float32"  # storage/GEMM dtype of the auxiliaries: 'float32' or 'bfloat16'; solves stay float32
     eval_every: int = 1  # sweeps between mAP evaluations (0: only at the end)
@@ -98,6 +120,12 @@ class AdmmOptions:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.order not in ("backward", "odd-even"):
+            raise ValueError(f"order must be 'backward' or 'odd-even', got {self.order!r}")
+        if self.init not in ("identity", "msra"):
+            raise ValueError(f"init must be 'identity' or 'msra', got {self.init!r}")
+        if self.step_schedule not in ("cosine", "constant") or not 0 < self.step <= 1:
+            raise ValueError(f"step must be in (0, 1] and step_schedule 'cosine' or 'constant', got {self.step}, {self.step_schedule!r}")
         if self.multipliers not in ("all", "top", "none"):
             raise ValueError(f"multipliers must be 'all', 'top' or 'none', got {self.multipliers!r}")
         if self.fit_inputs not in ("auxiliary", "forward"):
@@ -323,6 +351,31 @@ def solve_outputs(aux: Auxiliaries, weights: LayerWeights, beta: float, gamma: f
     return solve_spd_right(system, rhs).to(dtype)
 
 
+def backward_targets(weights: LayerWeights, forward: Auxiliaries, codes: torch.Tensor, step: float) -> Auxiliaries:
+    """Every layer's pre-activation target from one top→bottom pass in which each step reads only its neighbour.
+
+    Top: a_M moves the fraction `step` of the way to its discrete codes. Below it, the change δa_m of layer m sets
+    δz_{m−1} = W_mᵀ δa_m (the z-step's minimiser in the limit of a small penalty ratio, linearised) and
+    δa_{m−1} = 1[a_{m−1} > 0] ⊙ δz_{m−1} (the a-step: a unit that is off stays off). Each hidden δa_m is then scaled to
+    step·||a_m|| (an adaptive per-layer penalty: every layer is asked for the same relative change, so the deep
+    layers are not starved by the attenuation that fixed penalties cause). Multipliers are zero: the auxiliaries
+    of a mini-batch live for one step. Returns auxiliaries whose a are the targets and z the forward inputs.
+    """
+    a = forward.a.float()
+    top_delta = step * (codes.float() - forward.a_top.float())
+    above = [*weights.hidden.unbind(0), weights.top]  # W_{m+1}: the layer reading hidden layer m's output
+    delta, directions = top_delta, []
+    for m in range(len(a) - 1, -1, -1):
+        delta = (delta @ above[m][:, :-1]) * (a[m] > 0)
+        delta = delta / delta.norm().clamp_min(1e-30)  # only the direction travels on: no under- or overflow at depth
+        directions.append(delta)
+    unit = torch.stack(directions[::-1])
+    targets = a + step * a.norm(dim=(1, 2))[:, None, None] * unit
+    dtype = forward.a.dtype
+    zeros = torch.zeros_like(forward.a)
+    return Auxiliaries(targets.to(dtype), forward.z, zeros, (forward.a_top.float() + top_delta).to(dtype), torch.zeros_like(forward.a_top))
+
+
 # ---------------------------------------------------------------- the trainer
 
 
@@ -343,18 +396,27 @@ class AdmmTrainer:
         device = torch.device(opt.device)
         torch.manual_seed(opt.seed)
         encoder.to(device)
+        if opt.init == "identity":
+            identity_hidden_layers(encoder)
         x = features.to(device, self.dtype)
         y = labels.to(device).float()
         weights = LayerWeights.from_mlp(encoder, device)
+        if rank_and_world()[1] > 1 and opt.order != "backward":
+            raise ValueError("data-parallel ADMM (several processes) runs the 'backward' order only")
+        broadcast_([weights.first, weights.hidden, weights.top])  # every rank starts from rank 0's weights
         head = LinearCodeHead(opt.classifier_ridge)
         history: list[dict] = []
         start = time.perf_counter()
-        state: dict = {"beta": opt.beta, "gamma": opt.gamma, "stats": None, "aux": None}
         full_batch = opt.minibatch_size is None or opt.minibatch_size >= len(x)
+        batches = global_min(1 if full_batch else -(-len(x) // opt.minibatch_size), device)  # ranks step together
+        state: dict = {"beta": opt.beta, "gamma": opt.gamma, "stats": None, "aux": None, "step": 0, "steps": opt.sweeps * batches,
+                       "batches": batches}
         best: tuple[float, LayerWeights | None] = (-1.0, None)
         since_best, best_sweep = 0, 0
         for sweep in range(1, opt.sweeps + 1):
-            if full_batch:
+            if opt.order == "backward":
+                weights, terms = self.target_sweep(weights, x, y, head, state)
+            elif full_batch:
                 weights, terms = self.full_batch_sweep(weights, x, y, head, state, sweep)
             else:
                 weights, terms = self.stochastic_sweep(weights, x, y, head, state)
@@ -364,9 +426,9 @@ class AdmmTrainer:
             if (opt.eval_every and sweep % opt.eval_every == 0) or sweep == opt.sweeps:
                 weights.write_to(encoder)
                 record.update(self.evaluate(encoder, x, y, validation))
-                if full_batch:
+                if state["aux"] is not None:
                     record["train_map_auxiliary"] = auxiliary_map(state["aux"].a_top, y, opt.eval_size, opt.seed)
-                score = record.get("val_map", record["train_map"])
+                score = float(rank_zero_value(record.get("val_map", record["train_map"]), device))  # ranks keep the same sweep
                 if score > best[0]:
                     best, since_best, best_sweep = (score, weights.clone()), 0, sweep
                 else:
@@ -422,24 +484,60 @@ class AdmmTrainer:
             xb, yb = x[idx], y[idx]
             aux = forward_init(weights, xb, self.dtype)
             forward_z = aux.z.clone()
-            if head.classifier is None:
-                head.fit(aux.a_top.float(), yb)
-            codes = discrete_codes(aux.a_top.float(), yb, head.classifier, opt.nu, opt.bit_sweeps)
+            codes = self.minibatch_codes(aux.a_top.float(), yb, head)
             for _ in range(opt.aux_iterations):
                 self.update_auxiliaries(aux, weights, xb, yb, head, state, codes)
             inputs = aux if opt.fit_inputs == "auxiliary" else Auxiliaries(aux.a, forward_z, aux.u, aux.a_top, aux.u_top)
             stats = weight_statistics(xb, inputs)
             state["stats"] = stats if state["stats"] is None else state["stats"].blend(stats, opt.stat_decay)
             weights = solve_weights(state["stats"], weights, opt.ridge, opt.rho)
-            # Classifier: ridge on this batch's codes, blended so that it sees the whole set over a sweep.
-            new_classifier = ridge_classifier(codes, yb, opt.classifier_ridge)
-            head.classifier = opt.stat_decay * head.classifier + (1 - opt.stat_decay) * new_classifier
             terms = self.objective_terms(aux, weights, xb, yb, head, state)
             residuals = terms.pop("residuals")  # per layer: the last mini-batch's
             for k, v in terms.items():
                 totals[k] = totals.get(k, 0.0) + v
             batches += 1
         return weights, {**{k: v / batches for k, v in totals.items()}, "residuals": residuals}
+
+    def target_sweep(self, weights: LayerWeights, x: torch.Tensor, y: torch.Tensor, head: LinearCodeHead, state: dict) -> tuple[LayerWeights, dict]:
+        """'backward' order, one pass over shuffled mini-batches: forward, codes, backward targets, all weights at once."""
+        opt = self.options
+        size = opt.minibatch_size or len(x)
+        totals = {"loss": 0.0, "residual_max": 0.0, "residual_mean": 0.0, "step": 0.0}
+        residuals = torch.zeros(0)
+        batches = 0
+        for idx in torch.randperm(len(x), device=x.device).split(size)[: state["batches"]]:
+            xb, yb = x[idx], y[idx]
+            forward = forward_init(weights, xb, self.dtype)
+            codes = self.minibatch_codes(forward.a_top.float(), yb, head)
+            step = self.step_size(state)
+            targets = backward_targets(weights, forward, codes, step)
+            stats = WeightStatistics(*global_mean(asdict_tensors(weight_statistics(xb, targets)), len(xb)))
+            state["stats"] = stats if state["stats"] is None or opt.stat_decay == 0 else state["stats"].blend(stats, opt.stat_decay)
+            weights = solve_weights(state["stats"], weights, opt.ridge, opt.rho)
+            residuals = target_residuals(weights, xb, targets)
+            totals["loss"] += float(squared_loss(binary_codes(forward.a_top.float()), yb, head.classifier))
+            totals["residual_max"] += float(residuals.max())
+            totals["residual_mean"] += float(residuals.mean())
+            totals["step"] += step
+            batches += 1
+        return weights, {**{k: v / batches for k, v in totals.items()}, "residuals": residuals.tolist()}
+
+    def step_size(self, state: dict) -> float:
+        """The relative target step of this mini-batch: constant, or cosine-decayed over the whole run."""
+        opt = self.options
+        fraction = min(state["step"] / max(state["steps"], 1), 1.0)
+        state["step"] += 1
+        return opt.step if opt.step_schedule == "constant" else opt.step * 0.5 * (1 + math.cos(math.pi * fraction))
+
+    def minibatch_codes(self, forward_top: torch.Tensor, y: torch.Tensor, head: LinearCodeHead) -> torch.Tensor:
+        """The B-step on a mini-batch; the classifier is refitted on its codes and blended, so over a sweep it sees all."""
+        opt = self.options
+        if head.classifier is None:
+            head.classifier = ridge_classifier(binary_codes(forward_top), y, opt.classifier_ridge, reduce=global_sum)
+        codes = discrete_codes(forward_top, y, head.classifier, opt.nu, opt.bit_sweeps)
+        new_classifier = ridge_classifier(codes, y, opt.classifier_ridge, reduce=global_sum)
+        head.classifier = opt.classifier_decay * head.classifier + (1 - opt.classifier_decay) * new_classifier
+        return codes
 
     def update_auxiliaries(self, aux: Auxiliaries, weights: LayerWeights, x: torch.Tensor, y: torch.Tensor, head: LinearCodeHead, state: dict, codes: torch.Tensor) -> None:
         """Odd block (all a_m, in parallel) then even block (all z_m, in parallel)."""
@@ -486,6 +584,21 @@ class AdmmTrainer:
     def evaluate(self, encoder: DeepMLP, x: torch.Tensor, y: torch.Tensor, validation: Validation | None) -> dict:
         """mAP@all of plain forward-pass codes: training queries vs the training set, and the validation slice."""
         return evaluate_encoder(encoder, x, y, validation, self.options.eval_size, self.options.seed)
+
+
+def rank_zero_value(value: float, device: torch.device) -> torch.Tensor:
+    """Rank 0's value on every rank (a scalar decision all ranks must take alike)."""
+    t = torch.tensor([value], device=device)
+    broadcast_([t])
+    return t[0]
+
+
+def target_residuals(weights: LayerWeights, x: torch.Tensor, targets: Auxiliaries) -> torch.Tensor:
+    """Per layer, ||target − (W z + b)|| / ||target|| after the weight step: how far each layer is from its target."""
+    hidden, top = preactivation_targets(weights, x, targets)
+    hidden_res = (targets.a.float() - hidden.float()).norm(dim=(1, 2)) / targets.a.float().norm(dim=(1, 2)).clamp_min(1e-12)
+    top_res = (targets.a_top.float() - top.float()).norm() / targets.a_top.float().norm().clamp_min(1e-12)
+    return torch.cat([hidden_res, top_res[None]])
 
 
 def forward_codes(encoder: torch.nn.Module, features: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from vdsh.training.admm import Validation, evaluate_encoder
+from vdsh.training.mlp import DeepMLP, identity_hidden_layers
 
 
 @dataclass
@@ -35,6 +36,7 @@ class BackpropOptions:
     loss: str = "auto"  # 'auto' (cross-entropy, or BCE for multi-label), 'squared'
     quantisation: float = 0.0
     label_smoothing: float = 0.0  # single-label: softmax targets (1 - s) + s/L; multi-label: BCE targets pulled s/2 to 1/2
+    init: str = "encoder"  # 'encoder' (its own init, MSRA for the MLP) or 'identity' (DeepMLP hidden layers W = I, b = 0)
     plain_classifier: bool = False  # no tanh head: the encoder's outputs are the class scores (classifier baseline)
     channels_last: bool = False  # NHWC memory format for image encoders (faster convs: tensor cores, oneDNN)
     device: str = "cpu"
@@ -50,6 +52,8 @@ class BackpropOptions:
             raise ValueError(f"schedule must be onecycle, cosine, step or constant, got {self.schedule!r}")
         if self.loss not in ("auto", "squared"):
             raise ValueError(f"loss must be 'auto' or 'squared', got {self.loss!r}")
+        if self.init not in ("encoder", "identity"):
+            raise ValueError(f"init must be 'encoder' or 'identity', got {self.init!r}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
@@ -97,6 +101,10 @@ class BackpropTrainer:
         if len(features) != len(labels):
             raise ValueError(f"features and labels differ in length: {len(features)} vs {len(labels)}")
         torch.manual_seed(opt.seed)
+        if opt.init == "identity":
+            if not isinstance(encoder, DeepMLP):
+                raise ValueError("init='identity' applies to a DeepMLP's square hidden layers only")
+            identity_hidden_layers(encoder)
         device = torch.device(opt.device)
         memory_format = torch.channels_last if opt.channels_last else torch.preserve_format
         encoder.to(device, memory_format=memory_format).train()

@@ -7,6 +7,8 @@ labels Y on the codes in closed form, W = (BᵀB + λI)⁻¹ BᵀY, and the loss
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 
@@ -15,14 +17,21 @@ def binary_codes(z: torch.Tensor) -> torch.Tensor:
     return torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
 
 
-def ridge_classifier(codes: torch.Tensor, labels: torch.Tensor, ridge: float = 1.0) -> torch.Tensor:
-    """W (bits, L) minimising ||Y − BW||² + ridge·||W||², solved in float32 on the codes' device."""
+def ridge_classifier(codes: torch.Tensor, labels: torch.Tensor, ridge: float = 1.0,
+                     reduce: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None) -> torch.Tensor:
+    """W (bits, L) minimising ||Y − BW||² + ridge·||W||², solved in float32 on the codes' device.
+
+    `reduce` sums BᵀB and BᵀY over the samples other processes hold (data-parallel training), so every
+    process solves the regression of the whole training set.
+    """
     if codes.ndim != 2 or labels.ndim != 2 or codes.shape[0] != labels.shape[0]:
         raise ValueError(f"codes (N, bits) and labels (N, L) must share N, got {tuple(codes.shape)} and {tuple(labels.shape)}")
     b = codes.float()
     y = labels.to(b.device).float()
-    gram = b.T @ b + ridge * torch.eye(b.shape[1], device=b.device)
-    return torch.linalg.solve(gram, b.T @ y)
+    gram, rhs = b.T @ b, b.T @ y
+    if reduce is not None:
+        gram, rhs = reduce([gram, rhs])
+    return torch.linalg.solve(gram + ridge * torch.eye(b.shape[1], device=b.device), rhs)
 
 
 def squared_loss(outputs: torch.Tensor, labels: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:

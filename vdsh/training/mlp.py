@@ -69,6 +69,19 @@ class DeepMLP(nn.Module):
         return cls(**config)
 
 
+def identity_hidden_layers(mlp: DeepMLP) -> None:
+    """Set every width→width layer to W = I, b = 0.
+
+    Its input is already a ReLU output (≥ 0), so relu(I·z) = z: at the start the deep plain network computes
+    exactly what its first and last layers compute, however deep it is, and every layer's Jacobian is a 0/1 mask
+    instead of a product of random matrices. The network stays plain; only the starting point differs.
+    """
+    with torch.no_grad():
+        for linear in mlp.linears[1:-1]:
+            linear.weight.copy_(torch.eye(mlp.width, dtype=linear.weight.dtype))
+            linear.bias.zero_()
+
+
 def check_plain_mlp_problem(encoder: nn.Module, features: torch.Tensor, labels: torch.Tensor, trainer: str) -> None:
     """The layer-wise trainers' precondition: a plain DeepMLP and (N, in_features) features with N labels."""
     if not isinstance(encoder, DeepMLP) or not encoder.is_plain:

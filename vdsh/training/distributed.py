@@ -1,0 +1,63 @@
+"""Data-parallel training across processes with torch.distributed: samples are sharded, sums are all-reduced.
+
+In the ADMM trainer every per-sample step (forward pass, codes, targets) is local to the rank holding the
+sample; the weight and classifier solves read only sums over samples, so each rank contributes its share,
+all ranks solve the same systems and their weights stay identical without ever being sent. Any backend
+torchrun sets up works: gloo on CPU (what the tests use), NCCL on GPUs. Without an initialised process
+group every function here is the identity, so single-process code pays nothing.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) when no process group is running."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_from_env(device: str) -> tuple[int, int]:
+    """Join the process group torchrun describes (WORLD_SIZE > 1 in the environment); (rank, world size)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return rank_and_world()
+
+
+def global_sum(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Every rank's tensors summed over all ranks, in one collective call."""
+    if rank_and_world()[1] == 1:
+        return tensors
+    flat = torch.cat([t.reshape(-1).float() for t in tensors])
+    dist.all_reduce(flat)
+    sizes = [t.numel() for t in tensors]
+    return [part.reshape(t.shape).to(t.dtype) for part, t in zip(flat.split(sizes), tensors)]
+
+
+def global_mean(tensors: list[torch.Tensor], count: int) -> list[torch.Tensor]:
+    """Per-sample means over all ranks, from each rank's means over its `count` samples (counts may differ)."""
+    if rank_and_world()[1] == 1:
+        return tensors
+    *sums, total = global_sum([t * count for t in tensors] + [torch.tensor(float(count), device=tensors[0].device)])
+    return [s / total for s in sums]
+
+
+def broadcast_(tensors: list[torch.Tensor], source: int = 0) -> None:
+    """Overwrite every rank's tensors with the source rank's (the same starting weights everywhere)."""
+    if rank_and_world()[1] > 1:
+        for t in tensors:
+            dist.broadcast(t, source)
+
+
+def global_min(value: int, device: torch.device | str = "cpu") -> int:
+    """The smallest of every rank's value: ranks must agree on how many collective steps they take."""
+    if rank_and_world()[1] == 1:
+        return value
+    t = torch.tensor([value], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
