@@ -162,7 +162,8 @@ def bench_cnn_train(
             f"CNN trainers: {protocol}, {bits} bits, {encoder}",
             f"Protocol {protocol}, {bits} bits, seed {seed}, {encoder} (width {width or 'default'}), {epochs} epochs "
             "(the hybrid: trunk epochs, then ADMM sweeps of its MLP head); mAP@all of the protocol's queries against its "
-            "database, forward-pass codes. Train time: the fit alone (wall clock). CNN ADMM and the hybrid keep the "
+            "database, forward-pass codes. Train time: the trainer's own wall clock, its mAP evaluations excluded (the "
+            "hybrid's includes extracting the training features). CNN ADMM and the hybrid keep the "
             "epoch / sweep with the best mAP on a validation slice of database images outside the training set.\n\n"
             + markdown_table(["trainer", "mAP@all", "train s"], table),
             device=device,
