@@ -8,7 +8,7 @@ import typer
 
 from vdsh.app import index_commands, train_commands
 from vdsh.app.bench_commands import bench
-from vdsh.app.cnn_commands import bench_cnn
+from vdsh.app.cnn_commands import bench_cnn, bench_cnn_train
 from vdsh.app.demo_commands import demo
 from vdsh.app.eval_commands import evaluate
 from vdsh.app.methods_bench import bench_methods
@@ -21,6 +21,7 @@ app.command("eval")(evaluate)
 bench.command("train")(train_commands.bench_train)
 app.add_typer(bench, name="bench")
 bench.command("cnn")(bench_cnn)
+bench.command("cnn-train")(bench_cnn_train)
 app.add_typer(index_commands.index_app, name="index")
 app.command("query")(index_commands.query_command)
 app.command("serve")(index_commands.serve_command)

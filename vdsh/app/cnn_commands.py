@@ -1,4 +1,5 @@
-"""`vdsh bench cnn`: CPU encoding latency of each CNN encoder (it sets the server's query latency)."""
+"""CNN commands: `vdsh bench cnn` (CPU encoding latency of each CNN encoder: it sets the server's query latency),
+`vdsh bench cnn-train` (the CNN trainers side by side) and the CNN path of `vdsh train`."""
 
 from __future__ import annotations
 
@@ -62,25 +63,108 @@ def bench_cnn(
     )
 
 
-def run_cnn_training(protocol: str, bits: int, encoder: str, width: int | None, device: str, seed: int, epochs: int,
-                     out, data_root: str | None, extra: dict | None = None, classifier_baseline: bool = False) -> dict:
-    """`vdsh train --encoder small_cnn|resnet9|dwsep`: train on the protocol's images, save like the MLP path."""
+CNN_TRAINERS = ("backprop", "cnn-admm", "hybrid")
+
+
+def fit_cnn(trainer: str, encoder: str, images, labels, bits: int, width: int | None, depth: int | None, device: str,
+            seed: int, epochs: int, extra: dict, augmentation, validation, classifier_baseline: bool):
+    """One CNN training run on uint8 images: (HashingModel, history, the options used as a dict)."""
     from dataclasses import asdict, replace
 
-    from vdsh.app.train_commands import final_query_map, save_run
-    from vdsh.data.protocols import load_protocol
-    from vdsh.training.cnn_training import CNN_OPTIONS, default_augmentation, train_cnn
+    from vdsh.training.cnn_training import CNN_OPTIONS, train_cnn
 
+    if classifier_baseline and trainer != "backprop":
+        raise typer.BadParameter(f"--classifier-baseline trains a back-prop classifier; it does not apply to --trainer {trainer}")
+    if trainer == "cnn-admm":
+        from vdsh.training.cnn_admm import CnnAdmmOptions, train_cnn_admm
+
+        options = CnnAdmmOptions(**{"epochs": epochs, "device": device, "seed": seed, **extra})
+        model, history = train_cnn_admm(encoder, images, labels, bits, width, options, augmentation, validation)
+    elif trainer == "hybrid":
+        from vdsh.training.hybrid import HybridOptions, hybrid_options, train_hybrid
+
+        options = hybrid_options(epochs, depth or HybridOptions.mlp_depth, device, seed, extra)
+        model, history = train_hybrid(encoder, images, labels, bits, width, options, augmentation, validation)
+    else:
+        options = replace(CNN_OPTIONS, device=device, seed=seed, epochs=epochs,
+                          dtype="bfloat16" if device.startswith("cuda") else "float32", **extra)
+        model, history = train_cnn(encoder, images, labels, bits, width, options, augmentation, classifier_baseline)
+    return model, history, asdict(options)
+
+
+def run_cnn_training(protocol: str, bits: int, encoder: str, width: int | None, device: str, seed: int, epochs: int,
+                     out, data_root: str | None, extra: dict | None = None, classifier_baseline: bool = False,
+                     trainer: str = "backprop", depth: int | None = None) -> dict:
+    """`vdsh train --encoder small_cnn|resnet9|dwsep [--trainer backprop|cnn-admm|hybrid]`: train on the protocol's
+    images, save like the MLP path. cnn-admm and hybrid keep the epoch / sweep with the best mAP on a validation
+    slice of database images outside the training set (never a query); back-prop keeps its last epoch."""
+    from vdsh.app.train_commands import final_query_map, save_run, validation_slice
+    from vdsh.data.protocols import load_protocol
+    from vdsh.training.cnn_training import default_augmentation
+
+    if trainer not in CNN_TRAINERS:
+        raise typer.BadParameter(f"CNN encoders train with --trainer {', '.join(CNN_TRAINERS)}, got {trainer!r}")
     images, split = load_protocol(protocol, data_root, seed)
-    options = replace(CNN_OPTIONS, device=device, seed=seed, epochs=epochs,
-                      dtype="bfloat16" if device.startswith("cuda") else "float32", **(extra or {}))
+    labels = torch.as_tensor(images.labels).float()
+    validation = None if trainer == "backprop" else validation_slice(split, labels, lambda idx: images.images[idx], seed)
     torch.manual_seed(seed)
-    model, history = train_cnn(encoder, images.images[split.train], images.labels[split.train], bits, width, options,
-                               default_augmentation(protocol), classifier_baseline)
-    summary = {"protocol": protocol, "seed": seed, "trainer": "backprop", "encoder": encoder,
+    model, history, options = fit_cnn(trainer, encoder, images.images[split.train], images.labels[split.train], bits,
+                                      width, depth, device, seed, epochs, extra or {}, default_augmentation(protocol),
+                                      validation, classifier_baseline)
+    summary = {"protocol": protocol, "seed": seed, "trainer": trainer, "encoder": encoder,
                "encoder_config": model.encoder.config(), "bits": bits, "classifier_baseline": classifier_baseline,
-               "options": asdict(options),
-               "metrics": {"map_all": final_query_map(model, images, split, "cpu"), "train_time_s": history[-1]["time"]}}
+               "options": options,
+               "metrics": {"map_all": final_query_map(model, images, split, "cpu"), "val_map": history[-1].get("val_map"),
+                           "train_time_s": history[-1]["time"]}}
     if out is not None:
         save_run(out, model, summary, history, split)
     return summary
+
+
+# (row name, trainer, classifier baseline) of `vdsh bench cnn-train`
+CNN_BENCH_ROWS = {
+    "backprop": ("back-prop CNN", "backprop", False),
+    "classifier": ("classifier baseline", "backprop", True),
+    "cnn-admm": ("CNN ADMM (block-wise)", "cnn-admm", False),
+    "hybrid": ("hybrid: back-prop trunk + ADMM MLP head", "hybrid", False),
+}
+
+
+def bench_cnn_train(
+    protocol: str = typer.Option("mnist-5k", "--protocol", "--dataset"),
+    bits: int = typer.Option(48),
+    encoder: str = typer.Option("small_cnn", help="small_cnn, resnet9 or dwsep"),
+    width: int = typer.Option(None, help="CNN base channels (default per encoder)"),
+    epochs: int = typer.Option(10, help="epochs of back-prop, the classifier, CNN ADMM and the hybrid's trunk"),
+    rows: str = typer.Option(",".join(CNN_BENCH_ROWS), help=f"comma-separated subset of {', '.join(CNN_BENCH_ROWS)}"),
+    options: str = typer.Option("{}", help='per-row options as JSON, e.g. \'{"hybrid": {"head": {"sweeps": 5}}}\''),
+    device: str = typer.Option("cuda" if torch.cuda.is_available() else "cpu"),
+    seed: int = typer.Option(0),
+    data_root: str = typer.Option(None, envvar="VDSH_DATA"),
+) -> None:
+    """Back-prop CNN vs its classifier baseline vs block-wise CNN ADMM vs the hybrid, one protocol; a BENCHMARKS.md section."""
+    import json
+
+    chosen = [r.strip() for r in rows.split(",") if r.strip()]
+    unknown = sorted(set(chosen) - set(CNN_BENCH_ROWS))
+    if unknown:
+        raise typer.BadParameter(f"unknown rows {unknown}; known: {', '.join(CNN_BENCH_ROWS)}")
+    per_row = json.loads(options)
+    table = []
+    for row in chosen:
+        name, trainer, classifier = CNN_BENCH_ROWS[row]
+        summary = run_cnn_training(protocol, bits, encoder, width, device, seed, epochs, None, data_root,
+                                   per_row.get(row, {}), classifier, trainer)
+        m = summary["metrics"]
+        table.append([name, f"{m['map_all']:.4f}", f"{m['train_time_s']:.1f}"])
+        typer.echo(f"{name}: mAP@all {m['map_all']:.4f}, train {m['train_time_s']:.1f} s")
+        write_section(
+            f"CNN trainers: {protocol}, {bits} bits, {encoder}",
+            f"Protocol {protocol}, {bits} bits, seed {seed}, {encoder} (width {width or 'default'}), {epochs} epochs "
+            "(the hybrid: trunk epochs, then ADMM sweeps of its MLP head); mAP@all of the protocol's queries against its "
+            "database, forward-pass codes. Train time: the trainer's own wall clock, its mAP evaluations excluded (the "
+            "hybrid's includes extracting the training features). CNN ADMM and the hybrid keep the "
+            "epoch / sweep with the best mAP on a validation slice of database images outside the training set.\n\n"
+            + markdown_table(["trainer", "mAP@all", "train s"], table),
+            device=device,
+        )

@@ -32,9 +32,10 @@ def plot_history(history: list[dict], path: Path) -> None:
         if any(key in r for r in history):
             axes[0].plot(t, [r.get(key, np.nan) for r in history], label=key)
     axes[0].set_yscale("log"), axes[0].set_title("objective terms"), axes[0].legend()
-    if any("residual_max" in r for r in history):
-        axes[1].plot(t, [r["residual_max"] for r in history], label="max layer")
-        axes[1].plot(t, [r["residual_mean"] for r in history], label="mean")
+    with_residuals = [r for r in history if "residual_max" in r]  # a hybrid's trunk epochs have none
+    if with_residuals:
+        axes[1].plot([r["time"] for r in with_residuals], [r["residual_max"] for r in with_residuals], label="max layer")
+        axes[1].plot([r["time"] for r in with_residuals], [r["residual_mean"] for r in with_residuals], label="mean")
         axes[1].set_yscale("log"), axes[1].legend()
     axes[1].set_title("relative residual ||z_m - f(z_{m-1})||")
     for key in ("train_map", "val_map"):

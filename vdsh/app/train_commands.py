@@ -168,31 +168,35 @@ def save_run(out: Path, model: HashingModel, summary: dict, history: list[dict],
 def train(
     protocol: str = typer.Option("mnist-sample", "--protocol", "--dataset", help="protocol name (PROTOCOL.md)"),
     bits: int = typer.Option(48, help="code length"),
-    trainer: str = typer.Option("admm", help="admm, backprop, altmin, taylor, replay (features replay), semantic (RBMs), or a shallow hasher: lsh, itq, sdh, spectral"),
-    depth: int = typer.Option(8, help="weight layers"),
+    trainer: str = typer.Option(None, help="MLP: admm (default), backprop, altmin, taylor, replay (features replay), semantic (RBMs), or a shallow hasher: lsh, itq, sdh, spectral. CNN: backprop (default), cnn-admm (block-wise ADMM), hybrid (back-prop trunk + ADMM MLP head)"),
+    depth: int = typer.Option(None, help="weight layers of the MLP (default 8; hybrid: of its MLP head, default 4)"),
     width: int = typer.Option(None, help="MLP hidden units (default 1024) or CNN base channels (default per encoder)"),
-    encoder: str = typer.Option("mlp", help="mlp, or a CNN on the images: small_cnn, resnet9, dwsep (back-prop)"),
-    classifier_baseline: bool = typer.Option(False, help="CNN only: train a plain classifier, code its class scores"),
+    encoder: str = typer.Option(None, help="mlp (default), or a CNN on the images: small_cnn (default of cnn-admm and hybrid), resnet9, dwsep"),
+    classifier_baseline: bool = typer.Option(False, help="CNN back-prop only: train a plain classifier, code its class scores"),
     batchnorm: bool = typer.Option(False, help="BatchNorm (back-prop only)"),
     residual: bool = typer.Option(False, help="residual connections (back-prop only)"),
     device: str = typer.Option("cuda" if torch.cuda.is_available() else "cpu"),
     seed: int = typer.Option(0),
-    iterations: int = typer.Option(20, "--sweeps", "--epochs", help="sweeps (admm, altmin, taylor) or epochs (backprop, replay; semantic: fine-tuning)"),
+    iterations: int = typer.Option(20, "--sweeps", "--epochs", help="sweeps (admm, altmin, taylor) or epochs (backprop, replay, cnn-admm, the hybrid's trunk; semantic: fine-tuning)"),
     out: Path = typer.Option(Path("runs/latest"), help="output folder"),
     data_root: str = typer.Option(None, help="data root (default $VDSH_DATA)"),
-    options: str = typer.Option("{}", help='extra trainer options as JSON, e.g. \'{"beta": 0.1}\''),
+    options: str = typer.Option("{}", help='extra trainer options as JSON, e.g. \'{"beta": 0.1}\'; hybrid: \'{"mlp_width": 256, "head": {...}, "trunk": {...}}\''),
 ) -> None:
-    """Train an MLP (any trainer) or a CNN (back-prop) on a protocol's training set; save model.safetensors, history.json, split.npz, history.png."""
-    if encoder != "mlp":
-        from vdsh.app.cnn_commands import run_cnn_training
+    """Train an MLP (any trainer) or a CNN (back-prop, block-wise ADMM, or the hybrid) on a protocol's training set; save model.safetensors, history.json, split.npz, history.png."""
+    from vdsh.app.cnn_commands import CNN_TRAINERS, run_cnn_training
 
-        summary = run_cnn_training(protocol, bits, encoder, width, device, seed, iterations, out, data_root,
-                                   json.loads(options), classifier_baseline)
+    on_cnn = (encoder or "mlp") != "mlp" or trainer in ("cnn-admm", "hybrid")
+    if on_cnn:
+        trainer = trainer or "backprop"
+        if trainer not in CNN_TRAINERS or encoder == "mlp":
+            raise typer.BadParameter(f"a CNN encoder trains with --trainer {', '.join(CNN_TRAINERS)}; an MLP with "
+                                     f"{', '.join([*TRAINERS, *BASELINES])} (got --encoder {encoder}, --trainer {trainer})")
+        summary = run_cnn_training(protocol, bits, encoder or "small_cnn", width, device, seed, iterations, out, data_root,
+                                   json.loads(options), classifier_baseline, trainer, depth)
         typer.echo(json.dumps(summary["metrics"]))
         return
-    width = width or 1024
-    summary = run_training(protocol, bits, trainer, depth, width, batchnorm, residual, device, seed, iterations, out,
-                           data_root, json.loads(options))
+    summary = run_training(protocol, bits, trainer or "admm", depth or 8, width or 1024, batchnorm, residual, device, seed,
+                           iterations, out, data_root, json.loads(options))
     if "metrics" in summary:  # under torchrun, only rank 0 scores and reports
         typer.echo(json.dumps(summary["metrics"]))
 

@@ -11,7 +11,8 @@ codes are its signs). All weights start from MSRA (Kaiming fan-out) init, BN fro
   query time.
 
 Every encoder exposes `features(x) -> (N, feature_dim)` (the trunk) and `head` (the hashing layer), so a
-trainer can put something else on the trunk (a classifier for the classifier baseline, an MLP).
+trainer can put something else on the trunk (a classifier for the classifier baseline, an MLP), and
+`blocks()`, the same network cut into a sequence of stages for the layer-wise (ADMM) trainer.
 """
 
 from __future__ import annotations
@@ -71,13 +72,31 @@ class ImageEncoder(nn.Module):
         self.head = nn.Linear(feature_dim, self.bits)
         msra_init(self)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Trunk output (N, feature_dim): everything but the hashing head."""
+    def check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 4 or tuple(x.shape[1:]) != (self.in_channels, self.size, self.size):
             raise ValueError(
                 f"{type(self).__name__} expects (N, {self.in_channels}, {self.size}, {self.size}) images, got {tuple(x.shape)}"
             )
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Trunk output (N, feature_dim): everything but the hashing head."""
+        self.check_input(x)
         return self.trunk(x)
+
+    def blocks(self) -> nn.Sequential:
+        """The encoder as a sequence of stages sharing its modules (a view, not a copy): blocks()(x) == self(x).
+
+        A stage starts at every convolution unit of the trunk (an nn.Sequential: conv-BN-ReLU or a
+        depthwise-separable pair); pooling, residual and flatten layers join the stage before them, so
+        every stage ends where the resolution or the channel count changes. The hashing head is the last
+        stage. small_cnn: 3 conv stages + head; resnet9: 4 + head; dwsep: 5 + head.
+        """
+        stages: list[list[nn.Module]] = []
+        for module in self.trunk:
+            if isinstance(module, nn.Sequential) or not stages:
+                stages.append([])
+            stages[-1].append(module)
+        return nn.Sequential(*(nn.Sequential(*stage) for stage in stages), self.head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))

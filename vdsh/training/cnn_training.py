@@ -16,8 +16,10 @@ import torch
 
 import vdsh.training.encoders  # noqa: F401  (registers every encoder kind)
 from vdsh.training.augment import Augmentation, default_augmentation
+from vdsh.training.admm import Validation
 from vdsh.training.backprop import BackpropOptions, BackpropTrainer
 from vdsh.training.classifier_baseline import ClassScoreCode
+from vdsh.training.cnn import CNN_KINDS, ImageEncoder
 from vdsh.training.model import ENCODERS, HashingModel, InputSpec
 
 # The fast-CIFAR settings: one-cycle Nesterov SGD, label smoothing 0.1 as in the ResNet-9 trainers. Peak
@@ -40,23 +42,37 @@ def image_spec(images: np.ndarray) -> InputSpec:
     return InputSpec(images.shape[1], images.shape[2], "image", mean, std)
 
 
+def cnn_problem(kind: str, images: np.ndarray, labels: np.ndarray, outputs: int, width: int | None,
+                device: str) -> tuple[ImageEncoder, InputSpec, torch.Tensor]:
+    """A fresh CNN encoder with `outputs` units, the images' InputSpec and the prepared images on `device`."""
+    if kind not in CNN_KINDS:
+        raise ValueError(f"{kind!r} is not a CNN encoder; known: {', '.join(CNN_KINDS)}")
+    if len(images) != len(labels):
+        raise ValueError(f"need one label row per image, got {len(images)} images and {len(labels)} label rows")
+    spec = image_spec(images)
+    kwargs = {} if width is None else {"width": width}
+    encoder = ENCODERS[kind](spec.channels, spec.size, outputs, **kwargs)
+    x = torch.cat([spec.prepare(torch.as_tensor(images[i : i + 8192]).to(device)) for i in range(0, len(images), 8192)])
+    return encoder, spec, x
+
+
+def prepared_validation(spec: InputSpec, validation: Validation | None) -> Validation | None:
+    """A validation slice of uint8 images (N, C, H, W) made encoder input, as the training images are."""
+    if validation is None:
+        return None
+    return Validation(spec.prepare(validation.query), torch.as_tensor(validation.query_labels).float(),
+                      spec.prepare(validation.database), torch.as_tensor(validation.database_labels).float())
+
+
 def train_cnn(
     kind: str, images: np.ndarray, labels: np.ndarray, bits: int, width: int | None = None,
     options: BackpropOptions | None = None, augmentation: Augmentation | None = None,
     classifier_baseline: bool = False, compile: bool = False, progress=None,
 ) -> tuple[HashingModel, list[dict]]:
     """uint8 images (N, C, H, H) and multi-hot labels (N, L) -> trained HashingModel and the trainer's history."""
-    if kind not in ENCODERS or not hasattr(ENCODERS[kind], "features"):
-        raise ValueError(f"{kind!r} is not a CNN encoder; known: small_cnn, resnet9, dwsep")
-    if len(images) != len(labels):
-        raise ValueError(f"need one label row per image, got {len(images)} images and {len(labels)} label rows")
     options = replace(options or CNN_OPTIONS, plain_classifier=classifier_baseline)
-    spec = image_spec(images)
     classes = labels.shape[1]
-    kwargs = {} if width is None else {"width": width}
-    encoder = ENCODERS[kind](spec.channels, spec.size, classes if classifier_baseline else bits, **kwargs)
-    device = torch.device(options.device)
-    x = torch.cat([spec.prepare(torch.as_tensor(images[i : i + 8192]).to(device)) for i in range(0, len(images), 8192)])
+    encoder, spec, x = cnn_problem(kind, images, labels, classes if classifier_baseline else bits, width, options.device)
     trainer = BackpropTrainer(options, progress, augmentation or Augmentation())
     fitted = torch.compile(encoder) if compile else encoder
     _, history = trainer.fit(fitted, x, torch.as_tensor(labels).float(), validation=None)
@@ -65,4 +81,4 @@ def train_cnn(
     return HashingModel(final, spec), history
 
 
-__all__ = ["CNN_OPTIONS", "train_cnn", "image_spec", "channel_stats", "default_augmentation"]
+__all__ = ["CNN_OPTIONS", "train_cnn", "cnn_problem", "prepared_validation", "image_spec", "channel_stats", "default_augmentation"]
