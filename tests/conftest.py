@@ -38,3 +38,14 @@ def mnist_sample_features():
     idx = split.train[::5]
     x = InputSpec(1, 28, "pixels", [0.1307], [0.3081]).prepare(images.images[idx])
     return x, torch.as_tensor(images.labels[idx]).float()
+
+
+@pytest.fixture
+def one_thread():
+    """A small net gains nothing from a second thread, and spinning threads stall on a shared 2-core box."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

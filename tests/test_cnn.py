@@ -109,15 +109,6 @@ def test_augmentation_rejects_padding_as_large_as_the_image():
         random_crop(torch.randn(2, 1, 4, 4), padding=4)
 
 
-@pytest.fixture
-def one_thread():
-    """A width-8 net gains nothing from a second thread, and spinning threads stall on a shared 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("classifier_baseline", [False, True])
 def test_small_cnn_learns_on_the_embedded_sample(classifier_baseline, one_thread):
     from dataclasses import replace

@@ -16,15 +16,6 @@ from vdsh.training.model import ENCODERS, HashingModel, InputSpec, load_model, s
 CHANCE_MAP = 0.10  # ten balanced classes
 
 
-@pytest.fixture
-def one_thread():
-    """Width-8 nets gain nothing from a second thread, and spinning threads stall on a shared 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def small_batch(kind: str = "small_cnn", n: int = 32, bits: int = 16):
     torch.manual_seed(0)
     encoder = ENCODERS[kind](1, 28, bits, width=4).train()

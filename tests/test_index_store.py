@@ -137,6 +137,23 @@ class Crash(Exception):
     pass
 
 
+
+def fail_at_step(monkeypatch, real: dict, step: int) -> None:
+    """Patch the os calls in `real` so that the (step+1)-th call of any of them raises Crash."""
+    calls = {"n": 0}
+
+    def failing(name):
+        def call(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == step + 1:
+                raise Crash(f"{name} at step {step}")
+            return real[name](*args, **kwargs)
+
+        return call
+
+    for name in real:
+        monkeypatch.setattr(os, name, failing(name))
+
 def test_a_crash_at_any_step_leaves_the_old_or_the_new_index(tmp_path, monkeypatch):
     """Fail the n-th file-system step of a save for every n; the directory always loads a whole state."""
     directory = tmp_path / "idx"
@@ -145,19 +162,7 @@ def test_a_crash_at_any_step_leaves_the_old_or_the_new_index(tmp_path, monkeypat
     step = 0
     while True:
         save_index(directory, old)
-        calls = {"n": 0}
-
-        def failing(name):
-            def call(*args, **kwargs):
-                calls["n"] += 1
-                if calls["n"] == step + 1:
-                    raise Crash(f"{name} at step {step}")
-                return real[name](*args, **kwargs)
-
-            return call
-
-        for name in real:
-            monkeypatch.setattr(os, name, failing(name))
+        fail_at_step(monkeypatch, real, step)
         try:
             save_index(directory, new)
             crashed = False
@@ -372,19 +377,7 @@ def test_a_crash_at_any_step_of_a_delta_leaves_the_change_whole_or_absent(tmp_pa
         before = load_index(directory)
         changed = load_index(directory)
         added = add_some(changed, 700, 2, seed=4)
-        calls = {"n": 0}
-
-        def failing(name):
-            def call(*args, **kwargs):
-                calls["n"] += 1
-                if calls["n"] == step + 1:
-                    raise Crash(f"{name} at step {step}")
-                return real[name](*args, **kwargs)
-
-            return call
-
-        for name in real:
-            monkeypatch.setattr(os, name, failing(name))
+        fail_at_step(monkeypatch, real, step)
         try:
             changed.save_changes(directory, added=added)
             crashed = False

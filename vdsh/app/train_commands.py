@@ -14,7 +14,7 @@ from vdsh.app.benchmarks import write_section
 from vdsh.files import atomic_write_text
 from vdsh.app.plots import plot_history
 from vdsh.data.protocols import load_protocol
-from vdsh.training.admm import AdmmOptions, AdmmTrainer, Validation
+from vdsh.training.admm import AdmmOptions, AdmmTrainer, Validation, forward_codes
 from vdsh.training.altmin import AltMinOptions, AltMinTrainer
 from vdsh.training.baselines import BASELINES
 from vdsh.training.distributed import init_from_env
@@ -62,11 +62,11 @@ def validation_slice(split, labels: torch.Tensor, prepare, seed: int, val_querie
 
 
 def prepared_data(protocol: str, data_root: str | None, seed: int, val_queries: int = 500, val_database: int = 2000):
-    """(input spec, train features, train labels, validation slice, split, images) for a protocol."""
+    """(input spec, train features, train labels, validation slice, split, images, prepare) for a protocol."""
     spec, prepare, images, split = protocol_features(protocol, data_root, seed)
     labels = torch.as_tensor(np.asarray(images.labels)).float()
     validation = validation_slice(split, labels, prepare, seed, val_queries, val_database)
-    return spec, prepare(split.train), labels[split.train], validation, split, images
+    return spec, prepare(split.train), labels[split.train], validation, split, images, prepare
 
 
 # name -> (trainer class, options class, the option that --sweeps/--epochs sets)
@@ -108,6 +108,17 @@ def final_query_map(model: HashingModel, images, split, device: str) -> float:
     return mean_average_precision(q, images.labels[split.query], db, images.labels[split.database])
 
 
+def feature_query_map(encoder: torch.nn.Module, prepare, labels: np.ndarray, split) -> float:
+    """mAP@all of the protocol's queries against its database from prepared features (pixels, or cached GIST).
+
+    The same codes `HashingModel.encode` gives from the images, without recomputing GIST for 60,000 images.
+    """
+    from vdsh.index.metrics import mean_average_precision
+
+    q, db = forward_codes(encoder, prepare(split.query)), forward_codes(encoder, prepare(split.database))
+    return mean_average_precision(q, labels[split.query], db, labels[split.database])
+
+
 def fit_network(trainer: str, x: torch.Tensor, y: torch.Tensor, validation: Validation, depth: int, width: int, bits: int,
                 batchnorm: bool, residual: bool, iterations: int, options: dict, show_progress: bool):
     """Train a deep encoder with one of TRAINERS, showing a progress bar; (encoder, history)."""
@@ -129,7 +140,7 @@ def run_training(protocol: str, bits: int, trainer: str, depth: int, width: int,
                  extra: dict | None = None, show_progress: bool = True) -> dict:
     """Train one model; write model/history/split/plot under `out` when given; return the summary."""
     check_trainer(trainer)
-    spec, x, y, validation, split, images = prepared_data(protocol, data_root, seed)
+    spec, x, y, validation, split, images, prepare = prepared_data(protocol, data_root, seed)
     torch.manual_seed(seed)
     if trainer in BASELINES:  # shallow hashers: one fit, no iterations
         options = {"seed": seed, **(extra or {})}
@@ -147,7 +158,7 @@ def run_training(protocol: str, bits: int, trainer: str, depth: int, width: int,
             return {"protocol": protocol, "trainer": trainer, "rank": rank}  # no "metrics": nothing to report
     model = HashingModel(encoder.cpu(), spec)
     total_time = history[-1]["time"]
-    query_map = final_query_map(model, images, split, "cpu")
+    query_map = feature_query_map(model.encoder, prepare, np.asarray(images.labels), split)
     summary = {"protocol": protocol, "seed": seed, "trainer": trainer, "depth": depth, "width": width, "bits": bits,
                "batchnorm": batchnorm, "residual": residual, "options": options,
                "metrics": {"map_all": query_map, "val_map": history[-1].get("val_map"), "train_time_s": total_time}}

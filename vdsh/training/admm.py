@@ -611,8 +611,8 @@ def target_residuals(weights: LayerWeights, x: torch.Tensor, targets: Auxiliarie
 
 def forward_codes(encoder: torch.nn.Module, features: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
     """±1 float codes of a plain forward pass, in batches, on the encoder's device."""
-    device = next(encoder.parameters()).device
-    dtype = next(encoder.parameters()).dtype
+    tensor = next(iter([*encoder.parameters(), *encoder.buffers()]), torch.empty(0))  # shallow hashers hold buffers only
+    device, dtype = tensor.device, tensor.dtype
     was_training = encoder.training
     encoder.eval()
     try:
