@@ -44,7 +44,9 @@ def protocol_features(protocol: str, data_root: str | None, seed: int):
         from vdsh.data.gist import cifar10_gist
 
         all_features = cifar10_gist(data_root)
-        prepare = lambda idx: all_features[idx]  # noqa: E731
+        train = all_features[split.train]  # standardised with training statistics only, kept in the model's spec
+        spec = InputSpec(spec.channels, spec.size, "gist", train.mean(0).tolist(), train.std(0).clamp_min(1e-6).tolist())
+        prepare = lambda idx: spec.standardise(all_features[idx])  # noqa: E731
     else:
         prepare = lambda idx: spec.prepare(np.asarray(images.images[idx]))  # noqa: E731
     return spec, prepare, images, split

@@ -47,7 +47,8 @@ class InputSpec:
     """How uint8 images (N, C, H, W) become encoder input.
 
     features: 'pixels' (flattened, normalised vector), 'image' (normalised (N, C, H, W)) or 'gist'
-    (GIST-512 descriptors of the images).
+    (GIST-512 descriptors of the images). mean/std: per channel for images; for GIST one value or one
+    per dimension (raw GIST values are ~0.05 ± 0.04, far too small for MSRA-initialised layers).
     """
 
     channels: int
@@ -70,12 +71,19 @@ class InputSpec:
         if self.features == "gist":
             from vdsh.data.gist import gist_features
 
-            return gist_features(images)
+            return self.standardise(gist_features(images))
         x = images.float().div_(255)
         mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
         x = (x - mean) / std
         return x.flatten(1) if self.features == "pixels" else x
+
+
+    def standardise(self, features: torch.Tensor) -> torch.Tensor:
+        """(features − mean) / std for vector features; mean and std hold one value or one per dimension."""
+        mean = torch.tensor(self.mean, device=features.device, dtype=features.dtype)
+        std = torch.tensor(self.std, device=features.device, dtype=features.dtype)
+        return (features - mean) / std
 
 
 class HashingModel(nn.Module):
