@@ -44,3 +44,17 @@ def test_bad_model_files_fail_clearly(tmp_path):
 def test_wrong_image_shape_is_refused():
     with pytest.raises(ValueError, match="expects images of shape"):
         small_model().encode(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+
+
+def test_gist_inputs_are_standardised_per_dimension_and_the_statistics_survive_saving(tmp_path):
+    from vdsh.data.gist import gist_features
+
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    raw = gist_features(images)
+    mean, std = raw.mean(0), raw.std(0) + 1e-3
+    spec = InputSpec(3, 32, "gist", mean.tolist(), std.tolist())
+    assert torch.allclose(spec.prepare(images), (raw - mean) / std, atol=1e-5)
+    model = HashingModel(LinearEncoder(raw.shape[1], 16), spec)
+    save_model(tmp_path / "m.safetensors", model, {})
+    assert torch.equal(load_model(tmp_path / "m.safetensors").encode(images), model.encode(images))
