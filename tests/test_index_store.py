@@ -138,8 +138,15 @@ class Crash(Exception):
 
 
 
-def fail_at_step(monkeypatch, real: dict, step: int) -> None:
-    """Patch the os calls in `real` so that the (step+1)-th call of any of them raises Crash."""
+CRASHING_CALLS = ("replace", "rename", "fsync")
+
+
+def crashes_at_step(step: int, action) -> bool:
+    """Run `action` with the (step+1)-th of os.replace/rename/fsync raising Crash; True if it crashed.
+
+    The real calls are back in place afterwards, whatever happened.
+    """
+    real = {name: getattr(os, name) for name in CRASHING_CALLS}
     calls = {"n": 0}
 
     def failing(name):
@@ -151,26 +158,24 @@ def fail_at_step(monkeypatch, real: dict, step: int) -> None:
 
         return call
 
-    for name in real:
-        monkeypatch.setattr(os, name, failing(name))
+    with pytest.MonkeyPatch.context() as patch:
+        for name in real:
+            patch.setattr(os, name, failing(name))
+        try:
+            action()
+        except Crash:
+            return True
+    return False
 
-def test_a_crash_at_any_step_leaves_the_old_or_the_new_index(tmp_path, monkeypatch):
+
+def test_a_crash_at_any_step_leaves_the_old_or_the_new_index(tmp_path):
     """Fail the n-th file-system step of a save for every n; the directory always loads a whole state."""
     directory = tmp_path / "idx"
     old, new = make_items(n=50, model_id="old"), make_items(n=80, model_id="new", seed=1)
-    real = {name: getattr(os, name) for name in ("replace", "rename", "fsync")}
     step = 0
     while True:
         save_index(directory, old)
-        fail_at_step(monkeypatch, real, step)
-        try:
-            save_index(directory, new)
-            crashed = False
-        except Crash:
-            crashed = True
-        finally:
-            for name, function in real.items():
-                monkeypatch.setattr(os, name, function)
+        crashed = crashes_at_step(step, lambda: save_index(directory, new))
         loaded = load_index(directory)
         assert loaded.model_id in ("old", "new")
         assert_same_items(loaded, old if loaded.model_id == "old" else new)
@@ -367,9 +372,8 @@ def test_a_change_on_top_of_another_writers_save_is_saved_in_full(tmp_path):
     assert fresh.save_changes(directory, added=[]).name == "v000003"
 
 
-def test_a_crash_at_any_step_of_a_delta_leaves_the_change_whole_or_absent(tmp_path, monkeypatch):
+def test_a_crash_at_any_step_of_a_delta_leaves_the_change_whole_or_absent(tmp_path):
     directory = tmp_path / "idx"
-    real = {name: getattr(os, name) for name in ("replace", "rename", "fsync")}
     step = 0
     while True:
         items = make_items(n=30)
@@ -377,15 +381,7 @@ def test_a_crash_at_any_step_of_a_delta_leaves_the_change_whole_or_absent(tmp_pa
         before = load_index(directory)
         changed = load_index(directory)
         added = add_some(changed, 700, 2, seed=4)
-        fail_at_step(monkeypatch, real, step)
-        try:
-            changed.save_changes(directory, added=added)
-            crashed = False
-        except Crash:
-            crashed = True
-        finally:
-            for name, function in real.items():
-                monkeypatch.setattr(os, name, function)
+        crashed = crashes_at_step(step, lambda: changed.save_changes(directory, added=added))
         loaded = load_index(directory)
         assert_same_items(loaded, changed if loaded.index.contains(700) else before)
         if not crashed:
