@@ -98,13 +98,13 @@ def _answer(catalog: Catalog, image: bytes | None, code_text: str | None, params
             raise HTTPException(400, str(error)) from None
         t1 = time.perf_counter()
         packed = catalog.encode(pixels)
+        t2 = time.perf_counter()
     else:
         try:
             packed = parse_code(code_text or "", catalog.bits)
         except ValueError as error:
             raise HTTPException(422, str(error)) from None
-        t1 = time.perf_counter()
-    t2 = time.perf_counter()
+        t1 = t2 = time.perf_counter()  # no model runs for a code query
     total_within = None
     if params.radius is not None:
         if params.radius > catalog.bits:
