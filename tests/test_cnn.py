@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vdsh.training.augment import Augmentation, random_crop, random_flip
+from vdsh.training.augment import Augmentation, FlatImageAugmentation, random_crop, random_flip
 from vdsh.training.classifier_baseline import ClassScoreCode
 from vdsh.training.cnn import CNN_KINDS
 from vdsh.training.model import ENCODERS, HashingModel, InputSpec, load_model, save_model
@@ -102,6 +102,14 @@ def test_augmentation_keeps_shapes_and_keeps_each_image_with_its_label():
     assert torch.equal(out, images)
     textured = torch.randn(32, 3, 32, 32)
     assert not torch.equal(Augmentation(crop_padding=4, flip=True)(textured), textured)
+
+
+def test_flat_image_augmentation_shifts_each_row_as_its_image():
+    rows = torch.randn(16, 3 * 8 * 8)
+    generator = torch.Generator().manual_seed(0)
+    out = FlatImageAugmentation(Augmentation(crop_padding=2, flip=False), channels=3, size=8)(rows, generator)
+    expected = Augmentation(crop_padding=2, flip=False)(rows.view(16, 3, 8, 8), torch.Generator().manual_seed(0))
+    assert out.shape == rows.shape and torch.equal(out, expected.reshape(16, -1))
 
 
 def test_augmentation_rejects_padding_as_large_as_the_image():

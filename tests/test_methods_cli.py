@@ -53,3 +53,20 @@ def test_bench_methods_writes_a_table_and_plots(tmp_path, monkeypatch):
     assert (tmp_path / "bm" / "mnist-sample-8-map-vs-time.png").is_file()
     results = json.loads((tmp_path / "bm" / "mnist-sample-results.json").read_text())
     assert {r["method"] for r in results} == {"lsh", "altmin"} and all(r["train_s"] > 0 for r in results)
+
+
+def test_augmentation_applies_to_pixel_input_of_the_trainers_that_take_it():
+    import typer
+
+    from vdsh.app.train_commands import INPUT_SPECS, mlp_augmentation
+    from vdsh.training.model import InputSpec
+
+    pixels, gist = INPUT_SPECS["mnist"], InputSpec(3, 32, "gist")
+    shifts = mlp_augmentation("mnist-5k", pixels, "admm", None)
+    assert shifts.config() == {"crop_padding": 2, "flip": False} and (shifts.channels, shifts.size) == (1, 28)
+    assert mlp_augmentation("mnist-5k", pixels, "backprop", True) is not None
+    assert mlp_augmentation("mnist-5k", pixels, "admm", False) is None
+    assert mlp_augmentation("cifar10-5k", gist, "admm", None) is None  # where it does not apply, auto means none
+    assert mlp_augmentation("mnist-5k", pixels, "altmin", None) is None
+    with pytest.raises(typer.BadParameter, match="pixel input"):
+        mlp_augmentation("cifar10-5k", gist, "admm", True)

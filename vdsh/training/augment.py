@@ -55,6 +55,22 @@ class Augmentation:
         return asdict(self)
 
 
+@dataclass
+class FlatImageAugmentation:
+    """An image augmentation for an MLP reading flattened pixels: rows viewed as (N, C, H, W), augmented, flattened."""
+
+    augmentation: Augmentation
+    channels: int
+    size: int
+
+    def __call__(self, rows: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        images = rows.reshape(len(rows), self.channels, self.size, self.size)
+        return self.augmentation(images, generator).reshape(len(rows), -1)
+
+    def config(self) -> dict:
+        return self.augmentation.config()
+
+
 def default_augmentation(dataset: str) -> Augmentation:
     """Crop + flip for natural images; crop only (2 px) for digits, whose mirror images are other shapes."""
     if dataset.startswith("mnist"):
