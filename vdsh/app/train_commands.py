@@ -95,7 +95,8 @@ def mlp_augmentation(protocol: str, spec: InputSpec, trainer: str, augment: bool
     """The dataset's crop (and flip) augmentation for an MLP on pixels, or None.
 
     augment None: wherever it applies (pixel input, a trainer of AUGMENTED_TRAINERS); True: required.
-    Measured on mnist-5k, ADMM depth 8 x 256, 48 bits, 15 sweeps: mAP@all 0.893 without, 0.910 with 2-px shifts.
+    Measured on mnist-5k (48 bits, width 256, 15 sweeps or epochs): ADMM at depth 8 went from mAP@all 0.893 to 0.910,
+    back-prop from the identity at depth 32 from 0.902 to 0.936.
     """
     applies = spec.features == "pixels" and trainer in AUGMENTED_TRAINERS
     if augment and not applies:
