@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vdsh.training.augment import Augmentation, FlatImageAugmentation, random_crop, random_flip
+from vdsh.training.augment import Augmentation, FeatureNoise, FlatImageAugmentation, random_crop, random_flip
 from vdsh.training.classifier_baseline import ClassScoreCode
 from vdsh.training.cnn import CNN_KINDS
 from vdsh.training.model import ENCODERS, HashingModel, InputSpec, load_model, save_model
@@ -110,6 +110,18 @@ def test_flat_image_augmentation_shifts_each_row_as_its_image():
     out = FlatImageAugmentation(Augmentation(crop_padding=2, flip=False), channels=3, size=8)(rows, generator)
     expected = Augmentation(crop_padding=2, flip=False)(rows.view(16, 3, 8, 8), torch.Generator().manual_seed(0))
     assert out.shape == rows.shape and torch.equal(out, expected.reshape(16, -1))
+
+
+def test_feature_noise_adds_fresh_gaussian_noise_of_its_scale_and_keeps_the_input():
+    rows = torch.randn(2000, 64)
+    kept = rows.clone()
+    noisy = FeatureNoise(std=0.5)(rows, torch.Generator().manual_seed(0))
+    assert torch.equal(rows, kept) and noisy.shape == rows.shape and noisy.dtype == rows.dtype
+    added = noisy - rows
+    assert abs(float(added.mean())) < 0.01 and abs(float(added.std()) - 0.5) < 0.01
+    assert torch.equal(noisy, FeatureNoise(std=0.5)(rows, torch.Generator().manual_seed(0)))
+    assert not torch.equal(noisy, FeatureNoise(std=0.5)(rows, torch.Generator().manual_seed(1)))
+    assert FeatureNoise(std=0.5).config() == {"feature_noise": 0.5}
 
 
 def test_augmentation_rejects_padding_as_large_as_the_image():

@@ -55,7 +55,7 @@ def test_bench_methods_writes_a_table_and_plots(tmp_path, monkeypatch):
     assert {r["method"] for r in results} == {"lsh", "altmin"} and all(r["train_s"] > 0 for r in results)
 
 
-def test_augmentation_applies_to_pixel_input_of_the_trainers_that_take_it():
+def test_augmentation_applies_to_the_trainers_that_take_it_shifts_on_pixels_noise_on_gist():
     import typer
 
     from vdsh.app.train_commands import INPUT_SPECS, mlp_augmentation
@@ -66,7 +66,7 @@ def test_augmentation_applies_to_pixel_input_of_the_trainers_that_take_it():
     assert shifts.config() == {"crop_padding": 2, "flip": False} and (shifts.channels, shifts.size) == (1, 28)
     assert mlp_augmentation("mnist-5k", pixels, "backprop", True) is not None
     assert mlp_augmentation("mnist-5k", pixels, "admm", False) is None
-    assert mlp_augmentation("cifar10-5k", gist, "admm", None) is None  # where it does not apply, auto means none
-    assert mlp_augmentation("mnist-5k", pixels, "altmin", None) is None
-    with pytest.raises(typer.BadParameter, match="pixel input"):
-        mlp_augmentation("cifar10-5k", gist, "admm", True)
+    assert mlp_augmentation("cifar10-5k", gist, "backprop", None).config() == {"feature_noise": 0.5}
+    assert mlp_augmentation("mnist-5k", pixels, "altmin", None) is None  # where it does not apply, auto means none
+    with pytest.raises(typer.BadParameter, match="trainer"):
+        mlp_augmentation("cifar10-5k", gist, "altmin", True)

@@ -13,7 +13,7 @@ couples each variable only to its neighbours in the chain x, a_1, z_1, a_2, …,
 auxiliary updates are implemented (`order`):
 
 'backward' (default): per mini-batch, auxiliaries start at a forward pass (multipliers zero), the top's codes B are
-  fitted (SDH's B-step), and one top→bottom pass of local steps sets every layer's target: a_M moves a fraction
+  set (`codes`, below), and one top→bottom pass of local steps sets every layer's target: a_M moves a fraction
   `step` towards B; each lower a_m changes by W_{m+1}ᵀ δa_{m+1}, masked to the units that are on (the z- and a-steps
   linearised in the limit of a small penalty ratio). Each hidden layer's change is scaled to step·||a_m|| (adaptive
   per-layer penalties). Then every W_m is, independently and at once, the proximal ridge regression of its target
@@ -29,8 +29,7 @@ auxiliary updates are implemented (`order`):
 'odd-even' (the DESIGN's parallel order, full batch or mini-batches), one sweep:
   0. auxiliaries re-initialised from a plain forward pass of the current weights (every
      `reinit_every` sweeps; multipliers zeroed or kept), so every sweep starts forward-consistent.
-  1. top (SDH's discrete step): codes B ∈ {±1} minimising ||Y − BC||² + ν||B − F||², F the forward
-     outputs, by a few DCC bit sweeps; the classifier C by ridge regression on B (`code_head`). B is
+  1. top: codes B ∈ {±1} (`codes`, below); the classifier C by ridge regression on B (`code_head`). B is
      the margin-1 target the top auxiliary is pulled to: forward codes then need margin, not a
      sub-margin nudge of a free real a_M, to flip.
   2. auxiliaries, `aux_iterations` odd/even rounds: all a_m in parallel (elementwise closed form of
@@ -51,6 +50,14 @@ Why 'backward' is the default: with fixed penalties each odd/even round carries 
 shrinks it (by about γ/(β+γ) · βs²/(γ+βs²) ≤ 1/4 per layer for β = γ and singular values s ≈ 1), so deep layers
 barely learn: 0.48 mAP at depth 8 on mnist-5k and near chance at depth 32, against 0.89 and 0.86 for 'backward'.
 
+Target codes (`codes`). 'centres' (default): each sample's B is its class's fixed random ±1 codeword (multi-label:
+the sign of the sum of its classes' codewords), so classes are pulled to codes about bits/2 apart, as hash centres
+(Yuan et al., CSQ, CVPR 2020) are. 'learned': SDH's B-step, codes minimising ||Y − BC||² + ν||B − F||² near the
+forward outputs F by a few DCC bit sweeps; the squared loss rewards no margin, so the classes end only 2–6 bits
+apart and test points fall between them. Measured (48 bits, width 256, 'backward'): cifar10-5k GIST, depth 8,
+20 sweeps, feature noise 0.5: mAP@all 0.291 'learned', 0.384 'centres'; mnist-5k, depth 8, 30 sweeps, seeds 0/1/2:
+0.928/0.933/0.914 and 0.941/0.928/0.939; depth 32: 0.910 and 0.916.
+
 Stochastic variant of 'odd-even' (minibatch_size): auxiliaries exist for one mini-batch at a time (initialised by a
 forward pass, multipliers at zero), codes B by the same discrete step, `aux_iterations` odd/even
 rounds are run on it, and the weight step (inputs chosen by `fit_inputs`) uses Gram statistics
@@ -60,8 +67,8 @@ Deviations from the paper, and why: the per-sample weight copies θ̃ with their
 replaced by the proximal term ρ/2||W − W^prev||² (the same consensus pull, without storing N copies of
 every weight matrix); the activation constraint z = relu(a) is a penalty without multiplier (as in
 Taylor et al. 2016, whose splitting this uses to make every step closed form); the top couples a_M to
-SDH-style discrete codes (and optionally the squared classifier loss) rather than the paper's loss on
-sgn(z_M); auxiliaries are re-initialised from the forward pass each sweep and, by default, the weight
+fixed class codewords or SDH-style discrete codes (and optionally the squared classifier loss) rather than
+the paper's loss on sgn(z_M); auxiliaries are re-initialised from the forward pass each sweep and, by default, the weight
 regressions read forward activations: without that the auxiliaries fit the labels (train mAP ~0.99)
 while forward-pass codes stayed near chance (~0.2 mAP), each layer's auxiliary differing 2–5% from
 what the layer computes.
@@ -109,7 +116,8 @@ class AdmmOptions:
     classifier_ridge: float = 1.0  # λ of the classifier ridge regression on the codes
     code_weight: float = 1.0  # μ: pull of the top a_M towards the discrete codes B (margin 1)
     loss_weight: float = 0.0  # ℓ: weight of the classifier loss ½||y − a_M C||² on the top auxiliary
-    nu: float = 0.1  # ν: closeness of the discrete codes B to the forward-pass outputs in the B-step
+    codes: str = "centres"  # top targets B: 'centres' (a fixed random codeword per class) or 'learned' (SDH's B-step)
+    nu: float = 0.1  # ν: closeness of the discrete codes B to the forward-pass outputs in the learned B-step
     bit_sweeps: int = 2  # DCC sweeps over the bits in the B-step
     aux_iterations: int = 8  # odd/even auxiliary updates per sweep
     reinit_every: int = 1  # sweeps between re-initialisations of the auxiliaries from a forward pass (0: never)
@@ -136,6 +144,8 @@ class AdmmOptions:
             raise ValueError(f"init must be 'identity' or 'msra', got {self.init!r}")
         if self.step_schedule not in ("cosine", "constant") or not 0 < self.step <= 1:
             raise ValueError(f"step must be in (0, 1] and step_schedule 'cosine' or 'constant', got {self.step}, {self.step_schedule!r}")
+        if self.codes not in ("centres", "learned"):
+            raise ValueError(f"codes must be 'centres' or 'learned', got {self.codes!r}")
         if self.multipliers not in ("all", "top", "none"):
             raise ValueError(f"multipliers must be 'all', 'top' or 'none', got {self.multipliers!r}")
         if self.fit_inputs not in ("auxiliary", "forward"):
@@ -349,11 +359,11 @@ def discrete_codes(forward_top: torch.Tensor, labels: torch.Tensor, classifier: 
 def class_codewords(labels: torch.Tensor, bits: int, seed: int) -> torch.Tensor:
     """Codes of a random ±1 codeword per class (multi-label: the sign of the sum of its classes' codewords).
 
-    The classifier the B-step starts from is fitted to these, so classes start ~bits/2 bits apart. Fitted to the
-    forward codes instead (SDH starts from random B), most bits came out the same for every class, since random
-    layers' signs follow the input's mean image. On mnist-5k (8 × 256, 48 bits, 30 sweeps, seeds 0/1/2) mAP@all was
-    0.828/0.932/0.924 without codewords, 0.928/0.933/0.914 with; the 0.828 run ended with two classes on one code.
-    From codewords, classes still end only 2–6 bits apart (the squared loss does not reward a margin).
+    The 'centres' targets, and the start of the 'learned' B-step's classifier, so classes start ~bits/2 bits apart.
+    Fitted to the forward codes instead (SDH starts from random B), most bits came out the same for every class,
+    since random layers' signs follow the input's mean image. On mnist-5k (8 × 256, 48 bits, 30 sweeps, seeds 0/1/2,
+    'learned') mAP@all was 0.828/0.932/0.924 without codewords, 0.928/0.933/0.914 with; the 0.828 run ended with two
+    classes on one code.
     """
     generator = torch.Generator().manual_seed(seed)
     codewords = (torch.randint(0, 2, (labels.shape[1], bits), generator=generator) * 2 - 1).float()
@@ -500,9 +510,16 @@ class AdmmTrainer:
         opt = self.options
         if head.classifier is None:
             head.fit(forward_top, y)
-        codes = discrete_codes(forward_top, y, head.classifier, opt.nu, opt.bit_sweeps)
+        codes = self.target_codes(forward_top, y, head.classifier)
         head.classifier = ridge_classifier(codes, y, opt.classifier_ridge)
         return codes
+
+    def target_codes(self, forward_top: torch.Tensor, y: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
+        """The codes B the top is pulled to: the class centres, or SDH's discrete step near the forward outputs."""
+        opt = self.options
+        if opt.codes == "centres":
+            return class_codewords(y, forward_top.shape[1], opt.seed)
+        return discrete_codes(forward_top, y, classifier, opt.nu, opt.bit_sweeps)
 
     def stochastic_sweep(self, weights: LayerWeights, x: torch.Tensor, y: torch.Tensor, head: LinearCodeHead, state: dict) -> tuple[LayerWeights, dict]:
         """One pass over shuffled mini-batches; auxiliaries live for one mini-batch only."""
@@ -576,7 +593,7 @@ class AdmmTrainer:
         if head.classifier is None:
             start = class_codewords(y, forward_top.shape[1], opt.seed)
             head.classifier = ridge_classifier(start, y, opt.classifier_ridge, reduce=global_sum)
-        codes = discrete_codes(forward_top, y, head.classifier, opt.nu, opt.bit_sweeps)
+        codes = self.target_codes(forward_top, y, head.classifier)
         new_classifier = ridge_classifier(codes, y, opt.classifier_ridge, reduce=global_sum)
         head.classifier = opt.classifier_decay * head.classifier + (1 - opt.classifier_decay) * new_classifier
         return codes
