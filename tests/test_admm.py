@@ -5,7 +5,7 @@ import torch
 
 from vdsh.training.admm import (
     AdmmOptions, AdmmTrainer, LayerWeights, backward_targets, class_codewords, discrete_codes, forward_init, relu_coupled_preactivation, solve_outputs,
-    solve_weights, top_preactivation, weight_statistics,
+    solve_weights, target_codes, top_preactivation, weight_statistics,
 )
 from vdsh.training.augment import Augmentation, FlatImageAugmentation
 from vdsh.training.code_head import ridge_classifier
@@ -144,9 +144,9 @@ def test_target_codes_are_the_class_centres_or_the_learned_discrete_step():
     torch.manual_seed(0)
     f, y = torch.randn(40, 16), torch.nn.functional.one_hot(torch.randint(0, 3, (40,)), 3).float()
     classifier = ridge_classifier(torch.sign(torch.randn(40, 16)), y)
-    centres = AdmmTrainer(AdmmOptions(codes="centres", seed=3)).target_codes(f, y, classifier)
+    centres = target_codes("centres", f, y, classifier, nu=0.2, bit_sweeps=2, seed=3)
     assert torch.equal(centres, class_codewords(y, 16, seed=3))  # the forward outputs and classifier play no part
-    learned = AdmmTrainer(AdmmOptions(codes="learned", nu=0.2, bit_sweeps=2)).target_codes(f, y, classifier)
+    learned = target_codes("learned", f, y, classifier, nu=0.2, bit_sweeps=2, seed=3)
     assert torch.equal(learned, discrete_codes(f, y, classifier, 0.2, bit_sweeps=2))
     with pytest.raises(ValueError, match="codes"):
         AdmmOptions(codes="random")

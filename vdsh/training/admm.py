@@ -370,6 +370,14 @@ def class_codewords(labels: torch.Tensor, bits: int, seed: int) -> torch.Tensor:
     return binary_codes(labels.float() @ codewords.to(labels.device))
 
 
+def target_codes(kind: str, forward_top: torch.Tensor, labels: torch.Tensor, classifier: torch.Tensor, nu: float,
+                 bit_sweeps: int, seed: int) -> torch.Tensor:
+    """The codes B the top is pulled to: 'centres' (`class_codewords`) or 'learned' (`discrete_codes`)."""
+    if kind == "centres":
+        return class_codewords(labels, forward_top.shape[1], seed)
+    return discrete_codes(forward_top, labels, classifier, nu, bit_sweeps)
+
+
 def solve_outputs(aux: Auxiliaries, weights: LayerWeights, beta: float, gamma: float, dtype: torch.dtype) -> torch.Tensor:
     """All z_m (m < M) at once: argmin_z γ/2||z − relu(a_m)||² + β/2||a_{m+1} + u_{m+1} − W_{m+1} z − b_{m+1}||².
 
@@ -510,16 +518,9 @@ class AdmmTrainer:
         opt = self.options
         if head.classifier is None:
             head.fit(forward_top, y)
-        codes = self.target_codes(forward_top, y, head.classifier)
+        codes = target_codes(opt.codes, forward_top, y, head.classifier, opt.nu, opt.bit_sweeps, opt.seed)
         head.classifier = ridge_classifier(codes, y, opt.classifier_ridge)
         return codes
-
-    def target_codes(self, forward_top: torch.Tensor, y: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
-        """The codes B the top is pulled to: the class centres, or SDH's discrete step near the forward outputs."""
-        opt = self.options
-        if opt.codes == "centres":
-            return class_codewords(y, forward_top.shape[1], opt.seed)
-        return discrete_codes(forward_top, y, classifier, opt.nu, opt.bit_sweeps)
 
     def stochastic_sweep(self, weights: LayerWeights, x: torch.Tensor, y: torch.Tensor, head: LinearCodeHead, state: dict) -> tuple[LayerWeights, dict]:
         """One pass over shuffled mini-batches; auxiliaries live for one mini-batch only."""
@@ -593,7 +594,7 @@ class AdmmTrainer:
         if head.classifier is None:
             start = class_codewords(y, forward_top.shape[1], opt.seed)
             head.classifier = ridge_classifier(start, y, opt.classifier_ridge, reduce=global_sum)
-        codes = self.target_codes(forward_top, y, head.classifier)
+        codes = target_codes(opt.codes, forward_top, y, head.classifier, opt.nu, opt.bit_sweeps, opt.seed)
         new_classifier = ridge_classifier(codes, y, opt.classifier_ridge, reduce=global_sum)
         head.classifier = opt.classifier_decay * head.classifier + (1 - opt.classifier_decay) * new_classifier
         return codes
