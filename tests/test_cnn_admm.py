@@ -257,3 +257,17 @@ def test_bench_cnn_train_writes_one_row_per_trainer(tmp_path, monkeypatch, one_t
     assert "## CNN trainers: mnist-sample, 8 bits, small_cnn" in text
     assert "| classifier baseline |" in text and "| hybrid: back-prop trunk + ADMM MLP head |" in text
     assert "| back-prop CNN |" not in text and "| CNN ADMM" not in text
+    assert "validation slice of database images outside the training set." in text
+
+
+def test_validation_slices_avoid_training_images_unless_the_protocol_trains_on_its_whole_database():
+    from types import SimpleNamespace
+
+    from vdsh.app.train_commands import validation_pool, validation_source
+
+    held_out = SimpleNamespace(train=np.arange(0, 50), database=np.arange(0, 100))
+    assert np.array_equal(validation_pool(held_out), np.arange(50, 100))
+    assert validation_source(held_out) == "database images outside the training set"
+    whole = SimpleNamespace(train=np.arange(0, 100), database=np.arange(0, 100))  # mnist-69k: training set = database
+    assert np.array_equal(validation_pool(whole), np.arange(0, 100))
+    assert validation_source(whole).startswith("training images")

@@ -97,8 +97,8 @@ def run_cnn_training(protocol: str, bits: int, encoder: str, width: int | None, 
                      trainer: str = "backprop", depth: int | None = None) -> dict:
     """`vdsh train --encoder small_cnn|resnet9|dwsep [--trainer backprop|cnn-admm|hybrid]`: train on the protocol's
     images, save like the MLP path. cnn-admm and hybrid keep the epoch / sweep with the best mAP on a validation
-    slice of database images outside the training set (never a query); back-prop keeps its last epoch."""
-    from vdsh.app.train_commands import final_query_map, save_run, validation_slice
+    slice (`validation_slice`: never a query); back-prop keeps its last epoch."""
+    from vdsh.app.train_commands import final_query_map, save_run, validation_slice, validation_source
     from vdsh.data.protocols import load_protocol
     from vdsh.training.cnn_training import default_augmentation
 
@@ -113,7 +113,7 @@ def run_cnn_training(protocol: str, bits: int, encoder: str, width: int | None, 
                                       validation, classifier_baseline)
     summary = {"protocol": protocol, "seed": seed, "trainer": trainer, "encoder": encoder,
                "encoder_config": model.encoder.config(), "bits": bits, "classifier_baseline": classifier_baseline,
-               "options": options,
+               "options": options, "validation": None if validation is None else validation_source(split),
                "metrics": {"map_all": final_query_map(model, images, split, "cpu"), "val_map": history[-1].get("val_map"),
                            "train_time_s": history[-1]["time"]}}
     if out is not None:
@@ -150,12 +150,13 @@ def bench_cnn_train(
     if unknown:
         raise typer.BadParameter(f"unknown rows {unknown}; known: {', '.join(CNN_BENCH_ROWS)}")
     per_row = json.loads(options)
-    table = []
+    table, sources = [], set()
     for row in chosen:
         name, trainer, classifier = CNN_BENCH_ROWS[row]
         summary = run_cnn_training(protocol, bits, encoder, width, device, seed, epochs, None, data_root,
                                    per_row.get(row, {}), classifier, trainer)
         m = summary["metrics"]
+        sources |= {summary["validation"]} - {None}
         table.append([name, f"{m['map_all']:.4f}", f"{m['train_time_s']:.1f}"])
         typer.echo(f"{name}: mAP@all {m['map_all']:.4f}, train {m['train_time_s']:.1f} s")
         write_section(
@@ -164,7 +165,7 @@ def bench_cnn_train(
             "(the hybrid: trunk epochs, then ADMM sweeps of its MLP head); mAP@all of the protocol's queries against its "
             "database, forward-pass codes. Train time: the trainer's own wall clock, its mAP evaluations excluded (the "
             "hybrid's includes extracting the training features). CNN ADMM and the hybrid keep the "
-            "epoch / sweep with the best mAP on a validation slice of database images outside the training set.\n\n"
+            f"epoch / sweep with the best mAP on a validation slice of {' / '.join(sorted(sources)) or 'no images'}.\n\n"
             + markdown_table(["trainer", "mAP@all", "train s"], table),
             device=device,
         )

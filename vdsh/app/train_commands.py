@@ -53,13 +53,23 @@ def protocol_features(protocol: str, data_root: str | None, seed: int):
     return spec, prepare, images, split
 
 
-def validation_slice(split, labels: torch.Tensor, prepare, seed: int, val_queries: int = 500, val_database: int = 2000) -> Validation:
-    """Queries and database drawn from database items outside the training set, so never trained on."""
+def validation_pool(split) -> np.ndarray:
+    """Database items outside the training set; the whole database where the protocol trains on all of it (mnist-69k)."""
     rest = np.setdiff1d(split.database, split.train)
+    return rest if len(rest) >= 2 else split.database
+
+
+def validation_source(split) -> str:
+    """Where validation slices of this split come from, in words for benchmark notes."""
+    if np.isin(validation_pool(split), split.train).any():
+        return "training images (the protocol trains on its whole database)"
+    return "database images outside the training set"
+
+
+def validation_slice(split, labels: torch.Tensor, prepare, seed: int, val_queries: int = 500, val_database: int = 2000) -> Validation:
+    """Queries and database drawn from `validation_pool`: never a query, and never trained on where the protocol allows."""
     rng = np.random.default_rng(seed)
-    if len(rest) < 2:
-        rest = split.database
-    pick = rng.permutation(rest)[: val_queries + val_database]
+    pick = rng.permutation(validation_pool(split))[: val_queries + val_database]
     vq, vdb = np.sort(pick[:val_queries]), np.sort(pick[val_queries:])
     return Validation(prepare(vq), labels[vq], prepare(vdb), labels[vdb])
 
