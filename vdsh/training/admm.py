@@ -59,7 +59,7 @@ apart and test points fall between them. Measured (48 bits, width 256, 'backward
 0.928/0.933/0.914 and 0.941/0.928/0.939; depth 32: 0.910 and 0.916.
 
 Stochastic variant of 'odd-even' (minibatch_size): auxiliaries exist for one mini-batch at a time (initialised by a
-forward pass, multipliers at zero), codes B by the same discrete step, `aux_iterations` odd/even
+forward pass, multipliers at zero), codes B as above, `aux_iterations` odd/even
 rounds are run on it, and the weight step (inputs chosen by `fit_inputs`) uses Gram statistics
 accumulated across mini-batches (an exponential running mean).
 
@@ -68,8 +68,8 @@ replaced by the proximal term ρ/2||W − W^prev||² (the same consensus pull, w
 every weight matrix); the activation constraint z = relu(a) is a penalty without multiplier (as in
 Taylor et al. 2016, whose splitting this uses to make every step closed form); the top couples a_M to
 fixed class codewords or SDH-style discrete codes (and optionally the squared classifier loss) rather than
-the paper's loss on sgn(z_M); auxiliaries are re-initialised from the forward pass each sweep and, by default, the weight
-regressions read forward activations: without that the auxiliaries fit the labels (train mAP ~0.99)
+the paper's loss on sgn(z_M); auxiliaries are re-initialised from the forward pass each sweep and, by
+default, the weight regressions read forward activations: without that the auxiliaries fit the labels (train mAP ~0.99)
 while forward-pass codes stayed near chance (~0.2 mAP), each layer's auxiliary differing 2–5% from
 what the layer computes.
 """
