@@ -55,8 +55,8 @@ the sign of the sum of its classes' codewords), so classes are pulled to codes a
 (Yuan et al., CSQ, CVPR 2020) are. 'learned': SDH's B-step, codes minimising ||Y − BC||² + ν||B − F||² near the
 forward outputs F by a few DCC bit sweeps; the squared loss rewards no margin, so the classes end only 2–6 bits
 apart and test points fall between them. Measured (48 bits, width 256, 'backward'): cifar10-5k GIST, depth 8,
-20 sweeps, feature noise 0.5: mAP@all 0.291 'learned', 0.384 'centres'; mnist-5k, depth 8, 30 sweeps, seeds 0/1/2:
-0.928/0.933/0.914 and 0.941/0.928/0.939; depth 32: 0.910 and 0.916.
+20 sweeps: mAP@all 0.254 'learned', 0.340 'centres' (with feature noise 0.5: 0.291 and 0.367); mnist-5k, depth 8,
+30 sweeps, seeds 0/1/2: 0.928/0.933/0.914 and 0.941/0.933/0.928; depth 32 (`vdsh bench train`): 0.910 and 0.912.
 
 Stochastic variant of 'odd-even' (minibatch_size): auxiliaries exist for one mini-batch at a time (initialised by a
 forward pass, multipliers at zero), codes B as above, `aux_iterations` odd/even
