@@ -233,11 +233,11 @@ def test_admm_trains_on_fresh_augmentations_of_every_mini_batch(mnist_sample_fea
         return FlatImageAugmentation(Augmentation(crop_padding=2, flip=False), 1, 28)(batch)
 
     torch.manual_seed(0)
-    options = AdmmOptions(sweeps=3, step=0.1, minibatch_size=100, eval_every=0)
+    options = AdmmOptions(sweeps=3, minibatch_size=100, eval_every=0)
     trained, history = AdmmTrainer(options, augment=augment).fit(DeepMLP(x.shape[1], 4, 128, 32), x, y)
     assert len(seen) == 3 * 10 and all(len(batch) == 100 for batch in seen)
     assert torch.equal(torch.cat(seen[:10]).sort(0).values, x.sort(0).values), "one sweep offers every sample once"
-    # Measured (seed 0, 3 sweeps): train mAP 0.76 on the un-augmented samples (0.93 trained without augmentation: on
+    # Measured (seed 0, 3 sweeps): train mAP 0.68 on the un-augmented samples (0.93 trained without augmentation: on
     # 1,000 samples and 3 sweeps shifts slow the fit; they pay on held-out data, BENCHMARKS.md); chance is 0.10.
     assert history[-1]["train_map"] > 0.5
 

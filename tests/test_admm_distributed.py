@@ -25,7 +25,7 @@ def worker(rank: int, init_file: str, out_dir: str, x: torch.Tensor, y: torch.Te
         reduced = global_mean(asdict_tensors(local), 60)
         torch.manual_seed(rank)  # different starting weights per rank: training must broadcast rank 0's
         encoder = DeepMLP(x.shape[1], depth=6, width=64, bits=32)
-        trained, history = AdmmTrainer(AdmmOptions(sweeps=3, step=0.1, minibatch_size=50, eval_every=0)).fit(encoder, shard_x, shard_y)
+        trained, history = AdmmTrainer(AdmmOptions(sweeps=3, minibatch_size=50, eval_every=0)).fit(encoder, shard_x, shard_y)
         torch.save({"reduced": reduced, "state": trained.state_dict(), "train_map": history[-1]["train_map"]}, Path(out_dir) / f"{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -45,5 +45,5 @@ def test_two_process_admm_agrees_across_ranks_and_learns(mnist_sample_features, 
     # Both ranks end with bitwise identical weights, though each started from its own random ones.
     for key, value in results[0]["state"].items():
         assert torch.equal(value, results[1]["state"][key]), key
-    # And the model learnt from both halves (chance 0.10; measured 0.62 and 0.60, each on its own half; a 3-sweep run wants step 0.1).
-    assert min(r["train_map"] for r in results) > 0.4
+    # And the model learnt from both halves (chance 0.10; measured 0.80 and 0.82, each on its own half).
+    assert min(r["train_map"] for r in results) > 0.6
