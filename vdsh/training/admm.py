@@ -69,9 +69,9 @@ every weight matrix); the activation constraint z = relu(a) is a penalty without
 Taylor et al. 2016, whose splitting this uses to make every step closed form); the top couples a_M to
 fixed class codewords or SDH-style discrete codes (and optionally the squared classifier loss) rather than
 the paper's loss on sgn(z_M); auxiliaries are re-initialised from the forward pass each sweep and, by
-default, the weight regressions read forward activations: without that the auxiliaries fit the labels (train mAP ~0.99)
-while forward-pass codes stayed near chance (~0.2 mAP), each layer's auxiliary differing 2–5% from
-what the layer computes.
+default, the weight regressions read forward activations: without that the auxiliaries fit the labels
+(train mAP ~0.99) while forward-pass codes stayed near chance (~0.2 mAP), each layer's auxiliary
+differing 2–5% from what the layer computes.
 """
 
 from __future__ import annotations
@@ -97,13 +97,15 @@ class AdmmOptions:
     rho 0.1/0.3/1/3, mini-batches 50/100/250/500/1000, nu 0.1/1, stat_decay 0/0.9, identity/MSRA start), then at depths 8
     and 32 (step 0.06/0.15, rho 0.5/2, nu 0.03/0.3, ridge 0/1e-3/1e-2, classifier_decay 0.97, width 512, 15/30 sweeps,
     a running average of the weights): within seed noise (±0.007 mAP) of these, except ridge and, over 30 sweeps,
-    step (see their comments). What did pay is input augmentation (the trainer's `augment`). The odd-even settings that were best for that order are
-    rho 0.1, nu 0.01, minibatch_size None, stat_decay 0.9, init 'msra'. Not a converged tuning."""
+    step (see their comments). Those screens ran with codes='learned'. What did pay is input augmentation (the
+    trainer's `augment`) and class-codeword targets (`codes`). The odd-even settings that were best for that order
+    are rho 0.1, nu 0.01, minibatch_size None, stat_decay 0.9, init 'msra'. Not a converged tuning."""
 
     order: str = "backward"  # auxiliary update order: 'backward' (one top→bottom pass per mini-batch) or 'odd-even'
     init: str = "identity"  # hidden layers start as 'identity' (W = I, b = 0) or keep the encoder's 'msra' init
     # 'backward': every layer's target moves by step·√(8/M)·||a_m|| per mini-batch (M layers). Over 30 sweeps at
-    # depth 8 (mnist-5k, 48 bits, 2-px shifts, seeds 0/1/2), mAP@all 0.909/0.912/0.901 with 0.1, 0.928/0.933/0.914 with 0.05.
+    # depth 8 (mnist-5k, 48 bits, 2-px shifts, seeds 0/1/2, codes='learned'), mAP@all 0.909/0.912/0.901 with 0.1,
+    # 0.928/0.933/0.914 with 0.05; with 'centres' at depth 32: 0.893 with 0.1, 0.912 with 0.05.
     step: float = 0.05
     step_schedule: str = "cosine"  # 'cosine' decay of step over the run, or 'constant'
     beta: float = 1.0  # weight of the linear constraints a = Wz + b (and of their multipliers)

@@ -24,8 +24,8 @@ couples every auxiliary to the block below (f_m) and the block above (f_{m+1}) o
   4. multipliers u_m += z_m − f_m(input_m); steps 2–4 repeat for `inner_iterations`.
 Codes are sgn(f_M ∘ … ∘ f_1(x)), a plain forward pass, like every encoder's.
 
-What the defaults amounted to with codes='learned', measured (mnist-sample, small_cnn width 8, 2,000 training images, no
-augmentation, 4 epochs, 48 bits, one CPU thread on a shared 2-core machine): mAP@all 0.90 in ~15 s;
+What the defaults amounted to with codes='learned', measured (mnist-sample, small_cnn width 8, 2,000
+training images, no augmentation, 4 epochs, 48 bits, one CPU thread on a shared 2-core machine): mAP@all 0.90 in ~15 s;
 back-prop (`cnn_training`'s recipe, same images and epochs) 0.57 in ~3.5 s. With forward-initialised
 auxiliaries, one auxiliary step of size 1 (the exact minimiser of the local problem with the block
 above linearised) leaves z_m − f_m = the back-propagated error of μ/(β+μ)·½||f − B||² at block m, so
@@ -37,8 +37,8 @@ closed-form head (AdamW steps instead: 0.69) and the SDH codes of a random class
 random CNN's codes instead: 0.87, class codes 12 bits apart at least, 20 from the random one; ν 0.01
 with classifier decay 0.9: 0.89). Fixed class codewords do better still: `vdsh train --protocol mnist-5k
 --bits 48 --trainer cnn-admm --epochs 3 --options '{"codes": "learned"}'` gave mAP@all 0.933 / 0.916 (seeds 0 / 1),
-'centres' 0.946 / 0.945 (2-core CPU, 2026-11-29). Earlier, with 'learned' codes: on mnist-5k, `vdsh train --protocol mnist-5k --bits 48 --trainer
-cnn-admm --epochs 3` (small_cnn width 32, crop augmentation, OMP_NUM_THREADS=1, 2-core CPU under a load
+'centres' 0.946 / 0.945 (2-core CPU, 2026-11-29). Earlier, with 'learned' codes: on mnist-5k, `vdsh train
+--protocol mnist-5k --bits 48 --trainer cnn-admm --epochs 3` (small_cnn width 32, crop augmentation, OMP_NUM_THREADS=1, 2-core CPU under a load
 of ~6): mAP@all 0.926 in 164 s of training; back-prop (`--encoder small_cnn`) 0.823 in 37 s with 3
 epochs, 0.943 in 64 s with 10. Per epoch it costs ~4x back-prop.
 
@@ -51,7 +51,7 @@ Choices that are ours, not the paper's (which trains plain MLPs, full batch, clo
   carries the code pull to the first block, where odd/even rounds would need M of them;
 - a block's weight step reads the forward activation of the block below (`fit_inputs='forward'`, what
   it sees at test time), as the MLP trainer does by default;
-- the classifier starts random (SDH starts from random codes): the codes of a random CNN are correlated
+- with codes='learned', the classifier starts random (SDH starts from random codes): the codes of a random CNN are correlated
   across classes, so ridge on them makes class codes closer (see above);
 - BatchNorm normalises by batch statistics in every step, but its running averages (used at test time)
   move only in the weight steps, never while auxiliaries are probed;
