@@ -38,9 +38,9 @@ random CNN's codes instead: 0.87, class codes 12 bits apart at least, 20 from th
 with classifier decay 0.9: 0.89). Fixed class codewords do better still: `vdsh train --protocol mnist-5k
 --bits 48 --trainer cnn-admm --epochs 3 --options '{"codes": "learned"}'` gave mAP@all 0.933 / 0.916 (seeds 0 / 1),
 'centres' 0.946 / 0.945 (2-core CPU, 2026-11-29). Earlier, with 'learned' codes: on mnist-5k, `vdsh train
---protocol mnist-5k --bits 48 --trainer cnn-admm --epochs 3` (small_cnn width 32, crop augmentation, OMP_NUM_THREADS=1, 2-core CPU under a load
-of ~6): mAP@all 0.926 in 164 s of training; back-prop (`--encoder small_cnn`) 0.823 in 37 s with 3
-epochs, 0.943 in 64 s with 10. Per epoch it costs ~4x back-prop.
+--protocol mnist-5k --bits 48 --trainer cnn-admm --epochs 3` (small_cnn width 32, crop augmentation,
+OMP_NUM_THREADS=1, 2-core CPU under a load of ~6): mAP@all 0.926 in 164 s of training; back-prop
+(`--encoder small_cnn`) 0.823 in 37 s with 3 epochs, 0.943 in 64 s with 10. Per epoch it costs ~4x back-prop.
 
 Choices that are ours, not the paper's (which trains plain MLPs, full batch, closed form):
 - auxiliaries and multipliers live for one mini-batch (CNN activations of the whole set do not fit),
@@ -51,8 +51,8 @@ Choices that are ours, not the paper's (which trains plain MLPs, full batch, clo
   carries the code pull to the first block, where odd/even rounds would need M of them;
 - a block's weight step reads the forward activation of the block below (`fit_inputs='forward'`, what
   it sees at test time), as the MLP trainer does by default;
-- with codes='learned', the classifier starts random (SDH starts from random codes): the codes of a random CNN are correlated
-  across classes, so ridge on them makes class codes closer (see above);
+- with codes='learned', the classifier starts random (SDH starts from random codes): the codes of a
+  random CNN are correlated across classes, so ridge on them makes class codes closer (see above);
 - BatchNorm normalises by batch statistics in every step, but its running averages (used at test time)
   move only in the weight steps, never while auxiliaries are probed;
 - AdamW state and a one-cycle schedule per block persist across mini-batches; the weights kept are those
