@@ -150,13 +150,13 @@ def bench_cnn_train(
     if unknown:
         raise typer.BadParameter(f"unknown rows {unknown}; known: {', '.join(CNN_BENCH_ROWS)}")
     per_row = json.loads(options)
-    table, sources = [], set()
+    table, source = [], None  # where the validation slice came from (the same split for every row)
     for row in chosen:
         name, trainer, classifier = CNN_BENCH_ROWS[row]
         summary = run_cnn_training(protocol, bits, encoder, width, device, seed, epochs, None, data_root,
                                    per_row.get(row, {}), classifier, trainer)
         m = summary["metrics"]
-        sources |= {summary["validation"]} - {None}
+        source = summary["validation"] or source
         table.append([name, f"{m['map_all']:.4f}", f"{m['train_time_s']:.1f}"])
         typer.echo(f"{name}: mAP@all {m['map_all']:.4f}, train {m['train_time_s']:.1f} s")
         write_section(
@@ -165,7 +165,7 @@ def bench_cnn_train(
             "(the hybrid: trunk epochs, then ADMM sweeps of its MLP head); mAP@all of the protocol's queries against its "
             "database, forward-pass codes. Train time: the trainer's own wall clock, its mAP evaluations excluded (the "
             "hybrid's includes extracting the training features). CNN ADMM and the hybrid keep the "
-            f"epoch / sweep with the best mAP on a validation slice of {' / '.join(sorted(sources)) or 'no images'}.\n\n"
+            f"epoch / sweep with the best mAP on a validation slice of {source or 'no images'}.\n\n"
             + markdown_table(["trainer", "mAP@all", "train s"], table),
             device=device,
         )
