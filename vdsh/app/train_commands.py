@@ -99,20 +99,21 @@ TRAINERS = {
 # trainers that run data-parallel under torchrun (consensus ADMM; ProxProp's all-reduced statistics)
 DISTRIBUTED_TRAINERS = ("admm", "proxprop")
 
-# trainers that take an input augmentation (a fresh augmented copy of each mini-batch)
+# trainers that take an input augmentation (a fresh augmented copy of each mini-batch or chunk), and those that
+# get it by default: in ADMM the first layer's auxiliaries must then match a moving input, and it did worse with it
 AUGMENTED_TRAINERS = ("admm", "proxprop", "backprop")
+AUGMENTED_BY_DEFAULT = ("proxprop", "backprop")
 
 
 def mlp_augmentation(protocol: str, spec: InputSpec, trainer: str, augment: bool | None) -> FlatImageAugmentation | FeatureNoise | None:
     """An MLP's input augmentation: the dataset's crop (and flip) on pixels, Gaussian noise on GIST; or None.
 
-    augment None: wherever it applies (a trainer of AUGMENTED_TRAINERS); True: required.
+    augment None: a trainer of AUGMENTED_BY_DEFAULT gets it; True: required (a trainer of AUGMENTED_TRAINERS).
     Its effect is measured in BENCHMARKS.md ("Training", with and without augmentation).
     """
-    applies = trainer in AUGMENTED_TRAINERS
-    if augment and not applies:
+    if augment and trainer not in AUGMENTED_TRAINERS:
         raise typer.BadParameter(f"augmentation needs a trainer of {', '.join(AUGMENTED_TRAINERS)}, got {trainer}")
-    if augment is False or not applies:
+    if not (augment or (augment is None and trainer in AUGMENTED_BY_DEFAULT)):
         return None
     if spec.features == "gist":
         return FeatureNoise()
@@ -247,7 +248,7 @@ def train(
     out: Path = typer.Option(Path("runs/latest"), help="output folder"),
     data_root: str = typer.Option(None, help="data root (default $VDSH_DATA)"),
     options: str = typer.Option("{}", help='extra trainer options as JSON, e.g. \'{"beta": 0.1}\'; hybrid: \'{"mlp_width": 256, "head": {...}, "trunk": {...}}\''),
-    augment: bool = typer.Option(None, "--augment/--no-augment", help="admm, proxprop, backprop: train on random shifts of each mini-batch of pixels, or noisy copies of GIST (default: where it applies)"),
+    augment: bool = typer.Option(None, "--augment/--no-augment", help="admm, proxprop, backprop: train on random shifts of each mini-batch of pixels, or noisy copies of GIST (default: proxprop and backprop)"),
 ) -> None:
     """Train an MLP (any trainer) or a CNN (back-prop, block-wise local updates, or the hybrid) on a protocol's training set; save model.safetensors, history.json, split.npz, history.png."""
     from vdsh.app.cnn_commands import CNN_TRAINERS, run_cnn_training
@@ -308,7 +309,7 @@ def bench_train(
     data_root: str = typer.Option(None),
     admm_options: str = typer.Option("{}", help="extra options of every admm row, as JSON"),
     proxprop_options: str = typer.Option("{}", help="extra options of the proxprop row, as JSON"),
-    augment: bool = typer.Option(None, "--augment/--no-augment", help="admm, proxprop and back-prop: shifts of pixel input, noise on GIST (default: where it applies)"),
+    augment: bool = typer.Option(None, "--augment/--no-augment", help="shifts of pixel input, noise on GIST, for every row that takes it (default: proxprop and back-prop rows)"),
     title: str = typer.Option(None, help="section title (default: from the protocol, bits, width and device)"),
     output: Path = typer.Option(Path("BENCHMARKS.md")),
 ) -> None:
