@@ -145,7 +145,7 @@ def upper_weights(weights: LayerWeights) -> list[torch.Tensor]:
     return [*weights.hidden[:, :, :-1].unbind(0), weights.top[:, :-1]]
 
 
-def lipschitz_bounds(weights: LayerWeights, iterations: int = 20) -> torch.Tensor:
+def lipschitz_constants(weights: LayerWeights, iterations: int = 20) -> torch.Tensor:
     """||W_{m+1}||₂² for every hidden layer m, the Lipschitz constant of the upper constraint's gradient in z_m, by
     batched power iteration on W_{m+1}ᵀW_{m+1} (an SVD per layer cost a fifth of a sweep)."""
     def largest_eigenvalue(w: torch.Tensor) -> torch.Tensor:
@@ -319,7 +319,7 @@ class AdmmTrainer:
         target_sq = torch.zeros_like(residual_sq)
         for block in state["blocks"]:
             stats = CopyStatistics.zeros(theta)
-            lipschitz = lipschitz_bounds(block.copy)
+            lipschitz = lipschitz_constants(block.copy)
             chunks = [(idx, self.augment(x[idx]) if self.augment is not None else x[idx]) for idx in block.index.split(opt.chunk_size)]
             for idx, inputs in chunks:  # the same (augmented) inputs for the z-steps and the dual step of this sweep
                 self.local_steps(block.copy, inputs, y[idx], idx, lipschitz, stats)
