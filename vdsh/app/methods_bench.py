@@ -181,7 +181,9 @@ def section_body(results: list[dict], protocol: str, depth: int, width: int, ite
     notes = (f"Training set: {n_train:,} images of `{protocol}`; queries vs database of the protocol; one seed. "
              f"Networks: {depth} weight layers x {width} units"
              + (", " + ", ".join(f"{m} {iterations[m]} {'sweeps' if m in SWEEP_METHODS else 'epochs'}" for m in networks) if networks else "")
-             + ". Peak memory: growth of the resident set during the fit (CPU) or the CUDA allocator's peak.")
+             + ". Code targets: admm learns its codes against the classifier W (SDH's B-step); proxprop pulls to a fixed "
+             "codeword per class (hash centres). Peak memory: growth of the resident set during the fit (CPU) or the CUDA "
+             "allocator's peak.")
     return notes + "\n\n" + markdown_table(["method", "bits", "mAP@all", "P@H<=2", "train s", "peak MiB", "published mAP@all"], rows)
 
 
