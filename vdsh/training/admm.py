@@ -47,9 +47,9 @@ import torch
 
 from vdsh.index.metrics import mean_average_precision
 from vdsh.training.code_head import CODE_TARGETS, binary_codes, class_codewords, ridge_classifier, target_codes
-from vdsh.training.distributed import broadcast_, global_sum, rank_and_world, rank_zero_value
-from vdsh.training.mlp import DeepMLP, check_plain_mlp_problem, identity_hidden_layers
-from vdsh.training.stacked_mlp import LayerWeights, affine, with_ones
+from vdsh.training.distributed import global_sum, rank_and_world, rank_zero_value
+from vdsh.training.mlp import DeepMLP
+from vdsh.training.stacked_mlp import LayerWeights, affine, start_plain_mlp, with_ones
 from vdsh.training.validation import Validation, evaluate_encoder
 
 
@@ -264,16 +264,9 @@ class AdmmTrainer:
         return torch.bfloat16 if self.options.dtype == "bfloat16" else torch.float32
 
     def fit(self, encoder: DeepMLP, features: torch.Tensor, labels: torch.Tensor, validation: Validation | None = None) -> tuple[DeepMLP, list[dict]]:
-        check_plain_mlp_problem(encoder, features, labels, "AdmmTrainer")
         opt = self.options
         device = torch.device(opt.device)
-        torch.manual_seed(opt.seed)
-        encoder.to(device)
-        if opt.init == "identity":
-            identity_hidden_layers(encoder)
-        x, y = features.to(device).float(), labels.to(device).float()
-        theta = LayerWeights.from_mlp(encoder, device)
-        broadcast_(theta.tensors())  # every rank starts from rank 0's weights
+        x, y, theta = start_plain_mlp(encoder, features, labels, "AdmmTrainer", device, opt.seed, opt.init, torch.float32)
         self.state = self.initial_state(theta, x, y)
         history: list[dict] = []
         start = time.perf_counter()
