@@ -273,6 +273,7 @@ def train(
 BENCH_ROWS = {
     "admm": ("ADMM (VDSH)", "admm", False, {}),
     "admm-odd-even": ("ADMM (VDSH), odd-even z-steps", "admm", False, {"order": "odd-even"}),
+    "admm-backward-forward": ("ADMM (VDSH), backward then forward z-steps (dlADMM's order)", "admm", False, {"order": "backward-forward"}),
     "admm-centres": ("ADMM (VDSH), class-codeword targets", "admm", False, {"codes": "centres"}),
     "admm-layer-penalties": ("ADMM (VDSH), β and γ doubling per layer upwards", "admm", False, {"penalty_ratio": 2.0}),
     "admm-nonnegative": ("ADMM (VDSH), z ≥ 0 in the z-steps", "admm", False, {"nonnegative": True}),
