@@ -1,7 +1,7 @@
 """The Milvus backend against a real Milvus server (the embedded standalone server of PyPI `milvus`).
 
 One server per test session, its data in a temporary directory and its ports chosen free; stopped at the
-end. Skips when `milvus` or `pymilvus` is missing (pip install 'vdsh[milvus]'), unless VDSH_REQUIRE_MILVUS
+end. Skips when `milvus` or `pymilvus` is missing (pip install 'vdsh[milvus-embedded]'), unless VDSH_REQUIRE_MILVUS
 is set (CI), where that is an error.
 """
 
@@ -24,8 +24,8 @@ from vdsh.index.store import load_index
 KEY = "test-key"
 MISSING = [name for name in ("milvus", "pymilvus") if importlib.util.find_spec(name) is None]
 if MISSING and os.environ.get("VDSH_REQUIRE_MILVUS"):
-    raise RuntimeError(f"VDSH_REQUIRE_MILVUS is set but {', '.join(MISSING)} is not installed: pip install '.[milvus]'")
-needs_milvus = pytest.mark.skipif(bool(MISSING), reason=f"no {', '.join(MISSING)}: pip install 'vdsh[milvus]'")
+    raise RuntimeError(f"VDSH_REQUIRE_MILVUS is set but {', '.join(MISSING)} is not installed: pip install '.[milvus-embedded]'")
+needs_milvus = pytest.mark.skipif(bool(MISSING), reason=f"no {', '.join(MISSING)}: pip install 'vdsh[milvus-embedded]'")
 
 
 # ------------------------------------------------------------ no server needed
@@ -34,6 +34,11 @@ needs_milvus = pytest.mark.skipif(bool(MISSING), reason=f"no {', '.join(MISSING)
 def test_uris_name_a_server_and_a_collection():
     assert MilvusTarget.parse("milvus://db.example:19531/items") == MilvusTarget("http://db.example:19531", "items")
     assert MilvusTarget.parse("milvus://localhost/items_2").address == "http://localhost:19530"
+    assert MilvusTarget.parse("milvus://localhost/items").consistency == "Strong"
+    assert MilvusTarget.parse("milvus://localhost/items?consistency=Bounded").consistency == "Bounded"
+    for bad in ("milvus://localhost/items?consistency=Weak", "milvus://localhost/items?nprobe=3"):
+        with pytest.raises(ValueError, match="consistency"):
+            MilvusTarget.parse(bad)
     for bad in ("milvus://host:1/", "http://host:1/items", "milvus://host:1/a/b", "milvus://host:1/9items",
                 "milvus://host:1/it-ems"):
         with pytest.raises(ValueError, match="milvus://|collection name"):
@@ -58,12 +63,12 @@ def test_thumbnails_survive_their_text_form():
 @pytest.fixture(scope="session")
 def milvus_server(tmp_path_factory):
     if MISSING:
-        pytest.skip(f"no {', '.join(MISSING)}: pip install 'vdsh[milvus]'")
+        pytest.skip(f"no {', '.join(MISSING)}: pip install 'vdsh[milvus-embedded]'")
     from vdsh.index.milvus_embedded import EmbeddedMilvus
 
     server = EmbeddedMilvus(tmp_path_factory.mktemp("milvus")).start()
     yield server
-    server.stop()
+    server.stop(wait_s=2)  # its data is thrown away: no need to wait for a clean shutdown
 
 
 @pytest.fixture(scope="module")
@@ -180,8 +185,8 @@ def test_writes_in_one_server_process_are_seen_by_another(milvus_server, setup):
 
 @pytest.mark.slow
 @needs_milvus
-def test_a_restarted_milvus_server_has_lost_nothing(milvus_server, exported, setup):
-    """Writes acknowledged (not flushed) before a restart of the server are all there after it."""
+def test_a_killed_and_restarted_milvus_server_has_lost_nothing(milvus_server, exported, setup):
+    """Writes acknowledged (not flushed) before the server is killed (SIGKILL) are all there after a restart."""
     local = load_index(setup.index_dir)
     remote = MilvusItems.open(exported)
     rng = np.random.default_rng(1)
@@ -190,7 +195,7 @@ def test_a_restarted_milvus_server_has_lost_nothing(milvus_server, exported, set
     remote.remove([0, 1, 2])
     before = remote.search(local.codes_of(local.index.ids[:30]), 10)
 
-    milvus_server.stop()
+    milvus_server.stop(wait_s=0)
     milvus_server.start()
     after = MilvusItems.open(milvus_server.uri("shared"))
     assert len(after) == 1000 + 5 - 3

@@ -8,7 +8,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-STOP_WAIT_S = 30
+STOP_WAIT_S = 10  # an idle server exits in under a second; one holding collections can hang in its shutdown
 
 
 class EmbeddedMilvus:
@@ -19,7 +19,7 @@ class EmbeddedMilvus:
         try:
             from milvus import MilvusServer, MilvusServerConfig
         except ImportError as error:
-            raise ImportError("the embedded Milvus server needs the `milvus` package: pip install 'vdsh[milvus]'") from error
+            raise ImportError("the embedded Milvus server needs the `milvus` package: pip install 'vdsh[milvus-embedded]'") from error
         self.data_dir = Path(data_dir)
         self._server = MilvusServer(MilvusServerConfig(data_dir=str(self.data_dir)))
 
@@ -46,14 +46,17 @@ class EmbeddedMilvus:
                 return int(line.split()[1]) / 1024
         return float("nan")
 
-    def stop(self) -> None:
+    def stop(self, wait_s: float = STOP_WAIT_S) -> None:
+        """SIGTERM, then SIGKILL if still running after `wait_s` (0: a kill, as when the process crashes)."""
         process = self._server.server_proc
         if process is not None:
-            process.terminate()
+            if wait_s > 0:
+                process.terminate()
             try:
-                process.wait(STOP_WAIT_S)
+                process.wait(wait_s)
             except subprocess.TimeoutExpired:
                 process.kill()
+                process.wait()
         self._server.stop()  # closes its log files
 
     def __enter__(self) -> "EmbeddedMilvus":

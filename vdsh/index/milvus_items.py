@@ -1,8 +1,8 @@
 """The item index kept in a Milvus collection: the same read and write surface as `ItemIndex`, served by
 Milvus, so that several `vdsh serve` processes (on several machines) share one collection.
 
-A collection is named by a URI ``milvus://HOST:PORT/COLLECTION``; a token for a secured cluster comes from
-``VDSH_MILVUS_TOKEN``. One row per item:
+A collection is named by a URI ``milvus://HOST:PORT/COLLECTION``, optionally ``?consistency=LEVEL``; a token
+for a secured cluster comes from ``VDSH_MILVUS_TOKEN``. One row per item:
 
     id         INT64, primary key (vdsh's item id)
     code       BINARY_VECTOR, dim = 8 x bytes a row: vdsh's packed bytes as they are (most significant bit
@@ -12,12 +12,16 @@ A collection is named by a URI ``milvus://HOST:PORT/COLLECTION``; a token for a 
     thumbnail  VARCHAR, "H,W,C:" then the uint8 pixels in base64 ("" when none)
 
 The collection's description holds the facts `ItemIndex` keeps beside its codes (JSON: format, bits, model
-id, class names, Milvus index type and nprobe). The vector index is BIN_FLAT (exact) below `IVF_FROM`
-items and BIN_IVF_FLAT (approximate) from there on (`choose_index`); BENCHMARKS.md, "Milvus", has both.
+id, class names). The vector index is BIN_FLAT (exact) below `IVF_FROM` items and BIN_IVF_FLAT
+(approximate, nprobe = nlist / 16 unless set) from there on (`choose_index`); BENCHMARKS.md, "Milvus
+beside vdsh's flat index", has both.
 
-Reads use consistency level Strong: a search or look-up sees every write that any process had finished
-before it began, so one process's POST /items is found by the next search of another. Writes are durable
-once Milvus acknowledges them (its write-ahead log); `flush` seals them into segments (export does).
+Reads use consistency level Strong by default: a search or look-up sees every write that any process had
+finished before it began, so one process's POST /items is found by the next search of another. Strong
+costs latency: Milvus waits for its next time tick (200 ms apart by default) before answering.
+``?consistency=Bounded`` (or Session, Eventually) answers at once from what it has, possibly seconds
+stale for other processes' writes (BENCHMARKS.md shows both). Writes are durable once Milvus acknowledges
+them (its write-ahead log; the tests kill the server and find them); `flush` seals them into segments.
 
 Ties: Milvus returns items at equal distance in an order of its own (segment and row inside it, not
 insertion order), and at the cut-off distance it may keep other tied items than vdsh would. We sort each
@@ -34,7 +38,7 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 
@@ -48,8 +52,10 @@ MAX_TOPK = 16_384  # Milvus's limit on k (and on offset + limit of a query)
 SOURCE_MAX = 4096
 LABELS_MAX = 4096
 THUMBNAIL_MAX = 65_535  # VARCHAR's limit; a 64 x 64 x 3 thumbnail takes 16,390 characters
-INSERT_BATCH = 1000  # rows a request: with thumbnails ~16 MB, under gRPC's 64 MB message limit
+INSERT_BATCH = 1000  # rows a request with thumbnails (~16 MB, under gRPC's 64 MB message limit)
+INSERT_BATCH_BARE = 10_000  # rows a request without thumbnails
 CONSISTENCY = "Strong"
+CONSISTENCY_LEVELS = ("Strong", "Bounded", "Session", "Eventually")
 
 
 class MilvusUnavailable(OSError):
@@ -66,16 +72,22 @@ class MilvusTarget:
 
     address: str  # http://HOST:PORT, what pymilvus connects to
     collection: str
+    consistency: str = CONSISTENCY
 
     @classmethod
     def parse(cls, uri: str) -> "MilvusTarget":
         parsed = urlparse(uri)
         name = parsed.path.strip("/")
+        options = parse_qs(parsed.query)
+        consistency = options.pop("consistency", [CONSISTENCY])[-1]
+        if options or consistency not in CONSISTENCY_LEVELS:
+            raise ValueError(f"the only option of a milvus:// URI is ?consistency= one of {', '.join(CONSISTENCY_LEVELS)}, "
+                             f"got {parsed.query!r}")
         if parsed.scheme != "milvus" or not parsed.hostname or not name or "/" in name:
             raise ValueError(f"a Milvus index is named milvus://HOST:PORT/COLLECTION, got {uri!r}")
         if not name.replace("_", "a").isalnum() or name[0].isdigit():
             raise ValueError(f"a Milvus collection name has letters, digits and '_' and starts with a letter or '_', got {name!r}")
-        return cls(f"http://{parsed.hostname}:{parsed.port or 19530}", name)
+        return cls(f"http://{parsed.hostname}:{parsed.port or 19530}", name, consistency)
 
 
 def choose_index(items: int) -> tuple[str, int]:
@@ -107,8 +119,9 @@ class MilvusItems:
         self.nbytes = code_bytes(self.bits)
         self.model_id = str(facts["model_id"])
         self.class_names = list(facts["class_names"])
-        self.index_type = str(facts["index_type"])
-        self.nprobe = int(facts.get("nprobe", 0))
+        index = self._call(client.describe_index, target.collection, "code")
+        self.index_type = str(index["index_type"])
+        self.nprobe = default_nprobe(int(index.get("nlist", 0)))  # searched lists; 0 for BIN_FLAT
         self._largest_id = -1  # a lower bound of the largest stored id, raised by next_id
 
     # ------------------------------------------------------------ opening
@@ -151,18 +164,14 @@ class MilvusItems:
         if index_type == "BIN_IVF_FLAT":
             nlist = nlist or int(min(65_536, max(1, 4 * np.sqrt(max(expected_items, 1)))))
         facts = {"format": FORMAT, "format_version": FORMAT_VERSION, "bits": bits, "model_id": model_id,
-                 "class_names": list(class_names), "index_type": index_type,
-                 "nprobe": max(1, nlist // 16) if nlist else 0}
+                 "class_names": list(class_names)}
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False, description=json.dumps(facts))
         schema.add_field("id", DataType.INT64, is_primary=True)
         schema.add_field("code", DataType.BINARY_VECTOR, dim=8 * code_bytes(bits))
         schema.add_field("labels", DataType.VARCHAR, max_length=LABELS_MAX)
         schema.add_field("source", DataType.VARCHAR, max_length=SOURCE_MAX)
         schema.add_field("thumbnail", DataType.VARCHAR, max_length=THUMBNAIL_MAX)
-        index_params = client.prepare_index_params()
-        index_params.add_index(field_name="code", index_type=index_type, metric_type="HAMMING",
-                               params={"nlist": nlist} if index_type == "BIN_IVF_FLAT" else {})
-        client.create_collection(target.collection, schema=schema, index_params=index_params,
+        client.create_collection(target.collection, schema=schema, index_params=_index_params(client, index_type, nlist),
                                  consistency_level=CONSISTENCY)
         client.load_collection(target.collection)
         return cls(client, target, facts)
@@ -171,7 +180,7 @@ class MilvusItems:
 
     def __len__(self) -> int:
         rows = self._call(self.client.query, self.target.collection, filter="", output_fields=["count(*)"],
-                          consistency_level=CONSISTENCY)
+                          consistency_level=self.target.consistency)
         return int(rows[0]["count(*)"])
 
     @property
@@ -234,7 +243,7 @@ class MilvusItems:
 
     def add(self, codes, ids, labels=None, sources=None, thumbnails=None,
             progress: Callable[[int], None] | None = None) -> None:
-        """Insert items in batches of INSERT_BATCH (`progress(rows)` after each); ValueError for ids that
+        """Insert items in batches (`progress(rows)` after each); ValueError for ids that
         repeat or are taken, wrong code widths or fields too long. Not atomic across batches."""
         codes = self._check_codes(codes)
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
@@ -251,9 +260,10 @@ class MilvusItems:
             raise ValueError("ids must be unique and >= 0")
         if len(labels) and labels.shape[1] != len(self.class_names):
             raise ValueError(f"labels have {labels.shape[1]} classes, the collection has {len(self.class_names)}")
-        for start in range(0, n, INSERT_BATCH):
-            part = slice(start, min(n, start + INSERT_BATCH))
-            taken = self._rows_where(f"id in {ids[part].tolist()}", ["id"], INSERT_BATCH)
+        batch = INSERT_BATCH if any(t is not None for t in thumbnails) else INSERT_BATCH_BARE
+        for start in range(0, n, batch):
+            part = slice(start, min(n, start + batch))
+            taken = self._rows_where(f"id in {ids[part].tolist()}", ["id"], batch)
             if taken:  # Milvus would store a second row under the same primary key
                 raise ValueError(f"ids already in {self.target.collection}: {sorted(int(r['id']) for r in taken)[:5]}")
             rows = [_row(int(i), c, lab, s, t) for i, c, lab, s, t in
@@ -269,6 +279,20 @@ class MilvusItems:
         self._call(self.client.delete, self.target.collection, filter=f"id in {ids.tolist()}")
         return len(ids)
 
+    def rebuild_index(self, index_type: str, nlist: int = 0) -> None:
+        """Replace the vector index (BIN_FLAT, or BIN_IVF_FLAT with `nlist` lists); the collection is
+        released meanwhile (searches fail) and Milvus builds the new index in the background (`indexed_rows`)."""
+        name = self.target.collection
+        self._call(self.client.release_collection, name)
+        self._call(self.client.drop_index, name, "code")
+        self._call(self.client.create_index, name, _index_params(self.client, index_type, nlist))
+        self._call(self.client.load_collection, name)
+        self.index_type, self.nprobe = index_type, default_nprobe(nlist if index_type == "BIN_IVF_FLAT" else 0)
+
+    def indexed_rows(self) -> int:
+        """Rows that Milvus has put in the vector index so far (the rest it searches by brute force)."""
+        return int(self._call(self.client.describe_index, self.target.collection, "code").get("indexed_rows", 0))
+
     def flush(self) -> None:
         """Seal what was inserted into segments (written to storage and indexed)."""
         self._call(self.client.flush, self.target.collection)
@@ -278,7 +302,8 @@ class MilvusItems:
     def _search(self, queries: np.ndarray, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
         params = {"metric_type": "HAMMING", "params": {"nprobe": self.nprobe} if self.nprobe else {}}
         answers = self._call(self.client.search, self.target.collection, data=[q.tobytes() for q in queries],
-                             anns_field="code", limit=k, search_params=params, consistency_level=CONSISTENCY)
+                             anns_field="code", limit=k, search_params=params,
+                             consistency_level=self.target.consistency)
         out = []
         for hits in answers:
             found = np.array([hit["id"] for hit in hits], np.int64)
@@ -289,7 +314,7 @@ class MilvusItems:
 
     def _rows_where(self, expression: str, fields: list[str], limit: int) -> list[dict]:
         return self._call(self.client.query, self.target.collection, filter=expression, output_fields=fields,
-                          limit=limit, consistency_level=CONSISTENCY)
+                          limit=limit, consistency_level=self.target.consistency)
 
     def _rows(self, ids, fields: list[str]) -> list[dict]:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
@@ -323,6 +348,17 @@ class MilvusItems:
             return method(*args, **kwargs)
         except MilvusException as error:
             raise MilvusUnavailable(f"Milvus at {self.target.address} ({self.target.collection}): {error}") from error
+
+
+def default_nprobe(nlist: int) -> int:
+    return max(1, nlist // 16) if nlist else 0
+
+
+def _index_params(client, index_type: str, nlist: int):
+    params = client.prepare_index_params()
+    params.add_index(field_name="code", index_name="code", index_type=index_type, metric_type="HAMMING",
+                     params={"nlist": nlist} if index_type == "BIN_IVF_FLAT" else {})
+    return params
 
 
 def _read_facts(client, target: MilvusTarget) -> dict:
