@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from serving_fixtures import png_bytes, shared_setup, start_server, stop_server
 from vdsh.app.cli import app as cli_app
 from vdsh.app.server import create_app
-from vdsh.index.milvus_items import IVF_FROM, MilvusItems, MilvusTarget, _decode_thumbnail, _encode_thumbnail, choose_index
+from vdsh.index.milvus_items import IVF_FROM, NLIST_MAX, MilvusItems, MilvusTarget, _decode_thumbnail, _encode_thumbnail, choose_index
 from vdsh.index.store import load_index
 
 KEY = "test-key"
@@ -48,7 +48,7 @@ def test_uris_name_a_server_and_a_collection():
 def test_exact_index_below_the_threshold_ivf_from_it():
     assert choose_index(IVF_FROM - 1) == ("BIN_FLAT", 0)
     kind, nlist = choose_index(IVF_FROM)
-    assert kind == "BIN_IVF_FLAT" and nlist == int(4 * np.sqrt(IVF_FROM))
+    assert kind == "BIN_IVF_FLAT" and nlist == min(NLIST_MAX, int(4 * np.sqrt(IVF_FROM)))
 
 
 def test_thumbnails_survive_their_text_form():
@@ -142,6 +142,24 @@ def test_http_api_answers_as_from_the_index_directory(exported, setup):
         assert remote.get("/items/5/thumbnail").content == local.get("/items/5/thumbnail").content
         assert remote.get("/").status_code == 200
         assert remote.get("/items/123456").status_code == 404
+
+
+@needs_milvus
+def test_query_command_prints_the_same_neighbours(exported, setup, tmp_path):
+    image = tmp_path / "q.png"
+    image.write_bytes(png_bytes(setup.query_images[3]))
+    printed = []
+    for index in (str(setup.index_dir), exported):
+        result = CliRunner().invoke(cli_app, ["query", "--index", index, "--model", str(setup.model_path), str(image), "-k", "20"])
+        assert result.exit_code == 0, result.output
+        printed.append([line.split() for line in result.output.splitlines()[1:]])  # rank id=.. d=.. labels=.. source
+    distances = [[int(row[2].removeprefix("d=")) for row in rows] for rows in printed]
+    assert len(printed[0]) == 20 and distances[0] == distances[1]
+    untied = [rows[: distances[0].index(distances[0][-1])] for rows in printed]
+    assert untied[0] == untied[1]
+    refused = CliRunner().invoke(cli_app, ["query", "--index", exported, "--index", str(setup.index_dir),
+                                           "--model", str(setup.model_path), str(image)])
+    assert refused.exit_code != 0 and "alone" in refused.output
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ import typer
 
 from vdsh.app.benchmarks import markdown_table, write_section
 
-INDEX_WAIT_S = 900  # the longest wait for Milvus to finish building an index
+INDEX_WAIT_S = 1200  # the longest wait for Milvus to finish building an index
 
 
 def bench_milvus(
@@ -85,7 +85,7 @@ HEADER = ["index", "params", "insert rows/s", "p50 ms/query", "p99 ms/query", "r
 def _bench_collection(uri: str, database: np.ndarray, ids: np.ndarray, probe: np.ndarray, exact, bits: int, k: int,
                       nprobes: str, max_seconds: float, server) -> list[list[object]]:
     from vdsh.index.bench import search_latency
-    from vdsh.index.milvus_items import MilvusItems, choose_index
+    from vdsh.index.milvus_items import MilvusItems, nlist_for
 
     items = MilvusItems.create(uri, bits, "", [], len(database), replace=True, index_type="BIN_FLAT")
     started = time.perf_counter()
@@ -94,7 +94,7 @@ def _bench_collection(uri: str, database: np.ndarray, ids: np.ndarray, probe: np
     insert_rate = len(database) / (time.perf_counter() - started)
     memory = (lambda: f"{server.memory_mib():,.0f}") if server is not None else (lambda: "")
     rows = []
-    nlist = choose_index(max(len(database), 1))[1] or int(4 * np.sqrt(len(database)))
+    nlist = nlist_for(len(database))
     ivf = [(int(p), "Bounded") for p in nprobes.split(",")]
     for index_type, settings in (("BIN_FLAT", [(0, "Strong"), (0, "Bounded")]), ("BIN_IVF_FLAT", ivf)):
         if index_type == "BIN_IVF_FLAT":
