@@ -27,7 +27,8 @@ def bench_milvus(
     queries: int = typer.Option(200, help="Distinct queries (each timed one at a time, and scored)."),
     nprobes: str = typer.Option("16,64", help="BIN_IVF_FLAT nprobe values to time."),
     max_seconds: float = typer.Option(20.0, help="Time limit per index and setting."),
-    uri: str = typer.Option(None, help="milvus://HOST:PORT/COLLECTION of a running server (default: embedded)."),
+    uri: str = typer.Option(None, help="milvus://HOST:PORT/COLLECTION on a running server, replaced if it "
+                                                "exists (default: an embedded server)"),
 ) -> None:
     """Insert rate, query p50/p99 and recall of Milvus BIN_FLAT / BIN_IVF_FLAT beside vdsh's flat index."""
     from vdsh.index.bench import clustered_codes, search_latency
