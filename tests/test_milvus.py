@@ -95,6 +95,7 @@ def assert_same_answers_where_untied(milvus_ids, milvus_dists, ids, dists):
         assert np.array_equal(milvus_ids[row][below], ids[row][below])
 
 
+@pytest.mark.slow  # starting the Milvus server alone takes seconds
 @needs_milvus
 def test_export_holds_every_item_and_its_metadata(exported, setup):
     local, remote = load_index(setup.index_dir), MilvusItems.open(exported)
@@ -112,6 +113,7 @@ def test_export_holds_every_item_and_its_metadata(exported, setup):
     assert len(MilvusItems.open(exported)) == 1000  # refused: nothing dropped
 
 
+@pytest.mark.slow  # starting the Milvus server alone takes seconds
 @needs_milvus
 def test_search_equals_the_flat_index_at_every_untied_distance(exported, setup):
     local, remote = load_index(setup.index_dir), MilvusItems.open(exported)
@@ -124,6 +126,7 @@ def test_search_equals_the_flat_index_at_every_untied_distance(exported, setup):
         assert np.array_equal(m_d, l_d) and np.array_equal(m_ids, l_ids)  # a radius answer has no cut: all equal
 
 
+@pytest.mark.slow  # starting the Milvus server alone takes seconds
 @needs_milvus
 def test_http_api_answers_as_from_the_index_directory(exported, setup):
     with TestClient(create_app(setup.index_dir, setup.model_path)) as local, \
@@ -144,6 +147,7 @@ def test_http_api_answers_as_from_the_index_directory(exported, setup):
         assert remote.get("/items/123456").status_code == 404
 
 
+@pytest.mark.slow  # starting the Milvus server alone takes seconds
 @needs_milvus
 def test_query_command_prints_the_same_neighbours(exported, setup, tmp_path):
     image = tmp_path / "q.png"

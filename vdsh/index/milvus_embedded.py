@@ -107,6 +107,8 @@ class EmbeddedMilvus:
                 process.kill()
                 process.wait()
         self._server.stop()  # closes its log files
+        if process is not None:  # the one file it writes outside its data directory
+            Path(f"/tmp/milvus/server_id_{process.pid}").unlink(missing_ok=True)
 
     def __enter__(self) -> "EmbeddedMilvus":
         return self.start()
