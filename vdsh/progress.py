@@ -34,13 +34,14 @@ def note(message: str) -> None:
 
 
 @contextmanager
-def progress_bar(description: str, total: int | None) -> Iterator[Callable[..., None]]:
+def progress_bar(description: str, total: int | None, enabled: bool = True) -> Iterator[Callable[..., None]]:
     """A bar for `total` steps; yields `advance(steps=1, status=None)`, where status replaces the text after
-    the description (e.g. the last epoch's loss). Elapsed and estimated remaining time are shown."""
+    the description (e.g. the last epoch's loss). Elapsed and estimated remaining time are shown.
+    enabled False (or quiet): no bar, `advance` does nothing visible."""
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("elapsed"),
         TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
-        console=Console(stderr=True), disable=is_quiet(), transient=False,
+        console=Console(stderr=True), disable=is_quiet() or not enabled, transient=False,
     ) as bar:
         task = bar.add_task(description, total=total, status="")
 

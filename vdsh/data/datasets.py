@@ -56,10 +56,11 @@ def load(name: str, root: str | Path | None = None, split: str = "all", download
     if name.startswith("folder:"):
         return load_folder(Path(name.removeprefix("folder:")).expanduser(), channels, size)
     base = data_root(root)
-    if name == "mnist":
-        return load_mnist(base, split, download)
-    if name == "cifar10":
-        return load_cifar10(base, split, download)
+    if name in ("mnist", "cifar10"):
+        imageset = (load_mnist if name == "mnist" else load_cifar10)(base, split, download)
+        if split != "all":  # positions within the split, and the source says which split: mnist:test:17
+            imageset.sources = [f"{name}:{split}:{i}" for i in range(len(imageset))]
+        return imageset
     if name == "nuswide":
         return load_nuswide(base, split, channels or 3, size or 64)
     raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
