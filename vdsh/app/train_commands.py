@@ -82,7 +82,9 @@ def validation_source(split) -> str:
 def validation_slice(split, labels: torch.Tensor, prepare, seed: int, val_queries: int = 500, val_database: int = 2000) -> Validation:
     """Queries and database drawn from `validation_pool`: never a query, and never trained on where the protocol allows."""
     rng = np.random.default_rng(seed)
-    pick = rng.permutation(validation_pool(split))[: val_queries + val_database]
+    pool = validation_pool(split)
+    val_queries = min(val_queries, max(1, len(pool) // 5))  # small pools: a fifth query, the rest the database
+    pick = rng.permutation(pool)[: val_queries + val_database]
     vq, vdb = np.sort(pick[:val_queries]), np.sort(pick[val_queries:])
     return Validation(prepare(vq), labels[vq], prepare(vdb), labels[vdb])
 
