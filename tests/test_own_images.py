@@ -79,6 +79,10 @@ def test_bring_your_own_images_end_to_end(tmp_path, monkeypatch):
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     assert metrics["n_query"] == 15 and metrics["n_database"] == 75
     assert metrics["metrics"]["mAP@all"] == pytest.approx(map_all, abs=1e-6), "eval must score the split training scored"
+    moved = tmp_path / "moved.safetensors"  # away from its run folder, the model's recorded protocol redraws the split
+    moved.write_bytes((run / "model.safetensors").read_bytes())
+    vdsh("eval", "--model", moved, "--out", tmp_path / "moved-eval")
+    assert json.loads((tmp_path / "moved-eval" / "metrics.json").read_text())["metrics"] == metrics["metrics"]
     split = np.load(run / "split.npz")
     with np.load(run / "codes" / "query.npz") as q, np.load(run / "codes" / "database.npz") as db:
         assert np.array_equal(q["ids"], split["query"]) and np.array_equal(db["ids"], split["database"])
@@ -139,7 +143,7 @@ def test_index_refuses_a_shape_the_model_does_not_take_before_decoding(tmp_path,
 def test_validation_says_where_it_comes_from(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     make_image_folder(tmp_path / "images", per_class=12)
-    for train, expected in (("6", "held-out"), ("all", "training images")):
+    for train, expected in (("6", "database images outside the training set"), ("all", "training images")):
         run = tmp_path / f"run-{train}"
         result = vdsh("train", "--protocol", "folder:images", "--queries-per-class", "2", "--train", train,
                       "--trainer", "cnn-admm", "--width", "4", "--epochs", "1", "--bits", "8", "--out", run)
@@ -147,6 +151,10 @@ def test_validation_says_where_it_comes_from(tmp_path, monkeypatch):
         history = json.loads((run / "history.json").read_text())
         assert all(r["val_on"].startswith(expected) for r in history if r.get("val_map") is not None)
         assert any(r.get("val_map") is not None for r in history)
+    # scored on images never trained on: the database less the training set (30 - 18 images)
+    vdsh("eval", "--model", tmp_path / "run-6" / "model.safetensors", "--exclude", f"{tmp_path / 'run-6'}:train",
+         "--out", tmp_path / "unseen")
+    assert json.loads((tmp_path / "unseen" / "metrics.json").read_text())["n_database"] == 12
 
 
 def test_hybrid_reports_every_trunk_epoch_and_head_sweep():
@@ -163,3 +171,9 @@ def test_hybrid_reports_every_trunk_epoch_and_head_sweep():
     records = []
     train_hybrid("small_cnn", images, labels, 8, 4, options, progress=records.append)
     assert len(records) == 2 + 3, "one report per trunk epoch and per head sweep"
+
+
+def test_train_takes_the_old_dataset_spelling_with_a_deprecation_note(tmp_path):
+    result = vdsh("train", "--dataset", "mnist-sample", "--trainer", "lsh", "--bits", "8", "--out", tmp_path / "run")
+    assert "--dataset is deprecated here" in result.stderr and "--protocol mnist-sample" in result.stderr
+    assert json.loads((tmp_path / "run" / "protocol.json").read_text())["protocol"]["name"] == "mnist-sample"

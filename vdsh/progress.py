@@ -30,7 +30,7 @@ def is_quiet() -> bool:
 def note(message: str) -> None:
     """One line of context on stderr (what a run is about to do, where validation comes from), unless quiet."""
     if not is_quiet():
-        Console(stderr=True, highlight=False).print(message)
+        Console(stderr=True, highlight=False, soft_wrap=True).print(message)
 
 
 @contextmanager

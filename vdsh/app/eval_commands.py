@@ -93,11 +93,13 @@ def evaluate(
     if codes_format not in ("npz", "h5"):
         raise typer.BadParameter(f"--codes-format must be npz or h5, got {codes_format!r}")
     if model is not None:
-        protocol = protocol or run_protocol(model) or recorded_protocol(model)
+        if protocol is None and run_protocol(model) is None:
+            protocol, seed = recorded_protocol(model)
+        protocol = protocol or run_protocol(model)
         data = {**protocol_options(queries_per_class, train_per_class, None, None), **model_shape(model, channels, image_size)}
         query_part, db_part, class_names = codes_from_model(model, protocol, data_root, seed, data, exclude)
         query_set, db_set = query_part.codes, db_part.codes
-        title = f"{model.name} on {protocol}"
+        title = f"{model.name} on {getattr(protocol, 'name', protocol)}"
         if save_codes_to is not None:
             written = save_scored_codes(save_codes_to, query_part, db_part, class_names, f".{codes_format}")
             console.print(f"wrote {', '.join(map(str, written))}")
@@ -121,14 +123,18 @@ def evaluate(
     console.print(f"wrote {out / 'metrics.json'} and {out / 'pr_curve.png'}")
 
 
-def recorded_protocol(model: Path) -> str:
-    """The protocol a model file records (for models moved away from their run folder)."""
+def recorded_protocol(model: Path):
+    """(protocol, seed) a model file records, for models moved away from their run folder: the spec that redraws
+    its split when recorded (user protocols), else the protocol's name."""
+    from vdsh.data.protocols import ProtocolSpec
     from vdsh.training.model import read_model_metadata
 
-    protocol = read_model_metadata(model)["info"].get("protocol")
-    if protocol is None:
+    info = read_model_metadata(model)["info"]
+    if info.get("protocol_spec"):
+        return ProtocolSpec.from_dict(info["protocol_spec"]), int(info.get("seed", 0))
+    if info.get("protocol") is None:
         raise typer.BadParameter(f"{model} records no protocol and has no split.npz beside it: pass --protocol")
-    return protocol
+    return info["protocol"], int(info.get("seed", 0))
 
 
 def encode_command(

@@ -75,8 +75,8 @@ def validation_pool(split) -> np.ndarray:
 def validation_source(split) -> str:
     """Where validation slices of this split come from, in words for benchmark notes."""
     if np.isin(validation_pool(split), split.train).any():
-        return "training images (the protocol trains on its whole database: none is held out)"
-    return "held-out database images (never trained on, never a query)"
+        return "training images (the protocol trains on its whole database)"
+    return "database images outside the training set"
 
 
 def validation_slice(split, labels: torch.Tensor, prepare, seed: int, val_queries: int = 500, val_database: int = 2000) -> Validation:
