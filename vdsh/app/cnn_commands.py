@@ -10,6 +10,7 @@ import torch
 import typer
 
 from vdsh.app.benchmarks import markdown_table, write_section
+from vdsh.app.protocol_options import DEPRECATED_DATASET, chosen_protocol
 
 IMAGE_SHAPES = {"mnist": (1, 28), "cifar10": (3, 32)}
 
@@ -121,13 +122,12 @@ def run_cnn_training(protocol: str, bits: int, encoder: str, width: int | None, 
     from vdsh.app.train_commands import (describe_run, final_query_map, mark_validation, protocol_facts, save_run,
                                          validation_slice, validation_source)
     from vdsh.data.protocols import load_protocol
-    from vdsh.training.augment import RECIPES
-    from vdsh.training.cnn_training import default_augmentation
+    from vdsh.training.augment import chosen_augmentation
 
     if trainer not in CNN_TRAINERS:
         raise typer.BadParameter(f"CNN encoders train with --trainer {', '.join(CNN_TRAINERS)}, got {trainer!r}")
     images, split = load_protocol(protocol, data_root, seed, **(protocol_options or {}))
-    augmentation = None if augment is False else default_augmentation(split.spec.dataset) or (RECIPES["photos"] if augment else None)
+    augmentation = chosen_augmentation(split.spec.dataset, augment)
     labels = torch.as_tensor(images.labels).float()
     validation = None if trainer == "backprop" else validation_slice(split, labels, lambda idx: images.images[idx], seed)
     source = None if validation is None else validation_source(split)
@@ -158,7 +158,8 @@ CNN_BENCH_ROWS = {
 
 
 def bench_cnn_train(
-    protocol: str = typer.Option("mnist-5k", "--protocol", help="a protocol, as `vdsh train --protocol`"),
+    protocol: str = typer.Option(None, "--protocol", help="a protocol, as `vdsh train --protocol` (default mnist-5k)"),
+    dataset: str = DEPRECATED_DATASET,
     bits: int = typer.Option(48),
     encoder: str = typer.Option("small_cnn", help="small_cnn, resnet9 or dwsep"),
     width: int = typer.Option(None, help="CNN base channels (default per encoder)"),
@@ -172,6 +173,7 @@ def bench_cnn_train(
     """Back-prop CNN vs its classifier baseline vs block-wise CNN ADMM vs the hybrid, one protocol; a BENCHMARKS.md section."""
     import json
 
+    protocol = chosen_protocol(protocol, dataset, "mnist-5k")
     chosen = [r.strip() for r in rows.split(",") if r.strip()]
     unknown = sorted(set(chosen) - set(CNN_BENCH_ROWS))
     if unknown:

@@ -19,7 +19,7 @@ from vdsh.data.protocols import load_protocol, save_protocol
 from vdsh.progress import note, progress_bar
 from vdsh.training.admm import AdmmOptions, AdmmTrainer, Validation, forward_codes
 from vdsh.training.altmin import AltMinOptions, AltMinTrainer
-from vdsh.training.augment import RECIPES, FeatureNoise, FlatImageAugmentation, default_augmentation
+from vdsh.training.augment import FeatureNoise, FlatImageAugmentation, chosen_augmentation
 from vdsh.training.baselines import BASELINES
 from vdsh.training.distributed import init_from_env
 from vdsh.training.backprop import BackpropOptions, BackpropTrainer
@@ -128,7 +128,7 @@ def mlp_augmentation(protocol: str, spec: InputSpec, trainer: str, augment: bool
         return None
     if spec.features == "gist":
         return FeatureNoise()
-    recipe = default_augmentation(protocol) or (RECIPES["photos"] if augment else None)
+    recipe = chosen_augmentation(protocol, augment)
     return FlatImageAugmentation(recipe, spec.channels, spec.size) if recipe else None
 
 

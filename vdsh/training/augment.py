@@ -106,3 +106,11 @@ def default_augmentation(dataset: str) -> Augmentation | None:
     recipe = dataset_info(name).augmentation
     return RECIPES[recipe] if recipe else None
 
+
+def chosen_augmentation(dataset: str, augment: bool | None) -> Augmentation | None:
+    """The `--augment/--no-augment` choice: False none; None the dataset's own recipe (maybe none); True the dataset's
+    recipe, or crop + flip (the photos recipe) for data that names none."""
+    if augment is False:
+        return None
+    return default_augmentation(dataset) or (RECIPES["photos"] if augment else None)
+
