@@ -108,6 +108,12 @@ def test_bring_your_own_images_end_to_end(tmp_path, monkeypatch):
     assert answer.stdout.count("labels=") == 3
     printed = vdsh("--quiet", "encode", query_file, "--model", run / "model.safetensors")
     assert printed.stdout.split()[0] == query_codes[0].tobytes().hex() and printed.stderr == ""
+    vdsh("encode", query_file, files[0], "--model", run / "model.safetensors", "--out", tmp_path / "codes.h5")
+    import h5py
+
+    with h5py.File(tmp_path / "codes.h5") as f:
+        assert f["codes"][0].tobytes() == query_codes[0].tobytes() and int(f.attrs["bits"]) == 16
+        assert [s.decode() for s in f["sources"][()]] == [str(query_file), str(files[0])]
 
     # 5. serve it, and search over HTTP with the same file
     import httpx
@@ -177,3 +183,24 @@ def test_train_takes_the_old_dataset_spelling_with_a_deprecation_note(tmp_path):
     result = vdsh("train", "--dataset", "mnist-sample", "--trainer", "lsh", "--bits", "8", "--out", tmp_path / "run")
     assert "--dataset is deprecated here" in result.stderr and "--protocol mnist-sample" in result.stderr
     assert json.loads((tmp_path / "run" / "protocol.json").read_text())["protocol"]["name"] == "mnist-sample"
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".h5"])
+def test_saved_codes_carry_ids_and_class_names_and_still_load(tmp_path, suffix):
+    import h5py
+
+    from vdsh.index.codes import CodeSet, load_codes, save_codes
+
+    codes = CodeSet(np.array([[1, 2], [3, 4], [5, 6]], np.uint8), 16, np.eye(3, dtype=np.uint8)[[0, 2, 1]])
+    save_codes(tmp_path / f"c{suffix}", codes, ids=np.array([7, 9, 11]), class_names=["cat", "dog", "owl"])
+    again = load_codes(tmp_path / f"c{suffix}")
+    assert np.array_equal(again.packed, codes.packed) and np.array_equal(again.labels, codes.labels)
+    if suffix == ".npz":
+        with np.load(tmp_path / "c.npz") as f:
+            ids, names = f["ids"].tolist(), f["class_names"].tolist()
+    else:
+        with h5py.File(tmp_path / "c.h5") as f:
+            ids, names = f["ids"][()].tolist(), [n.decode() for n in f["class_names"][()]]
+    assert ids == [7, 9, 11] and names == ["cat", "dog", "owl"]
+    with pytest.raises(ValueError, match="3 codes but 2 ids"):
+        save_codes(tmp_path / f"d{suffix}", codes, ids=np.array([1, 2]))
