@@ -204,3 +204,17 @@ def test_saved_codes_carry_ids_and_class_names_and_still_load(tmp_path, suffix):
     assert ids == [7, 9, 11] and names == ["cat", "dog", "owl"]
     with pytest.raises(ValueError, match="3 codes but 2 ids"):
         save_codes(tmp_path / f"d{suffix}", codes, ids=np.array([1, 2]))
+
+
+def test_an_mlp_trains_on_a_folder_of_grey_images_at_a_chosen_size(tmp_path):
+    from vdsh.training.model import read_model_metadata
+
+    make_image_folder(tmp_path / "images", per_class=10)
+    result = vdsh("train", "--protocol", f"folder:{tmp_path / 'images'}", "--queries-per-class", "2", "--channels", "1",
+                  "--image-size", "12", "--trainer", "backprop", "--depth", "2", "--width", "16", "--epochs", "1",
+                  "--bits", "8", "--out", tmp_path / "run")
+    assert "images 1x12x12" in result.stderr and "augmentation: none" in result.stderr
+    spec = read_model_metadata(tmp_path / "run" / "model.safetensors")["input"]
+    assert (spec["channels"], spec["size"], spec["features"]) == (1, 12, "pixels") and 0 < spec["mean"][0] < 1
+    meta = json.loads((tmp_path / "run" / "protocol.json").read_text())
+    assert meta["image_shape"] == [1, 12, 12] and meta["counts"]["query"] == 6

@@ -16,6 +16,7 @@ from vdsh.app.protocol_options import (CHANNELS, IMAGE_SIZE, PROTOCOL_HELP, QUER
 from vdsh.files import atomic_write_text
 from vdsh.index.codes import CodeSet, load_codes, save_codes
 from vdsh.index.metrics import RetrievalReport, retrieval_metrics
+from vdsh.progress import note
 
 console = Console()
 
@@ -114,6 +115,7 @@ def evaluate(
         raise typer.BadParameter(f"query codes have {query_set.bits} bits, database codes {db_set.bits}")
     n_db = len(db_set.packed)
     precision_at = tuple(k for k in (100, 500, 1000) if k <= n_db)
+    note(f"scoring {len(query_set.packed)} queries against {n_db} items ({query_set.bits} bits)")
     report = retrieval_metrics(query_set.codes, query_set.labels, db_set.codes, db_set.labels,
                                map_at=tuple(map_at), precision_at=precision_at)
     print_report(report, f"{title}: {report.n_query} queries x {report.n_database} items, {report.bits} bits")
