@@ -115,6 +115,8 @@ def test_saved_protocol_reloads_exactly_and_notices_a_changed_folder(tmp_path):
     labelled_folder(tmp_path / "imgs", {"c": 1})
     with pytest.raises(ValueError, match="split 40 images but .* now has 41"):
         load_protocol(str(tmp_path / "run"))
+    with pytest.raises(ValueError, match="drawn from 40 images but this dataset has 41"):
+        split_part(f"{tmp_path / 'run'}:query", pool_size=41)
 
 
 def test_default_augmentation_follows_the_dataset():

@@ -40,7 +40,7 @@ def codes_from_model(model_path: Path, protocol: str, data_root: Path | None, se
 
     model = load_model(model_path)
     pool, split = load_protocol(protocol, data_root, seed, **(data or {}))
-    database = split.database[~np.isin(split.database, excluded(exclude))]
+    database = split.database[~np.isin(split.database, excluded(exclude, len(pool)))]
     if not len(database):
         raise typer.BadParameter("--exclude leaves an empty database")
 

@@ -44,15 +44,15 @@ def load_items(dataset: str | None, split: str, protocol: str | None, part: str,
         ids = np.arange(len(pool), dtype=np.int64)
     else:
         raise typer.BadParameter("give --dataset NAME (with --split) or --protocol NAME (with --part)")
-    ids = ids[~np.isin(ids, excluded(exclude))]
+    ids = ids[~np.isin(ids, excluded(exclude, len(pool)))]
     return (pool if len(ids) == len(pool) else pool.subset(ids)), ids
 
 
-def excluded(references: list[str]) -> np.ndarray:
-    """Dataset positions named by 'SPLIT:PART' references (e.g. runs/x/split.npz:query), all together."""
+def excluded(references: list[str], pool_size: int) -> np.ndarray:
+    """Positions in a dataset of `pool_size` images named by 'SPLIT:PART' references (e.g. runs/x/split.npz:query)."""
     from vdsh.data.protocols import split_part
 
-    return np.concatenate([split_part(r) for r in references]) if references else np.empty(0, np.int64)
+    return np.concatenate([split_part(r, pool_size) for r in references]) if references else np.empty(0, np.int64)
 
 
 def encode_in_batches(model: HashingModel, images: np.ndarray, batch_size: int, label: str = "encoding") -> np.ndarray:

@@ -237,12 +237,20 @@ def load_protocol(protocol: str | ProtocolSpec, root: str | Path | None = None, 
     return pool, split_protocol(spec, pool.labels, seed, pool.class_names)
 
 
-def split_part(reference: str) -> np.ndarray:
-    """Pool positions named by 'PATH:PART', e.g. 'runs/x/split.npz:query' (PATH: a split.npz, protocol.json or run folder)."""
+def split_part(reference: str, pool_size: int | None = None) -> np.ndarray:
+    """Pool positions named by 'PATH:PART', e.g. 'runs/x/split.npz:query' (PATH: a split.npz, protocol.json or run folder).
+
+    pool_size: the size of the dataset the positions will index; a split drawn from a pool of another size
+    is refused, since its positions would name other images."""
     path, sep, part = reference.rpartition(":")
     if not sep or not path:
         raise ValueError(f"expected SPLIT:PART such as runs/x/split.npz:query, got {reference!r}")
     split_path = saved_split_path(path)
     if split_path is None:
         raise ValueError(f"{path!r} is not a saved split (split.npz, protocol.json, or a run folder holding them)")
-    return ProtocolSplit.load(split_path).part(part)
+    split = ProtocolSplit.load(split_path)
+    if pool_size is not None and split.pool_size is not None and split.pool_size != pool_size:
+        raise ValueError(f"{split_path} was drawn from {split.pool_size} images but this dataset has {pool_size}: its "
+                         "positions would name other images. Index the run's own split (--protocol RUN_FOLDER --part "
+                         "database), or restore the images")
+    return split.part(part)
