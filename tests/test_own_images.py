@@ -152,7 +152,7 @@ def test_validation_says_where_it_comes_from(tmp_path, monkeypatch):
     for train, expected in (("6", "database images outside the training set"), ("all", "training images")):
         run = tmp_path / f"run-{train}"
         result = vdsh("train", "--protocol", "folder:images", "--queries-per-class", "2", "--train", train,
-                      "--trainer", "cnn-admm", "--width", "4", "--epochs", "1", "--bits", "8", "--out", run)
+                      "--trainer", "cnn-local", "--width", "4", "--epochs", "1", "--bits", "8", "--out", run)
         assert f"validation on {expected}" in result.stderr
         history = json.loads((run / "history.json").read_text())
         assert all(r["val_on"].startswith(expected) for r in history if r.get("val_map") is not None)
@@ -166,14 +166,14 @@ def test_validation_says_where_it_comes_from(tmp_path, monkeypatch):
 def test_hybrid_reports_every_trunk_epoch_and_head_sweep():
     from dataclasses import replace
 
-    from vdsh.training.admm import AdmmOptions
+    from vdsh.training.proxprop import ProxPropOptions
     from vdsh.training.cnn_training import CNN_OPTIONS
     from vdsh.training.hybrid import HybridOptions, train_hybrid
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (40, 1, 12, 12), dtype=np.uint8)
     labels = np.eye(2, dtype=np.uint8)[rng.integers(0, 2, 40)]
-    options = HybridOptions(trunk=replace(CNN_OPTIONS, epochs=2, batch_size=16), head=AdmmOptions(sweeps=3), mlp_width=16)
+    options = HybridOptions(trunk=replace(CNN_OPTIONS, epochs=2, batch_size=16), head=ProxPropOptions(sweeps=3), mlp_width=16)
     records = []
     train_hybrid("small_cnn", images, labels, 8, 4, options, progress=records.append)
     assert len(records) == 2 + 3, "one report per trunk epoch and per head sweep"
