@@ -15,46 +15,65 @@ if TYPE_CHECKING:  # torch, faiss and the model load only when a command runs, s
     from vdsh.index.store import ItemIndex
     from vdsh.training.model import HashingModel
 
+from vdsh.app.protocol_options import (CHANNELS, IMAGE_SIZE, PROTOCOL_HELP, QUERIES_PER_CLASS, TRAIN_PER_CLASS,
+                                       model_shape, protocol_options)
+
 KINDS_HELP = "flat | distinct | auto | hash | multihash | ivf"
 index_app = typer.Typer(no_args_is_help=True, help="Build Hamming indexes of a dataset's codes.")
 PARTS = ("train", "query", "database")
 
 
 def load_items(dataset: str | None, split: str, protocol: str | None, part: str, data_root: str | None,
-               seed: int = 0) -> ImageSet:
-    """The images to index: a dataset split, or one part (train/query/database) of a protocol."""
+               seed: int = 0, data: dict | None = None, exclude: list[str] = ()) -> tuple[ImageSet, np.ndarray]:
+    """The images to index and their ids: a dataset split, or one part (train/query/database) of a protocol.
+
+    An item's id is its position in the dataset (in the protocol's pool: train followed by test for the
+    built-in datasets), the number its source `mnist:N` also shows. data: `load_protocol`'s shape and
+    per-class options; exclude: 'SPLIT:PART' references whose items are left out (e.g. the queries)."""
     from vdsh.data import load
     from vdsh.data.protocols import load_protocol
 
+    data = data or {}
     if protocol:
         if part not in PARTS:
             raise typer.BadParameter(f"--part must be one of {', '.join(PARTS)}, got {part!r}")
-        pool, split_ = load_protocol(protocol, data_root, seed)
-        return pool.subset(getattr(split_, part))
-    if not dataset:
+        pool, split_ = load_protocol(protocol, data_root, seed, **data)
+        ids = split_.part(part)
+    elif dataset:
+        pool = load(dataset, data_root, split, channels=data.get("channels"), size=data.get("size"))
+        ids = np.arange(len(pool), dtype=np.int64)
+    else:
         raise typer.BadParameter("give --dataset NAME (with --split) or --protocol NAME (with --part)")
-    return load(dataset, data_root, split)
+    ids = ids[~np.isin(ids, excluded(exclude, len(pool)))]
+    return (pool if len(ids) == len(pool) else pool.subset(ids)), ids
+
+
+def excluded(references: list[str], pool_size: int) -> np.ndarray:
+    """Positions in a dataset of `pool_size` images named by 'SPLIT:PART' references (e.g. runs/x/split.npz:query)."""
+    from vdsh.data.protocols import split_part
+
+    return np.concatenate([split_part(r, pool_size) for r in references]) if references else np.empty(0, np.int64)
 
 
 def encode_in_batches(model: HashingModel, images: np.ndarray, batch_size: int, label: str = "encoding") -> np.ndarray:
     """uint8 (N, C, H, W) -> packed codes (N, nbytes), with a progress bar."""
-    from rich.progress import Progress
-
     from vdsh.index.codes import pack_codes
+    from vdsh.progress import progress_bar
 
     packed = []
-    with Progress(transient=not os.isatty(2)) as progress:
-        task = progress.add_task(label, total=len(images))
+    with progress_bar(label, len(images)) as advance:
         for start in range(0, len(images), batch_size):
             batch = images[start : start + batch_size]
             packed.append(pack_codes(model.encode(batch, batch_size=batch_size)))
-            progress.advance(task, len(batch))
+            advance(len(batch))
     return np.concatenate(packed) if packed else np.empty((0, (model.bits + 7) // 8), np.uint8)
 
 
 def build_index(model_path: Path, items: ImageSet, kind: str, out: Path | None, batch_size: int = 1024,
-                device: str | None = None) -> ItemIndex:
-    """Encode every image, add codes + labels + sources + 64x64 thumbnails, save atomically to `out`."""
+                device: str | None = None, ids: np.ndarray | None = None) -> ItemIndex:
+    """Encode every image, add codes + labels + sources + 64x64 thumbnails, save atomically to `out`.
+
+    ids: one per item (default 0..n-1); `load_items` gives dataset positions."""
     import torch
 
     from vdsh.app.catalog import item_thumbnail
@@ -72,7 +91,7 @@ def build_index(model_path: Path, items: ImageSet, kind: str, out: Path | None, 
     index = ItemIndex(HammingIndex(model.bits, kind), model_id(model_path), items.class_names)
     index.add(
         codes,
-        np.arange(len(items), dtype=np.int64),
+        np.arange(len(items), dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64),
         labels=items.labels,
         sources=[items.source(i) for i in range(len(items))],
         thumbnails=[item_thumbnail(image) for image in items.images],
@@ -86,10 +105,16 @@ def build_index(model_path: Path, items: ImageSet, kind: str, out: Path | None, 
 def build_command(
     model: Path = typer.Option(..., "--model", exists=True, dir_okay=False, help="trained model (.safetensors)"),
     out: Path = typer.Option(..., "--out", help="index directory to create or update (atomic)"),
-    dataset: str = typer.Option(None, "--dataset", help="mnist, cifar10, nuswide, mnist-sample, folder:<path>"),
+    dataset: str = typer.Option(None, "--dataset", help="a raw dataset: mnist, cifar10, nuswide, mnist-sample, folder:<path>"),
     split: str = typer.Option("all", "--split", help="all | train | test (with --dataset)"),
-    protocol: str = typer.Option(None, "--protocol", help="index one part of a protocol instead, e.g. mnist-sample"),
+    protocol: str = typer.Option(None, "--protocol", help=f"index one part of a protocol instead: {PROTOCOL_HELP}"),
     part: str = typer.Option("database", "--part", help="train | query | database (with --protocol)"),
+    exclude: list[str] = typer.Option([], "--exclude", help="SPLIT:PART, e.g. runs/x/split.npz:query: leave those items "
+                                                            "out (repeatable)"),
+    queries_per_class: int = QUERIES_PER_CLASS,
+    train_per_class: str = TRAIN_PER_CLASS,
+    image_size: int = IMAGE_SIZE,
+    channels: int = CHANNELS,
     kind: str = typer.Option("flat", "--kind", help=f"index kind: {KINDS_HELP}"),
     data_root: str = typer.Option(None, "--data-root", help="dataset root (default: $VDSH_DATA)"),
     seed: int = typer.Option(0, "--seed", help="protocol seed"),
@@ -101,10 +126,13 @@ def build_command(
 
     if kind not in KINDS:
         raise typer.BadParameter(f"--kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    items = load_items(dataset, split, protocol, part, data_root, seed)
+    if dataset and protocol:
+        raise typer.BadParameter("give --dataset (raw images) or --protocol (one part of a split), not both")
+    data = {**protocol_options(queries_per_class, train_per_class, None, None), **model_shape(model, channels, image_size)}
+    items, ids = load_items(dataset, split, protocol, part, data_root, seed, data, exclude)
     if limit is not None:
-        items = items.subset(np.arange(min(limit, len(items))))
-    index = build_index(model, items, kind, out, batch_size)
+        items, ids = items.subset(np.arange(min(limit, len(items)))), ids[:limit]
+    index = build_index(model, items, kind, out, batch_size, ids=ids)
     typer.echo(f"indexed {len(index)} items ({index.bits} bits, {kind}) from {items.name} into {out}")
 
 
