@@ -132,7 +132,7 @@ def decompression_bomb() -> bytes:
     [
         ("corrupt", b"\x89PNG\r\n\x1a\n" + b"garbage" * 50, "image/png", 400, "upload: "),
         ("truncated", None, "image/png", 400, "truncated"),
-        ("bomb", None, "image/png", 400, "exceeds"),
+        ("bomb", None, "image/png", 400, "over this server's limit of 4,194,304 decoded pixels (decompression-bomb guard)"),
         ("text", b"hello, not an image", "text/plain", 415, "unsupported content type"),
         ("gif", b"GIF89a" + b"\0" * 40, "image/gif", 415, "unsupported content type"),
         ("lying", b"GIF89a" + b"\0" * 40, "image/png", 415, "not a JPEG, PNG or WebP"),

@@ -6,6 +6,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_K = 1000
 DEFAULT_K = 10
+MAX_CODE_CHARS = 20_000
 
 
 class SearchByCode(BaseModel):
@@ -13,9 +14,12 @@ class SearchByCode(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    code: str = Field(..., min_length=1, max_length=20_000, examples=["a3f01c22e4b5d9c0"])
-    k: int | None = Field(None, ge=1, le=MAX_K, description=f"number of neighbours (1..{MAX_K}); default {DEFAULT_K}")
-    radius: int | None = Field(None, ge=0, description="all items within this Hamming distance instead of k")
+    # the served index's code length sets the example and the pattern (`routers.search.document_examples`)
+    code: str = Field(..., min_length=1, max_length=MAX_CODE_CHARS, description="hex, or one 0/1 character per bit")
+    # strict: JSON true / 1.5 / "3" are refused rather than read as integers
+    k: int | None = Field(None, ge=1, le=MAX_K, strict=True,
+                          description=f"number of neighbours (1..{MAX_K}); default {DEFAULT_K}")
+    radius: int | None = Field(None, ge=0, strict=True, description="all items within this Hamming distance instead of k")
 
     @model_validator(mode="after")
     def k_or_radius(self) -> "SearchByCode":
@@ -58,6 +62,10 @@ class SearchResponse(BaseModel):
     k: int | None
     radius: int | None
     total_within_radius: int | None = Field(None, description="for radius queries: all matches, of which at most 1000 are listed")
+    close_match: bool = Field(..., description="whether the nearest result is within far_distance; false: nothing in "
+                                               "the index is close, the results are only the least far")
+    far_distance: int = Field(..., description="99 % of the indexed items have another item this close or closer "
+                                               "(the index's own nearest-neighbour distances)")
     results: list[Neighbour]
     timings: Timings
 
