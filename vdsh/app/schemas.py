@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_K = 1000
 DEFAULT_K = 10
 MAX_CODE_CHARS = 20_000
+
+
+K_HELP = f"number of neighbours (1..{MAX_K}); default {DEFAULT_K}, or with radius: at most this many of them"
+RADIUS_HELP = f"all items within this Hamming distance (at most the code length; at most k, else {MAX_K}, are listed)"
 
 
 class SearchByCode(BaseModel):
@@ -16,16 +20,18 @@ class SearchByCode(BaseModel):
 
     # the served index's code length sets the example and the pattern (`routers.search.document_examples`)
     code: str = Field(..., min_length=1, max_length=MAX_CODE_CHARS, description="hex, or one 0/1 character per bit")
-    # strict: JSON true / 1.5 / "3" are refused rather than read as integers
-    k: int | None = Field(None, ge=1, le=MAX_K, strict=True,
-                          description=f"number of neighbours (1..{MAX_K}); default {DEFAULT_K}")
-    radius: int | None = Field(None, ge=0, strict=True, description="all items within this Hamming distance instead of k")
+    k: int | None = Field(None, ge=1, le=MAX_K, description=K_HELP)
+    radius: int | None = Field(None, ge=0, description=RADIUS_HELP)
 
-    @model_validator(mode="after")
-    def k_or_radius(self) -> "SearchByCode":
-        if self.k is not None and self.radius is not None:
-            raise ValueError("give either k or radius, not both")
-        return self
+    @field_validator("k", "radius", mode="before")
+    @classmethod
+    def json_integer(cls, value: object) -> object:
+        """A JSON integer (2, or 2.0: JSON Schema counts both), never true/false or a string ("2")."""
+        if value is None:
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError("must be a JSON integer (not true/false, a string or a fraction)")
+        return int(value)
 
 
 class SearchParams(BaseModel):
@@ -33,12 +39,6 @@ class SearchParams(BaseModel):
 
     k: int | None = Field(None, ge=1, le=MAX_K)
     radius: int | None = Field(None, ge=0)
-
-    @model_validator(mode="after")
-    def k_or_radius(self) -> "SearchParams":
-        if self.k is not None and self.radius is not None:
-            raise ValueError("give either k or radius, not both")
-        return self
 
 
 class Timings(BaseModel):

@@ -37,7 +37,7 @@ from vdsh.data.transforms import ImageDecodeError
 STATIC_DIR = Path(__file__).parent / "static"
 DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 DEFAULT_DECODE_BUDGET = 512 * 1024 * 1024  # without a memory limit (create_app's default; `vdsh serve` sets one)
-DEFAULT_MEMORY_LIMIT_MB = 1536  # `vdsh serve`: leaves room in a 2 GB container
+DEFAULT_MEMORY_LIMIT_MB = 1536  # `vdsh serve` (per worker process): leaves room in a 2 GB container
 MEMORY_MARGIN = 64 * 1024 * 1024  # answers, the event loop, allocator slack
 
 
@@ -278,4 +278,8 @@ def app_from_environment() -> FastAPI:
         api_key=env.get("VDSH_API_KEY") or None,
         max_upload_bytes=int(env.get("VDSH_SERVE_MAX_UPLOAD_BYTES", DEFAULT_MAX_UPLOAD_BYTES)),
         read_only=env.get("VDSH_SERVE_READ_ONLY", "0") == "1",
+        max_image_pixels=int(env.get("VDSH_SERVE_MAX_IMAGE_PIXELS") or 0) or None,
+        memory_limit_bytes=int(env.get("VDSH_SERVE_MEMORY_LIMIT_MB", DEFAULT_MEMORY_LIMIT_MB)) * 1024 * 1024,
+        decode_workers=int(env.get("VDSH_SERVE_DECODE_WORKERS", "2")),
+        request_timeout_s=float(env.get("VDSH_SERVE_REQUEST_TIMEOUT", "10")),
     )

@@ -21,7 +21,9 @@ from vdsh.app.uploads import check_image_upload, code_hex
 
 router = APIRouter(prefix="/items", tags=["items"])
 LABEL_SPACE = " \t\r\n"
-ItemId = Path(..., ge=0, le=2**63 - 1, description="the item's int64 id")
+# 2**53 - 1: the largest integer a JSON number (a float in most clients) holds exactly
+MAX_ID = 2**53 - 1
+ItemId = Path(..., ge=0, le=MAX_ID, description="the item's id")
 _NOT_FOUND = {404: {"model": ErrorBody, "description": "unknown id"}}
 _WRITE_ERRORS = {
     400: {"model": ErrorBody, "description": "corrupt or truncated image, or an image over the pixel limit"},
@@ -53,7 +55,7 @@ async def add_item(
     labels: str = Form("", max_length=MAX_LABELS_CHARS,
                        description="comma-separated class names of the index, e.g. 'cat' or 'sky,water'"),
     source: str = Form("", max_length=2048, description="where the image came from; default: upload:<file name>"),
-    new_id: int = Form(None, alias="id", ge=0, le=2**63 - 1,
+    new_id: int = Form(None, alias="id", ge=0, le=MAX_ID,
                        description="the new item's id, at least the index's next id; default: the next id"),
     catalog: Catalog = Depends(get_catalog),
     settings: Settings = Depends(get_settings),

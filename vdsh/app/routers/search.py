@@ -13,17 +13,19 @@ from vdsh.app.budget import DecodePool
 from vdsh.app.catalog import Catalog
 from vdsh.app.decoding import decode_bytes, read_header
 from vdsh.app.dependencies import Settings, get_catalog, get_pool, get_settings
-from vdsh.app.schemas import (DEFAULT_K, MAX_CODE_CHARS, MAX_K, ErrorBody, Neighbour, SearchByCode, SearchParams,
+from vdsh.app.schemas import (DEFAULT_K, K_HELP, MAX_CODE_CHARS, MAX_K, RADIUS_HELP, ErrorBody, Neighbour, SearchByCode, SearchParams,
                               SearchResponse, Timings)
 from vdsh.app.uploads import check_image_upload, code_hex, code_pattern, parse_code
 
 router = APIRouter(tags=["search"])
 RADIUS_LIMIT = MAX_K  # a radius query lists at most this many items (and says how many matched)
 MAX_FORM_FIELDS = 8
+FORM_FIELDS = {"image", "code", "k", "radius"}
 
 _ERRORS = {
     400: {"model": ErrorBody, "description": "corrupt or truncated image, an image over the pixel limit "
-                                             f"(decompression bomb), or a form with more than {MAX_FORM_FIELDS} fields"},
+                                             f"(decompression bomb), an `image` part that is not a file, or a form "
+                                             f"with more than {MAX_FORM_FIELDS} fields"},
     413: {"model": ErrorBody, "description": "upload over the size limit"},
     415: {"model": ErrorBody, "description": "not JPEG/PNG/WebP, or a body that is neither multipart nor JSON"},
     422: {"model": ErrorBody, "description": "bad k, radius or code, or neither image nor code"},
@@ -33,22 +35,20 @@ _ERRORS = {
 
 
 def multipart_schema(bits: int | None = None) -> dict:
-    """The multipart form /search takes: an `image` file or a `code`, and `k` or `radius` (not both)."""
-    code = {"type": "string", "minLength": 1, "maxLength": MAX_CODE_CHARS, "description": "instead of an image: hex or 0/1 bits"}
-    radius = {"type": "integer", "minimum": 0, "description": "all items within this Hamming distance instead of k"}
+    """The multipart form /search takes: an `image` file or a `code` (not both), with `k`, `radius` or
+    both, and no other field."""
+    code = {"type": "string", "minLength": 1, "maxLength": MAX_CODE_CHARS, "description": "hex or 0/1 bits"}
+    radius = {"type": "integer", "minimum": 0, "description": RADIUS_HELP}
     if bits is not None:
         code["pattern"], radius["maximum"] = code_pattern(bits), bits
-    return {
-        "type": "object",
-        "properties": {
-            "image": {"type": "string", "format": "binary", "description": "JPEG, PNG or WebP"},
-            "code": code,
-            "k": {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": DEFAULT_K},
-            "radius": radius,
-        },
-        "oneOf": [{"required": ["image"]}, {"required": ["code"]}],
-        "not": {"required": ["k", "radius"]},
-    }
+    k = {"type": "integer", "minimum": 1, "maximum": MAX_K, "description": K_HELP}
+    image = {"type": "string", "format": "binary", "description": "JPEG, PNG or WebP"}
+    return {"oneOf": [
+        {"title": "by image", "type": "object", "properties": {"image": image, "k": k, "radius": radius},
+         "required": ["image"], "additionalProperties": False},
+        {"title": "by code", "type": "object", "properties": {"code": code, "k": k, "radius": radius},
+         "required": ["code"], "additionalProperties": False},
+    ]}
 
 
 @router.post(
@@ -67,7 +67,7 @@ async def search(
     settings: Settings = Depends(get_settings),
     pool: DecodePool = Depends(get_pool),
 ) -> SearchResponse:
-    """Multipart with `image` (or `code`) plus `k` or `radius`; or JSON `{"code": ..., "k": ...}`.
+    """Multipart with `image` (or `code`) plus `k`, `radius` or both; or JSON `{"code": ..., "k": ...}`.
 
     A code query is answered on the event loop (microseconds of work). An image is checked by its
     header first (pixel limit), then decoded and encoded in the bounded worker pool within the
@@ -106,12 +106,17 @@ async def _read_query(request: Request) -> tuple[bytes | None, str | None, str |
     if content_type not in ("multipart/form-data", "application/x-www-form-urlencoded"):
         raise HTTPException(415, f"send multipart/form-data (an image or a code) or application/json, not {content_type or 'no content type'!r}")
     async with request.form(max_files=1, max_fields=MAX_FORM_FIELDS) as form:  # closes the spooled upload afterwards
+        unknown = sorted(set(form.keys()) - FORM_FIELDS)
+        if unknown:
+            raise HTTPException(422, f"unknown form fields {unknown[:5]}: send {', '.join(sorted(FORM_FIELDS))}")
         fields = {**request.query_params, **{k: v for k, v in form.items() if isinstance(v, str)}}
         try:
-            params = SearchParams(k=fields.get("k") or None, radius=fields.get("radius") or None)
+            params = SearchParams(k=fields.get("k"), radius=fields.get("radius"))
         except ValidationError as error:
             raise HTTPException(422, _explain(error)) from None
         image = form.get("image")
+        if isinstance(image, str):  # a part without a filename: its bytes were decoded as text
+            raise HTTPException(400, "the `image` part must be a file: give it a filename in its Content-Disposition")
         code = fields.get("code")
         if isinstance(image, UploadFile) and code:
             raise HTTPException(422, "send either an image or a code, not both")
@@ -124,14 +129,13 @@ async def _read_query(request: Request) -> tuple[bytes | None, str | None, str |
 
 def _answer(catalog: Catalog, packed: np.ndarray, params: SearchParams, started: float, decoded: float,
             encoded: float) -> SearchResponse:
-    total_within = None
-    if params.radius is not None:
+    total_within, k = None, params.k
+    if params.radius is not None:  # with k: the k nearest of those within the radius
         if params.radius > catalog.bits:
             raise HTTPException(422, f"radius must be at most the code length, {catalog.bits}")
-        found, total_within = catalog.within(packed, params.radius, RADIUS_LIMIT)
-        k = None
+        found, total_within = catalog.within(packed, params.radius, k or RADIUS_LIMIT)
     else:
-        k = params.k or DEFAULT_K
+        k = k or DEFAULT_K
         found = catalog.knn(packed, k)
     searched = time.perf_counter()
     return SearchResponse(
@@ -160,7 +164,9 @@ def document_examples(schema: dict, catalog: Catalog) -> None:
     content["multipart/form-data"]["schema"] = multipart_schema(catalog.bits)
     by_code = content["application/json"]["schema"]
     by_code["properties"]["code"].update(examples=[example], pattern=code_pattern(catalog.bits))
-    by_code["properties"]["radius"]["maximum"] = catalog.bits
+    for branch in by_code["properties"]["radius"].get("anyOf", [by_code["properties"]["radius"]]):
+        if branch.get("type") == "integer":
+            branch["maximum"] = catalog.bits
     content["application/json"]["example"] = {"code": example, "k": DEFAULT_K}
 
 
