@@ -24,7 +24,7 @@ from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match, Route
+from starlette.routing import Match, Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from vdsh.app.budget import DecodePool, MemoryBudget, ServerBusy
@@ -79,22 +79,20 @@ class RecordMetrics:
                 status = message["status"]
             await send(message)
 
+        as_received = dict(scope)  # routing rewrites the path and root path of mounted apps (/static)
         try:
             await self.app(scope, receive, send_with_status)
         finally:
-            route = route_label(scope)
+            route = scope["route"].path if "route" in scope else route_label(as_received)
             self.metrics.requests.labels(scope["method"], route, str(status)).inc()
             self.metrics.latency.labels(scope["method"], route).observe(time.perf_counter() - started)
 
 
 def route_label(scope: Scope) -> str:
-    """The route template a request matched (API routes, docs, the page, /static), else "unmatched"
-    (so unknown paths cannot grow the label set)."""
-    route = scope.get("route")  # set by FastAPI's own routes
-    if route is not None:
-        return route.path
+    """The route template of a request as received (docs, the page, /static; FastAPI's own routes set
+    scope["route"]), else "unmatched" (so unknown paths cannot grow the label set)."""
     app = scope.get("app")
-    for candidate in getattr(app, "routes", ()):
+    for candidate in getattr(getattr(app, "state", None), "flat_routes", ()):
         if candidate.matches(scope)[0] == Match.FULL:
             return getattr(candidate, "path", "unmatched") or "/"
     return "unmatched"
@@ -103,7 +101,7 @@ def route_label(scope: Scope) -> str:
 def allowed_methods(app: FastAPI, scope: Scope) -> list[str]:
     """Every method some route answers at this path (Starlette's own 405 names only the first route's)."""
     methods: set[str] = set()
-    for route in app.routes:
+    for route in app.state.flat_routes:
         if isinstance(route, Route) and route.methods and route.matches(scope)[0] != Match.NONE:
             methods |= route.methods
     return sorted(methods)
@@ -113,9 +111,8 @@ class AuthBeforeBody:
     """ASGI middleware: a write route's API key is checked before a byte of its body is read, so an
     unauthorised client cannot make the server buffer (up to) a 10 MB upload first."""
 
-    def __init__(self, app: ASGIApp, fastapi_app: FastAPI, settings: Settings) -> None:
-        self.app, self.fastapi_app, self.settings = app, fastapi_app, settings
-        self._write_routes: list[APIRoute] | None = None
+    def __init__(self, app: ASGIApp, write_routes: list[APIRoute], settings: Settings) -> None:
+        self.app, self.write_routes, self.settings = app, write_routes, settings
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] not in ("GET", "HEAD", "OPTIONS") and self._is_write(scope):
@@ -127,10 +124,7 @@ class AuthBeforeBody:
         await self.app(scope, receive, send)
 
     def _is_write(self, scope: Scope) -> bool:
-        if self._write_routes is None:  # routes are complete by the first request
-            self._write_routes = [r for r in self.fastapi_app.routes if isinstance(r, APIRoute)
-                                  and any(d.dependency is require_api_key for d in r.dependencies)]
-        return any(route.matches(scope)[0] == Match.FULL for route in self._write_routes)
+        return any(route.matches(scope)[0] == Match.FULL for route in self.write_routes)
 
 
 def create_app(
@@ -168,16 +162,21 @@ def create_app(
     app.state.settings = settings
     app.state.budget = budget
     app.state.metrics = Metrics()
-    app.include_router(search.router)
-    app.include_router(items.router)
-    app.include_router(service.router)
+    routers = (search.router, items.router, service.router)
+    for router in routers:
+        app.include_router(router)
     _add_error_handlers(app)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_api_route("/", _index_page, include_in_schema=False)
     app.add_api_route("/favicon.ico", _favicon, include_in_schema=False)
     app.openapi = lambda: openapi_for_index(app)
+    # every route, flat (the app's own list nests the included routers): for the metrics' route
+    # labels, the Allow header and the write routes' key check
+    app.state.flat_routes = [r for r in app.routes if isinstance(r, (Route, Mount))] + [r for router in routers for r in router.routes]
+    write_routes = [r for r in app.state.flat_routes if isinstance(r, APIRoute)
+                    and any(d.dependency is require_api_key for d in r.dependencies)]
     app.add_middleware(BodySizeLimit, limit=max_upload_bytes + MULTIPART_SLACK, budget=budget)
-    app.add_middleware(AuthBeforeBody, fastapi_app=app, settings=settings)
+    app.add_middleware(AuthBeforeBody, write_routes=write_routes, settings=settings)
     app.add_middleware(RecordMetrics, metrics=app.state.metrics)
     return app
 
