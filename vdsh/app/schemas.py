@@ -97,6 +97,10 @@ class Stats(BaseModel):
     class_names: list[str]
     read_only: bool
     max_upload_bytes: int
+    max_image_pixels: int = Field(..., description="decoded pixels an upload may have (after JPEG's reduced decode)")
+    decode_budget_bytes: int = Field(..., description="memory that uploads being read and decoded may hold at once")
+    decode_workers: int
+    request_timeout_s: float
 
 
 class ErrorBody(BaseModel):
