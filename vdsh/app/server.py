@@ -5,6 +5,12 @@ and refuses to start when they disagree (another model's index, another code len
 directories are served as shards of one collection (`vdsh.index.shards`), read-only. Routers:
 `routers.search` (POST /search), `routers.items` (/items...), `routers.service` (/health, /stats,
 /metrics); the web page is `static/index.html` at `/`.
+
+Hostile load is bounded in layers, outermost first: uvicorn's connection, header and keep-alive limits
+(`vdsh serve`, `vdsh.app.http_protocol`); the API key of write routes, checked from the headers
+(`AuthBeforeBody`); the body size, with the body's bytes held from the memory budget (`BodySizeLimit`);
+then each upload's decoded pixels, checked from its header, and its decode, run in the bounded worker
+pool holding its worst-case bytes within a time limit (`vdsh.app.decoding`, `vdsh.app.budget`).
 """
 
 from __future__ import annotations
