@@ -19,7 +19,9 @@ import http.client
 import io
 import multiprocessing
 import os
+import re
 import shutil
+import subprocess
 import tempfile
 import threading
 import time
@@ -95,8 +97,12 @@ class LoadResult:
     statuses: dict[str, int]
 
 
-def run_load(url: str, groups: dict[str, tuple[list[Call], int]], duration_s: float) -> dict[str, LoadResult]:
-    """Each group's `clients` processes send its calls for `duration_s`, all groups at once."""
+def run_load(url: str, groups: dict[str, tuple[list[Call], int]], duration_s: float, client: str = "python") -> dict[str, LoadResult]:
+    """Each group's `clients` send its calls for `duration_s`, all groups at once: `python` client
+    processes, or one ApacheBench (`ab`, C, far lighter on a shared CPU) per group, which sends the
+    group's first call only."""
+    if client == "ab":
+        return run_ab(url, groups, duration_s)
     context = multiprocessing.get_context("spawn")  # no fork of a process holding torch's threads
     queues, processes = {}, []
     ready = context.Barrier(sum(clients for _, clients in groups.values()) + 1)
@@ -124,6 +130,57 @@ def run_load(url: str, groups: dict[str, tuple[list[Call], int]], duration_s: fl
     for process in processes:
         process.join(30)
     return out
+
+
+def run_ab(url: str, groups: dict[str, tuple[list[Call], int]], duration_s: float) -> dict[str, LoadResult]:
+    """One `ab -k -c clients -t duration` per group, started together; figures parsed from its report.
+    `ab` counts answers whose length differs from the first as failed: only connection, receive and
+    exception failures are counted as errors here."""
+    workdir = Path(tempfile.mkdtemp(prefix="vdsh-ab-"))
+    runs = {}
+    try:
+        for name, (calls, clients) in groups.items():
+            call = calls[0]
+            command = ["ab", "-k", "-q", "-c", str(clients), "-t", f"{duration_s:g}", "-n", "100000000", "-s", "60"]
+            for header, value in call.headers.items():
+                if header.lower() == "content-type":
+                    command += ["-T", value]
+                else:
+                    command += ["-H", f"{header}: {value}"]
+            if call.method == "POST":
+                body = workdir / f"{name.replace(' ', '_')}.body"
+                body.write_bytes(call.body)
+                command += ["-p", str(body)]
+            runs[name] = subprocess.Popen(command + [url + call.path],
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return {name: _parse_ab(run.communicate(timeout=duration_s + 120)[0], duration_s) for name, run in runs.items()}
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _parse_ab(report: str, duration_s: float) -> LoadResult:
+    def number(pattern: str, default: float = 0.0) -> float:
+        match = re.search(pattern, report)
+        return float(match.group(1)) if match else default
+
+    complete = int(number(r"Complete requests:\s+(\d+)"))
+    if not complete:
+        raise RuntimeError(f"ab sent nothing:\n{report[-1500:]}")
+    non_2xx = int(number(r"Non-2xx responses:\s+(\d+)"))
+    errors = sum(int(number(rf"{kind}: (\d+)")) for kind in ("Connect", "Receive", "Exceptions"))
+    taken = number(r"Time taken for tests:\s+([\d.]+)", duration_s)
+    statuses = {"2xx": max(0, complete - non_2xx), "non-2xx": non_2xx, "errors": errors}
+    return LoadResult(
+        requests=complete, req_per_s=round(complete / taken, 1),
+        p50_ms=number(r"\n\s+50%\s+(\d+)"), p99_ms=number(r"\n\s+99%\s+(\d+)"),
+        max_ms=number(r"\n\s+100%\s+(\d+)"), statuses={k: v for k, v in statuses.items() if v},
+    )
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class ResidentMemory:
@@ -175,7 +232,7 @@ def worst_case_png(max_pixels: int) -> bytes:
 
 
 def bench_serve(index_dir: str | Path, model_path: str | Path, query_images: np.ndarray, duration_s: float = 8.0,
-                clients: int = 8) -> dict:
+                clients: int = 8, client: str = "python") -> dict:
     """Every scenario of the module docstring; returns a dict of `LoadResult`s and memory figures."""
     import httpx
 
@@ -194,24 +251,31 @@ def bench_serve(index_dir: str | Path, model_path: str | Path, query_images: np.
             bomb_calls = [upload_call("/search", bomb_png())]
             health_calls = [Call("GET", "/health")]
             add_calls = [upload_call("/items", png_bytes(image), headers={"X-API-Key": API_KEY}) for image in query_images[:20]]
-            run_load(url, {"warm-up": (code_calls + image_calls, 2)}, 2.0)
-            rows = {
-                "code queries": run_load(url, {"code": (code_calls, clients)}, duration_s)["code"],
-                "image queries": run_load(url, {"image": (image_calls, clients)}, duration_s)["image"],
-                "health": run_load(url, {"health": (health_calls, 1)}, duration_s)["health"],
-            }
-            hostile = run_load(url, {"code": (code_calls, clients), "bomb": (bomb_calls, 2), "health": (health_calls, 1)}, duration_s)
-            rows |= {"code queries + 2 bomb clients": hostile["code"], "bomb uploads (6300² 1-bit PNG)": hostile["bomb"],
-                     "health + 2 bomb clients": hostile["health"]}
-            writing = run_load(url, {"image": (image_calls, clients), "add": (add_calls, 1)}, duration_s)
-            rows |= {"image queries + 1 writer": writing["image"], "writer (POST /items)": writing["add"]}
-            writing = run_load(url, {"code": (code_calls, clients), "add": (add_calls, 1)}, duration_s)
-            rows |= {"code queries + 1 writer": writing["code"]}
-            max_pixels = max_image_pixels(stats)
+            run_load(url, {"warm-up": (code_calls + image_calls, 2)}, 2.0, client)
+            cpu_ms: dict[str, float] = {}
+
+            def measured(groups: dict, names: dict[str, str]) -> dict[str, LoadResult]:
+                """run_load, with the server's CPU time per answer over the whole run (load-independent)."""
+                before = cpu_seconds(process.pid)
+                results = run_load(url, groups, duration_s, client)
+                per_answer = 1000 * (cpu_seconds(process.pid) - before) / max(1, sum(r.requests for r in results.values()))
+                cpu_ms.update({names[group]: round(per_answer, 2) for group in results})
+                return {names[group]: result for group, result in results.items()}
+
+            rows = measured({"code": (code_calls, clients)}, {"code": "code queries"})
+            rows |= measured({"image": (image_calls, clients)}, {"image": "image queries"})
+            rows |= measured({"health": (health_calls, 1)}, {"health": "health"})
+            rows |= measured({"code": (code_calls, clients), "bomb": (bomb_calls, 2), "health": (health_calls, 1)},
+                             {"code": "code queries + 2 bomb clients", "bomb": "bomb uploads (6300² 1-bit PNG)",
+                              "health": "health + 2 bomb clients"})
+            rows |= measured({"image": (image_calls, clients), "add": (add_calls, 1)},
+                             {"image": "image queries + 1 writer", "add": "writer (POST /items)"})
+            rows |= measured({"code": (code_calls, clients), "add": (add_calls, 1)},
+                             {"code": "code queries + 1 writer", "add": "writer beside code queries"})
+            max_pixels = int(stats["max_image_pixels"])
             worst = worst_case_png(max_pixels)
             with memory:
-                rows["16 parallel worst-case uploads"] = run_load(
-                    url, {"worst": ([upload_call("/search", worst)], 16)}, duration_s)["worst"]
+                rows |= measured({"worst": ([upload_call("/search", worst)], 16)}, {"worst": "16 parallel worst-case uploads"})
             rss_end = memory.now()
         finally:
             process.terminate()
@@ -220,11 +284,8 @@ def bench_serve(index_dir: str | Path, model_path: str | Path, query_images: np.
         shutil.rmtree(workdir, ignore_errors=True)
     return {
         "items": stats["items"], "bits": stats["bits"], "index_kind": stats["index_kind"], "clients": clients,
-        "duration_s": duration_s, "rows": rows, "max_pixels": max_pixels, "worst_case_bytes": len(worst),
+        "duration_s": duration_s, "client": client, "rows": rows, "cpu_ms": cpu_ms, "max_pixels": max_pixels,
+        "worst_case_bytes": len(worst),
         "rss_start_mb": rss_start / 2**20, "rss_peak_mb": memory.peak / 2**20, "rss_end_mb": rss_end / 2**20,
         "load_average": os.getloadavg()[0],
     }
-
-
-def max_image_pixels(stats: dict) -> int:
-    return int(stats["max_image_pixels"])
