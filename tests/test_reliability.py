@@ -161,4 +161,4 @@ def test_a_soak_of_mixed_reads_and_writes_loses_nothing(server):
     assert all(on_disk.index.contains(i) for i in kept)
     assert not any(on_disk.index.contains(i) for i in deleted)
     assert len(on_disk) == httpx.get(url + "/stats", timeout=10).json()["items"]
-    assert on_disk.next_id > max(added)
+    assert on_disk.next_id() > max(added)

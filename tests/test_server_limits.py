@@ -186,9 +186,9 @@ def test_ids_are_never_reused_across_deletes_and_restarts(writable, setup):
     assert refused.status_code == 409 and "never reused" in refused.json()["detail"]
     assert writable.delete(f"/items/{second}", headers=headers).status_code == 200
     reloaded = load_index(writable.index_dir)  # replays the deltas
-    assert reloaded.next_id == second + 1
+    assert reloaded.next_id() == second + 1
     reloaded.save(writable.index_dir)  # a full save keeps the counter too
-    assert load_index(writable.index_dir).next_id == second + 1
+    assert load_index(writable.index_dir).next_id() == second + 1
 
 
 def test_thumbnails_carry_an_etag_of_their_pixels(writable, setup):

@@ -5,6 +5,9 @@ in-memory change *and* its atomic commit to disk (one small delta file, `vdsh.in
 so the directory always holds a state the server has served. The in-memory change itself (a few numpy
 concatenations) is guarded by a readers-writer lock, so a search never sees index rows and metadata
 rows out of step; the commit runs under the writer lock only, so searches go on while it is written.
+
+A `milvus://HOST:PORT/COLLECTION` index is a Milvus collection (`vdsh.index.milvus_items`): every read and
+write goes to Milvus, which commits each write itself, so several server processes share one collection.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np
 from vdsh.app.decoding import ImageLimits, decode_for_model, default_max_pixels
 from vdsh.data.transforms import thumbnail
 from vdsh.index.codes import code_bytes, pack_codes
+from vdsh.index.milvus_items import MilvusItems, is_milvus_uri
 from vdsh.index.shards import ShardedItems
 from vdsh.index.store import ItemIndex, load_index
 from vdsh.training.model import HashingModel, load_model, model_id
@@ -102,12 +106,13 @@ class ItemRecord:
 class Catalog:
     """A model and the index of its codes, loaded together and checked to agree.
 
-    The index is one `ItemIndex` (writable when `directory` is given) or, for several directories,
-    `ShardedItems` (read-only): reads go through the methods both have.
+    The index is one `ItemIndex` (writable; saved to `directory` when one is given), `MilvusItems`
+    (writable; Milvus keeps it) or, for several directories, `ShardedItems` (read-only): reads and
+    writes go through the methods they share.
     """
 
-    def __init__(self, model: HashingModel, items: ItemIndex | ShardedItems, model_name: str, directory: Path | None,
-                 max_pixels: int | None = None) -> None:
+    def __init__(self, model: HashingModel, items: ItemIndex | MilvusItems | ShardedItems, model_name: str,
+                 directory: Path | None, max_pixels: int | None = None) -> None:
         if items.model_id and items.model_id != model_name:
             raise ModelIndexMismatch(
                 f"the index was built with model {items.model_id!r} but the server was given model {model_name!r}; "
@@ -126,14 +131,21 @@ class Catalog:
     @classmethod
     def open(cls, index_dirs: str | Path | Sequence[str | Path], model_path: str | Path,
              max_pixels: int | None = None) -> "Catalog":
-        """One index directory (writable), or several shards searched as one (read-only)."""
-        dirs = [Path(index_dirs)] if isinstance(index_dirs, (str, Path)) else [Path(d) for d in index_dirs]
+        """One index directory or milvus:// collection (writable), or several shards searched as one (read-only)."""
+        dirs = [index_dirs] if isinstance(index_dirs, (str, Path)) else list(index_dirs)
         model = load_model(model_path)
         name = model_id(model_path)
         # the model check is ours, to give a message that names both files
-        items = load_index(dirs[0]) if len(dirs) == 1 else ShardedItems.load(dirs)
+        if any(is_milvus_uri(d) for d in dirs):
+            if len(dirs) > 1:
+                raise ValueError("a milvus:// collection is served alone, not as one of several shards")
+            items, directory = MilvusItems.open(str(dirs[0])), None
+        else:
+            dirs = [Path(d) for d in dirs]
+            items = load_index(dirs[0]) if len(dirs) == 1 else ShardedItems.load(dirs)
+            directory = dirs[0] if len(dirs) == 1 else None
         try:
-            catalog = cls(model, items, name, dirs[0] if len(dirs) == 1 else None, max_pixels)
+            catalog = cls(model, items, name, directory, max_pixels)
         except ModelIndexMismatch as error:
             raise ModelIndexMismatch(f"{', '.join(map(str, dirs))} vs {model_path}: {error}") from None
         catalog.warm_up()
@@ -167,6 +179,8 @@ class Catalog:
         items' own nearest-neighbour distances (leave-one-out, on up to FAR_SAMPLE items spread over
         the index), so that 99 % of the items are at least that close to another one."""
         shards = getattr(self.items, "shards", [self.items])
+        if not all(isinstance(shard, ItemIndex) for shard in shards):  # Milvus: no local codes to sample
+            return self.bits
         codes = np.concatenate([shard.index.codes for shard in shards])
         if len(codes) < 2:
             return self.bits
@@ -189,7 +203,7 @@ class Catalog:
     def example_code(self) -> np.ndarray:
         """A code of an indexed item (zeros for an empty index): the example in the API docs."""
         shards = getattr(self.items, "shards", [self.items])
-        codes = next((shard.index.codes for shard in shards if len(shard)), None)
+        codes = next((shard.index.codes for shard in shards if isinstance(shard, ItemIndex) and len(shard)), None)
         return codes[:1].copy() if codes is not None else np.zeros((1, code_bytes(self.bits)), np.uint8)
 
     # ------------------------------------------------------------- reading
@@ -243,12 +257,12 @@ class Catalog:
         code = self.encode(image)
         with self._write:
             if item_id is None:
-                item_id = self.items.next_id
-            elif self.items.index.contains(item_id):
+                item_id = self.items.next_id()
+            elif self.items.contains(item_id):
                 raise FileExistsError(f"item {item_id} already exists")
-            elif item_id < self.items.next_id:
+            elif item_id < (next_id := self.items.next_id()):
                 raise FileExistsError(f"id {item_id} may have belonged to a deleted item and ids are never reused: "
-                                      f"omit the id, or give one from {self.items.next_id} up")
+                                      f"omit the id, or give one from {next_id} up")
             with self._rw.writing():
                 self.items.add(code, np.array([item_id]), labels=labels[None], sources=[source], thumbnails=[item_thumbnail(image)])
             self._persist(added=[item_id])
@@ -273,11 +287,12 @@ class Catalog:
         return row
 
     def _check_writable(self) -> None:
-        if not isinstance(self.items, ItemIndex):
+        if isinstance(self.items, ShardedItems):
             raise ReadOnlyCatalog("several index shards are served read-only: change each shard's own directory")
 
     def _persist(self, added: Sequence[int] = (), removed: Sequence[int] = ()) -> None:
-        """Commit the change to disk (one small delta file, a full save now and then) before answering."""
+        """Commit the change to disk (one small delta file, a full save now and then) before answering;
+        Milvus has committed it already."""
         if self.directory is None:
             return
         try:

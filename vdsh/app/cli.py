@@ -12,6 +12,7 @@ from vdsh.app.cnn_commands import bench_cnn, bench_cnn_train
 from vdsh.app.demo_commands import demo
 from vdsh.app.eval_commands import evaluate
 from vdsh.app.methods_bench import bench_methods
+from vdsh.app.milvus_bench import bench_milvus
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Supervised deep hashing for image retrieval.")
@@ -26,6 +27,7 @@ app.add_typer(index_commands.index_app, name="index")
 app.command("query")(index_commands.query_command)
 app.command("serve")(index_commands.serve_command)
 bench.command("methods")(bench_methods)
+bench.command("milvus")(bench_milvus)
 
 
 @app.command()

@@ -110,23 +110,73 @@ def build_command(
     typer.echo(f"indexed {len(index)} items ({index.bits} bits, {kind}) from {items.name} into {out}")
 
 
+def index_locations(index: list[str]) -> list[str]:
+    """--index values: existing directories, or one milvus://HOST:PORT/COLLECTION (BadParameter otherwise)."""
+    from vdsh.index.milvus_items import is_milvus_uri
+
+    if any(is_milvus_uri(i) for i in index):
+        if len(index) > 1:
+            raise typer.BadParameter("a milvus:// collection is searched alone: give --index once")
+        return index
+    missing = [i for i in index if not Path(i).is_dir()]
+    if missing:
+        raise typer.BadParameter(f"not an index directory: {', '.join(missing)}")
+    return index
+
+
+def open_items(index: list[str], model_id: str, bits: int):
+    """One index directory, several searched as shards, or a Milvus collection; checked against the model."""
+    from vdsh.index.milvus_items import MilvusItems, is_milvus_uri
+    from vdsh.index.shards import ShardedItems
+    from vdsh.index.store import load_index
+
+    if is_milvus_uri(index[0]):
+        return MilvusItems.open(index[0], model_id=model_id, bits=bits)
+    return load_index(index[0], model_id=model_id, bits=bits) if len(index) == 1 else \
+        ShardedItems.load(index, model_id=model_id, bits=bits)
+
+
+INDEX_HELP = "index directory (repeat it for several shards searched as one) or milvus://HOST:PORT/COLLECTION"
+
+
+@index_app.command("export")
+def export_command(
+    index: Path = typer.Option(..., "--index", exists=True, file_okay=False, help="the index directory to copy"),
+    to: str = typer.Option(..., "--to", help="milvus://HOST:PORT/COLLECTION (a new collection)"),
+    replace: bool = typer.Option(False, "--replace", help="drop the collection first if it exists"),
+    milvus_index: str = typer.Option("auto", "--milvus-index",
+                                     help="auto (BIN_FLAT below 1M items, else BIN_IVF_FLAT) | BIN_FLAT | BIN_IVF_FLAT"),
+) -> None:
+    """Copy an index (codes, ids, labels, sources, thumbnails) into a Milvus collection, for `vdsh serve --index milvus://...`."""
+    from rich.progress import Progress
+
+    from vdsh.index.milvus_items import export_items, is_milvus_uri
+    from vdsh.index.store import load_index
+
+    if not is_milvus_uri(to):
+        raise typer.BadParameter(f"--to must be milvus://HOST:PORT/COLLECTION, got {to!r}")
+    items = load_index(index)
+    with Progress(transient=not os.isatty(2)) as progress:
+        task = progress.add_task(f"inserting {len(items)} items", total=len(items))
+        collection = export_items(items, to, replace=replace, index_type=milvus_index,
+                                  progress=lambda n: progress.advance(task, n))
+    typer.echo(f"exported {len(collection)} items ({collection.bits} bits, {collection.kind}) from {index} to {to}")
+
+
 def query_command(
     images: list[Path] = typer.Argument(..., exists=True, dir_okay=False, help="image files (JPEG, PNG, WebP...)"),
-    index: list[Path] = typer.Option(..., "--index", exists=True, file_okay=False,
-                                     help="index directory; repeat it to search several shards as one"),
+    index: list[str] = typer.Option(..., "--index", help=INDEX_HELP),
     model: Path = typer.Option(..., "--model", exists=True, dir_okay=False, help="the model the index was built with"),
     k: int = typer.Option(10, "-k", "--k", min=1, max=1000, help="neighbours per image"),
 ) -> None:
     """Print the k nearest indexed items of each image: id, Hamming distance, labels, source."""
     from vdsh.data.transforms import ImageDecodeError, load_image
     from vdsh.index.codes import pack_codes
-    from vdsh.index.shards import ShardedItems
-    from vdsh.index.store import load_index
     from vdsh.training.model import load_model, model_id
 
+    index = index_locations(index)
     hashing_model = load_model(model)
-    expected = {"model_id": model_id(model), "bits": hashing_model.bits}
-    items = load_index(index[0], **expected) if len(index) == 1 else ShardedItems.load(index, **expected)
+    items = open_items(index, model_id(model), hashing_model.bits)
     spec = hashing_model.input_spec
     for path in images:
         try:
@@ -145,13 +195,13 @@ def query_command(
 
 
 def serve_command(
-    index: list[Path] = typer.Option(..., "--index", exists=True, file_okay=False,
-                                     help="index directory; repeat it to serve several shards as one (read-only)"),
+    index: list[str] = typer.Option(..., "--index", help=INDEX_HELP + "; shards are served read-only"),
     model: Path = typer.Option(..., "--model", exists=True, dir_okay=False, help="the model the index was built with"),
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8000, "--port", min=0, max=65535),
     api_key: str = typer.Option(None, "--api-key", envvar="VDSH_API_KEY", help="key for write endpoints (X-API-Key)"),
-    workers: int = typer.Option(1, "--workers", min=1, help="processes; more than one serves read-only"),
+    workers: int = typer.Option(1, "--workers", min=1,
+                                help="processes; more than one serves read-only, except from Milvus"),
     max_upload_mb: float = typer.Option(10.0, "--max-upload-mb", min=0.001),
     max_image_pixels: int = typer.Option(None, "--max-image-pixels", min=1,
                                          help="decoded pixels an upload may have [default: from the model's input size]"),
@@ -170,11 +220,16 @@ def serve_command(
     """Serve the index over HTTP: POST /search, /items, /health, /stats, /metrics, and a web page at /."""
     import uvicorn
 
-    # every worker process loads the index; a write in one would be lost to the others, so writes are off
+    from vdsh.index.milvus_items import is_milvus_uri
+
+    index = index_locations(index)
+    # every worker process loads an index directory; a write in one would be lost to the others, so writes
+    # are off. Milvus keeps one collection for all of them: every worker may write.
+    shared = is_milvus_uri(index[0])
     os.environ.update(
-        VDSH_SERVE_INDEX=os.pathsep.join(map(str, index)), VDSH_SERVE_MODEL=str(model),
+        VDSH_SERVE_INDEX=index[0] if shared else os.pathsep.join(index), VDSH_SERVE_MODEL=str(model),
         VDSH_SERVE_MAX_UPLOAD_BYTES=str(int(max_upload_mb * 1024 * 1024)),
-        VDSH_SERVE_READ_ONLY="1" if workers > 1 else "0", VDSH_SERVE_THREADS=str(threads),
+        VDSH_SERVE_READ_ONLY="1" if workers > 1 and not shared else "0", VDSH_SERVE_THREADS=str(threads),
         VDSH_SERVE_MAX_IMAGE_PIXELS=str(max_image_pixels or ""), VDSH_SERVE_MEMORY_LIMIT_MB=str(memory_limit_mb),
         VDSH_SERVE_DECODE_WORKERS=str(decode_workers), VDSH_SERVE_REQUEST_TIMEOUT=str(request_timeout_s),
         VDSH_SERVE_HEADER_TIMEOUT=str(header_timeout_s),

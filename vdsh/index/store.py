@@ -86,7 +86,7 @@ class ItemIndex:
         self.labels = np.zeros((0, len(self.class_names)), dtype=np.uint8)
         self.sources: list[str] = []
         self.thumbnails: list[np.ndarray | None] = []
-        self.next_id = 0  # above every id this index has ever held, deleted ones included: never reused
+        self._id_counter = 0  # above every id this index has ever held, deleted ones included (`next_id`)
         self._lock = threading.RLock()
         self._on_disk: _DiskState | None = None  # the saved state this one extends, for save_changes
 
@@ -113,7 +113,7 @@ class ItemIndex:
         with self._lock:
             self.index.add(codes, ids)
             if n:
-                self.next_id = max(self.next_id, int(np.max(ids)) + 1)
+                self._id_counter = max(self._id_counter, int(np.max(ids)) + 1)
             self.labels = labels if len(self.labels) == 0 else np.concatenate([self.labels, labels])
             self.sources.extend(sources)  # in place: a copy of every source per add is what a server cannot afford
             self.thumbnails.extend(thumbnails)
@@ -138,6 +138,16 @@ class ItemIndex:
 
     def codes_of(self, ids) -> np.ndarray:
         return self.index.get_codes(ids)
+
+    def contains(self, item_id: int) -> bool:
+        return self.index.contains(item_id)
+
+    def next_id(self) -> int:
+        """The id of an item added without one: above every id this index has ever held, deleted ones
+        included, so an id is never given to two items (saved with the index; for an index saved before
+        the counter existed, one more than its largest id)."""
+        ids = self.index.ids
+        return max(self._id_counter, int(ids.max()) + 1 if len(ids) else 0)
 
     def labels_of(self, ids) -> np.ndarray:
         with self._lock:
@@ -321,7 +331,7 @@ class _Snapshot:
         with item_index._lock:
             index = item_index.index
             return cls(index.to_faiss(), index.bits, index.kind, index.params, item_index.model_id,
-                       list(item_index.class_names), item_index.next_id, index.ids, index.codes, item_index.labels,
+                       list(item_index.class_names), item_index.next_id(), index.ids, index.codes, item_index.labels,
                        list(item_index.sources), list(item_index.thumbnails))
 
 
@@ -523,7 +533,7 @@ def _load_version(version_dir: Path, model_id: str | None, bits: int | None) -> 
     item_index.labels = arrays["labels"].astype(np.uint8)
     item_index.sources = sources
     item_index.thumbnails = thumbnails
-    item_index.next_id = max(int(attrs.get("next_id", 0)), int(index.ids.max()) + 1 if len(index) else 0)
+    item_index._id_counter = int(attrs.get("next_id", 0))
     return item_index
 
 
