@@ -13,8 +13,8 @@ from vdsh.app.budget import DecodePool
 from vdsh.app.catalog import Catalog
 from vdsh.app.decoding import decode_bytes, read_header
 from vdsh.app.dependencies import Settings, get_catalog, get_pool, get_settings
-from vdsh.app.schemas import (DEFAULT_K, K_HELP, MAX_CODE_CHARS, MAX_K, RADIUS_HELP, ErrorBody, Neighbour, SearchByCode, SearchParams,
-                              SearchResponse, Timings)
+from vdsh.app.schemas import (DEFAULT_K, K_HELP, MAX_CODE_CHARS, MAX_K, RADIUS_HELP, ErrorBody, Neighbour,
+                              SearchByCode, SearchParams, SearchResponse, Timings)
 from vdsh.app.uploads import check_image_upload, code_hex, code_pattern, parse_code
 
 router = APIRouter(tags=["search"])
