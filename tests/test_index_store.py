@@ -471,3 +471,27 @@ def test_add_latency_times_every_way_of_committing_a_change(tmp_path):
     for row in result.values():
         assert 0 < row["p50_ms"] <= row["p99_ms"] <= row["max_ms"] and row["mean_ms"] > 0
     assert list(tmp_path.iterdir()) == []  # the temporary index is gone
+
+
+def test_the_next_id_outlives_deletes_deltas_and_full_saves(tmp_path):
+    items = make_items(30)  # ids 0, 7, ..., 203
+    assert items.next_id() == 204
+    save_index(tmp_path, items)
+    top = np.array([203], dtype=np.int64)
+    items.remove(top)
+    items.save_changes(tmp_path, removed=top)
+    assert load_index(tmp_path).next_id() == 204  # the full save recorded it; the largest id is now 196
+    items.add(items.index.get_codes([0]), np.array([204]))
+    items.save_changes(tmp_path, added=[204])
+    items.remove(np.array([204]))
+    items.save_changes(tmp_path, removed=[204])
+    assert load_index(tmp_path).next_id() == 205  # replayed from the deltas alone
+    items.save(tmp_path)
+    assert load_index(tmp_path).next_id() == 205
+
+
+def test_an_index_saved_before_the_next_id_existed_still_loads(tmp_path):
+    save_index(tmp_path, make_items(30))
+    with h5py.File(committed_version(tmp_path) / store.META_FILE, "r+") as f:
+        del f.attrs["next_id"]  # as older vdsh wrote it
+    assert load_index(tmp_path).next_id() == 204

@@ -113,6 +113,15 @@ def test_radius_query_returns_everything_within_the_radius(client):
     assert wider["total_within_radius"] >= body["total_within_radius"]
 
 
+def test_radius_with_k_lists_the_k_nearest_within_the_radius(client):
+    code = client.get("/items/3").json()["code"]
+    everything = client.post("/search", json={"code": code, "radius": 6}).json()
+    capped = client.post("/search", json={"code": code, "radius": 6, "k": 3}).json()
+    assert everything["total_within_radius"] > 3
+    assert capped["k"] == 3 and capped["total_within_radius"] == everything["total_within_radius"]
+    assert capped["results"] == everything["results"][:3]
+
+
 # --------------------------------------------------------------- bad input
 
 
@@ -132,7 +141,7 @@ def decompression_bomb() -> bytes:
     [
         ("corrupt", b"\x89PNG\r\n\x1a\n" + b"garbage" * 50, "image/png", 400, "upload: "),
         ("truncated", None, "image/png", 400, "truncated"),
-        ("bomb", None, "image/png", 400, "exceeds"),
+        ("bomb", None, "image/png", 400, "over this server's limit of 4,194,304 decoded pixels (decompression-bomb guard)"),
         ("text", b"hello, not an image", "text/plain", 415, "unsupported content type"),
         ("gif", b"GIF89a" + b"\0" * 40, "image/gif", 415, "unsupported content type"),
         ("lying", b"GIF89a" + b"\0" * 40, "image/png", 415, "not a JPEG, PNG or WebP"),
@@ -177,7 +186,9 @@ def test_an_image_just_over_the_file_limit_is_refused(client):
         ({"code": "zz" * 4}, "neither hex nor"),
         ({"code": "00" * 4, "k": 0}, "greater than or equal to 1"),
         ({"code": "00" * 4, "k": 1001}, "less than or equal to 1000"),
-        ({"code": "00" * 4, "k": 5, "radius": 2}, "either k or radius"),
+        ({"code": "00" * 4, "k": True}, "must be a JSON integer"),
+        ({"code": "00" * 4, "k": "3"}, "must be a JSON integer"),
+        ({"code": "00" * 4, "radius": 2.5}, "must be a JSON integer"),
         ({"code": "00" * 4, "radius": 33}, "at most the code length"),
         ({"code": "00" * 4, "colour": "red"}, "Extra inputs"),
     ],

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 
+import numpy as np
 import pytest
 
 from serving_fixtures import png_bytes, shared_server, shared_setup
@@ -56,11 +57,36 @@ def test_uploading_an_image_shows_neighbour_thumbnails(server, page, tmp_path):
     assert first.locator(".labels").inner_text() in setup.class_names
 
 
-def test_a_bad_file_shows_a_clear_error(server, page, tmp_path):
-    _, url = server
-    bad = tmp_path / "broken.png"
+def test_a_bad_file_shows_a_clear_error_and_clears_the_previous_results(server, page, tmp_path):
+    setup, url = server
+    good, bad = tmp_path / "digit.png", tmp_path / "broken.png"
+    good.write_bytes(png_bytes(setup.query_images[1]))
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really" * 20)
     page.goto(url + "/")
+    page.set_input_files("#file", str(good))
+    playwright_api.expect(page.locator("#results li.result")).to_have_count(12, timeout=15_000)
     page.set_input_files("#file", str(bad))
     playwright_api.expect(page.locator("#status")).to_contain_text("Could not search")
-    assert page.locator("#results li").count() == 0
+    playwright_api.expect(page.locator("#results li")).to_have_count(0)
+    assert page.locator("#summary").inner_text() == ""
+
+
+def test_a_query_far_from_everything_says_so(server, page, tmp_path):
+    setup, url = server
+    blank, digit = tmp_path / "blank.png", tmp_path / "digit.png"
+    blank.write_bytes(png_bytes(np.full((1, 28, 28), 255, np.uint8)))  # nothing like a digit
+    digit.write_bytes(png_bytes(setup.query_images[0]))
+    page.goto(url + "/")
+    page.set_input_files("#file", str(blank))
+    playwright_api.expect(page.locator("#far")).to_contain_text("No close match", timeout=15_000)
+    page.set_input_files("#file", str(digit))
+    playwright_api.expect(page.locator("#results li.result")).to_have_count(12, timeout=15_000)
+    playwright_api.expect(page.locator("#far")).to_be_hidden()
+
+
+def test_the_page_has_a_favicon(server):
+    import httpx
+
+    _, url = server
+    response = httpx.get(url + "/favicon.ico", timeout=10)
+    assert response.status_code == 200 and response.content.startswith(b"\x89PNG")

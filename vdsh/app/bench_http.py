@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +39,9 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 
 def start_server(index_dir: Path | list[Path], model_path: Path, workers: int = 1, timeout_s: float = 60,
-                 api_key: str | None = None) -> tuple[subprocess.Popen, str]:
+                 api_key: str | None = None, options: Sequence[str] = ()) -> tuple[subprocess.Popen, str]:
     """`vdsh serve` (of one index directory, or of several as shards) in a child process on a free
-    loopback port; returns once /health answers."""
+    loopback port, with more `vdsh serve` options if given; returns once /health answers."""
     import httpx
 
     port = free_port()
@@ -49,6 +50,7 @@ def start_server(index_dir: Path | list[Path], model_path: Path, workers: int = 
                *[arg for d in shards for arg in ("--index", str(d))],
                "--model", str(model_path), "--port", str(port), "--workers", str(workers)]
     command += ["--api-key", api_key] if api_key else []
+    command += list(options)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"

@@ -21,7 +21,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from vdsh.data.transforms import load_image, thumbnail
+from vdsh.app.decoding import ImageLimits, decode_for_model, default_max_pixels
+from vdsh.data.transforms import thumbnail
 from vdsh.index.codes import code_bytes, pack_codes
 from vdsh.index.milvus_items import MilvusItems, is_milvus_uri
 from vdsh.index.shards import ShardedItems
@@ -33,6 +34,10 @@ def item_thumbnail(image: np.ndarray) -> np.ndarray:
     """64x64 thumbnail of a (C, H, W) image; one channel for grey images (a third of the bytes on disk)."""
     picture = thumbnail(image)
     return picture[..., :1].copy() if image.shape[0] == 1 else picture
+
+
+FAR_SAMPLE = 512
+FAR_PERCENTILE = 99
 
 
 class ModelIndexMismatch(RuntimeError):
@@ -107,7 +112,7 @@ class Catalog:
     """
 
     def __init__(self, model: HashingModel, items: ItemIndex | MilvusItems | ShardedItems, model_name: str,
-                 directory: Path | None) -> None:
+                 directory: Path | None, max_pixels: int | None = None) -> None:
         if items.model_id and items.model_id != model_name:
             raise ModelIndexMismatch(
                 f"the index was built with model {items.model_id!r} but the server was given model {model_name!r}; "
@@ -116,12 +121,16 @@ class Catalog:
         if items.bits != model.bits:
             raise ModelIndexMismatch(f"the index holds {items.bits}-bit codes but the model makes {model.bits}-bit codes")
         self.model, self.items, self.model_id, self.directory = model, items, model_name, directory
+        spec = model.input_spec
+        self.limits = ImageLimits(max_pixels or default_max_pixels(spec.size), spec.channels, spec.size)
+        self.far_distance = self._far_distance()
         self._rw = ReadWriteLock()
         self._write = threading.Lock()
         self.saved_at: float | None = None
 
     @classmethod
-    def open(cls, index_dirs: str | Path | Sequence[str | Path], model_path: str | Path) -> "Catalog":
+    def open(cls, index_dirs: str | Path | Sequence[str | Path], model_path: str | Path,
+             max_pixels: int | None = None) -> "Catalog":
         """One index directory or milvus:// collection (writable), or several shards searched as one (read-only)."""
         dirs = [index_dirs] if isinstance(index_dirs, (str, Path)) else list(index_dirs)
         model = load_model(model_path)
@@ -136,7 +145,7 @@ class Catalog:
             items = load_index(dirs[0]) if len(dirs) == 1 else ShardedItems.load(dirs)
             directory = dirs[0] if len(dirs) == 1 else None
         try:
-            catalog = cls(model, items, name, directory)
+            catalog = cls(model, items, name, directory, max_pixels)
         except ModelIndexMismatch as error:
             raise ModelIndexMismatch(f"{', '.join(map(str, dirs))} vs {model_path}: {error}") from None
         catalog.warm_up()
@@ -165,16 +174,37 @@ class Catalog:
     def __len__(self) -> int:
         return len(self.items)
 
+    def _far_distance(self) -> int:
+        """The distance beyond which a query has "no close match": the 99th percentile of the indexed
+        items' own nearest-neighbour distances (leave-one-out, on up to FAR_SAMPLE items spread over
+        the index), so that 99 % of the items are at least that close to another one."""
+        shards = getattr(self.items, "shards", [self.items])
+        if not all(isinstance(shard, ItemIndex) for shard in shards):  # Milvus: no local codes to sample
+            return self.bits
+        codes = np.concatenate([shard.index.codes for shard in shards])
+        if len(codes) < 2:
+            return self.bits
+        rows = np.unique(np.linspace(0, len(codes) - 1, min(FAR_SAMPLE, len(codes))).astype(np.int64))
+        _, dists = self.items.search(codes[rows], 2, device="cpu")
+        nearest_other = dists[:, 1]  # the item itself (or a duplicate code) is at distance 0 first
+        return int(np.ceil(np.percentile(nearest_other, FAR_PERCENTILE)))
+
     # ------------------------------------------------------------ encoding
 
     def decode(self, data: bytes) -> np.ndarray:
-        """Upload bytes -> uint8 (C, size, size) as the model expects; ImageDecodeError on bad images."""
-        spec = self.model.input_spec
-        return load_image(data, channels=spec.channels, size=spec.size)
+        """Upload bytes -> uint8 (C, size, size) as the model expects, within `self.limits`;
+        ImageDecodeError on bad images and images over the pixel limit."""
+        return decode_for_model(data, self.limits)
 
     def encode(self, image: np.ndarray) -> np.ndarray:
         """uint8 (C, H, W) -> packed code (1, nbytes)."""
         return pack_codes(self.model.encode(image[None].copy()))  # decoded arrays are read-only
+
+    def example_code(self) -> np.ndarray:
+        """A code of an indexed item (zeros for an empty index): the example in the API docs."""
+        shards = getattr(self.items, "shards", [self.items])
+        codes = next((shard.index.codes for shard in shards if isinstance(shard, ItemIndex) and len(shard)), None)
+        return codes[:1].copy() if codes is not None else np.zeros((1, code_bytes(self.bits)), np.uint8)
 
     # ------------------------------------------------------------- reading
 
@@ -220,7 +250,8 @@ class Catalog:
     # ------------------------------------------------------------- writing
 
     def add(self, image: np.ndarray, label_names: list[str], source: str, item_id: int | None = None) -> ItemRecord:
-        """Encode, add and persist one item; on a failed save the index is reloaded from disk."""
+        """Encode, add and persist one item; on a failed save the index is reloaded from disk. New ids
+        come from the index's counter (`ItemIndex.next_id`): an id is never given to two items."""
         self._check_writable()
         labels = self.labels_from_names(label_names)
         code = self.encode(image)
@@ -229,6 +260,9 @@ class Catalog:
                 item_id = self.items.next_id()
             elif self.items.contains(item_id):
                 raise FileExistsError(f"item {item_id} already exists")
+            elif item_id < (next_id := self.items.next_id()):
+                raise FileExistsError(f"id {item_id} may have belonged to a deleted item and ids are never reused: "
+                                      f"omit the id, or give one from {next_id} up")
             with self._rw.writing():
                 self.items.add(code, np.array([item_id]), labels=labels[None], sources=[source], thumbnails=[item_thumbnail(image)])
             self._persist(added=[item_id])

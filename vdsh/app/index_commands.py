@@ -18,6 +18,8 @@ if TYPE_CHECKING:  # torch, faiss and the model load only when a command runs, s
 from vdsh.app.protocol_options import (CHANNELS, IMAGE_SIZE, PROTOCOL_HELP, QUERIES_PER_CLASS, TRAIN_PER_CLASS,
                                        model_shape, protocol_options)
 
+DEFAULT_MEMORY_LIMIT_MB = 1536  # vdsh.app.server.DEFAULT_MEMORY_LIMIT_MB (not imported: `vdsh --help` stays quick)
+MAX_HEADER_BYTES = 16 * 1024  # request line + headers; larger gets 400 (uvicorn's h11 limit)
 KINDS_HELP = "flat | distinct | auto | hash | multihash | ivf"
 index_app = typer.Typer(no_args_is_help=True, help="Build Hamming indexes of a dataset's codes.")
 PARTS = ("train", "query", "database")
@@ -229,6 +231,18 @@ def serve_command(
     workers: int = typer.Option(1, "--workers", min=1,
                                 help="processes; more than one serves read-only, except from Milvus"),
     max_upload_mb: float = typer.Option(10.0, "--max-upload-mb", min=0.001),
+    max_image_pixels: int = typer.Option(None, "--max-image-pixels", min=1,
+                                         help="decoded pixels an upload may have [default: from the model's input size]"),
+    memory_limit_mb: int = typer.Option(DEFAULT_MEMORY_LIMIT_MB, "--memory-limit-mb", min=1,
+                                        help="memory of each worker process; uploads wait, then get 503, past it"),
+    decode_workers: int = typer.Option(2, "--decode-workers", min=1, help="threads decoding and encoding uploads"),
+    request_timeout_s: float = typer.Option(10.0, "--request-timeout-s", min=0.01,
+                                            help="the most an upload's decode + encode may take (then 503)"),
+    header_timeout_s: float = typer.Option(10.0, "--header-timeout-s", min=0.01,
+                                           help="a connection must send a request's headers within this"),
+    keep_alive_s: int = typer.Option(5, "--keep-alive-s", min=1, help="idle keep-alive connections are closed after this"),
+    limit_concurrency: int = typer.Option(256, "--limit-concurrency", min=1,
+                                          help="connections and requests at once; past it uvicorn answers 503"),
     threads: int = typer.Option(1, "--threads", min=1, help="torch/FAISS threads per worker (1 suits single queries)"),
 ) -> None:
     """Serve the index over HTTP: POST /search, /items, /health, /stats, /metrics, and a web page at /."""
@@ -244,8 +258,13 @@ def serve_command(
         VDSH_SERVE_INDEX=index[0] if shared else os.pathsep.join(index), VDSH_SERVE_MODEL=str(model),
         VDSH_SERVE_MAX_UPLOAD_BYTES=str(int(max_upload_mb * 1024 * 1024)),
         VDSH_SERVE_READ_ONLY="1" if workers > 1 and not shared else "0", VDSH_SERVE_THREADS=str(threads),
+        VDSH_SERVE_MAX_IMAGE_PIXELS=str(max_image_pixels or ""), VDSH_SERVE_MEMORY_LIMIT_MB=str(memory_limit_mb),
+        VDSH_SERVE_DECODE_WORKERS=str(decode_workers), VDSH_SERVE_REQUEST_TIMEOUT=str(request_timeout_s),
+        VDSH_SERVE_HEADER_TIMEOUT=str(header_timeout_s),
     )
     if api_key:
         os.environ["VDSH_API_KEY"] = api_key
     uvicorn.run("vdsh.app.server:app_from_environment", factory=True, host=host, port=port, workers=workers,
-                log_level="info")
+                log_level="info", http="vdsh.app.http_protocol:HeaderTimeoutH11Protocol",
+                timeout_keep_alive=keep_alive_s, limit_concurrency=limit_concurrency,
+                h11_max_incomplete_event_size=MAX_HEADER_BYTES)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_K = 1000
 DEFAULT_K = 10
+MAX_CODE_CHARS = 20_000
+
+
+K_HELP = f"number of neighbours (1..{MAX_K}); default {DEFAULT_K}, or with radius: at most this many of them"
+RADIUS_HELP = f"all items within this Hamming distance (at most the code length; at most k, else {MAX_K}, are listed)"
 
 
 class SearchByCode(BaseModel):
@@ -13,15 +18,20 @@ class SearchByCode(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    code: str = Field(..., min_length=1, max_length=20_000, examples=["a3f01c22e4b5d9c0"])
-    k: int | None = Field(None, ge=1, le=MAX_K, description=f"number of neighbours (1..{MAX_K}); default {DEFAULT_K}")
-    radius: int | None = Field(None, ge=0, description="all items within this Hamming distance instead of k")
+    # the served index's code length sets the example and the pattern (`routers.search.document_examples`)
+    code: str = Field(..., min_length=1, max_length=MAX_CODE_CHARS, description="hex, or one 0/1 character per bit")
+    k: int | None = Field(None, ge=1, le=MAX_K, description=K_HELP)
+    radius: int | None = Field(None, ge=0, description=RADIUS_HELP)
 
-    @model_validator(mode="after")
-    def k_or_radius(self) -> "SearchByCode":
-        if self.k is not None and self.radius is not None:
-            raise ValueError("give either k or radius, not both")
-        return self
+    @field_validator("k", "radius", mode="before")
+    @classmethod
+    def json_integer(cls, value: object) -> object:
+        """A JSON integer (2, or 2.0: JSON Schema counts both), never true/false or a string ("2")."""
+        if value is None:
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError("must be a JSON integer (not true/false, a string or a fraction)")
+        return int(value)
 
 
 class SearchParams(BaseModel):
@@ -29,12 +39,6 @@ class SearchParams(BaseModel):
 
     k: int | None = Field(None, ge=1, le=MAX_K)
     radius: int | None = Field(None, ge=0)
-
-    @model_validator(mode="after")
-    def k_or_radius(self) -> "SearchParams":
-        if self.k is not None and self.radius is not None:
-            raise ValueError("give either k or radius, not both")
-        return self
 
 
 class Timings(BaseModel):
@@ -58,6 +62,10 @@ class SearchResponse(BaseModel):
     k: int | None
     radius: int | None
     total_within_radius: int | None = Field(None, description="for radius queries: all matches, of which at most 1000 are listed")
+    close_match: bool = Field(..., description="whether the nearest result is within far_distance; false: nothing in "
+                                               "the index is close, the results are only the least far")
+    far_distance: int = Field(..., description="99 % of the indexed items have another item this close or closer "
+                                               "(the index's own nearest-neighbour distances)")
     results: list[Neighbour]
     timings: Timings
 
@@ -89,6 +97,10 @@ class Stats(BaseModel):
     class_names: list[str]
     read_only: bool
     max_upload_bytes: int
+    max_image_pixels: int = Field(..., description="decoded pixels an upload may have (after JPEG's reduced decode)")
+    decode_budget_bytes: int = Field(..., description="memory that uploads being read and decoded may hold at once")
+    decode_workers: int
+    request_timeout_s: float
 
 
 class ErrorBody(BaseModel):

@@ -6,6 +6,12 @@ directories are served as shards of one collection (`vdsh.index.shards`), read-o
 `milvus://HOST:PORT/COLLECTION` index is served from Milvus, writable by every process. Routers:
 `routers.search` (POST /search), `routers.items` (/items...), `routers.service` (/health, /stats,
 /metrics); the web page is `static/index.html` at `/`.
+
+Hostile load is bounded in layers, outermost first: uvicorn's connection, header and keep-alive limits
+(`vdsh serve`, `vdsh.app.http_protocol`); the API key of write routes, checked from the headers
+(`AuthBeforeBody`); the body size, with the body's bytes held from the memory budget (`BodySizeLimit`);
+then each upload's decoded pixels, checked from its header, and its decode, run in the bounded worker
+pool holding its worst-case bytes within a time limit (`vdsh.app.decoding`, `vdsh.app.budget`).
 """
 
 from __future__ import annotations
@@ -18,19 +24,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from vdsh.app.budget import DecodePool, MemoryBudget, ServerBusy
 from vdsh.app.catalog import Catalog
-from vdsh.app.dependencies import Settings
+from vdsh.app.dependencies import API_KEY_HEADER, Settings, api_key_problem, require_api_key
 from vdsh.app.routers import items, search, service
-from vdsh.app.uploads import MULTIPART_SLACK, BodySizeLimit, UnsupportedImage, UploadTooLarge
+from vdsh.app.uploads import MULTIPART_SLACK, BodySizeLimit, UnsupportedImage, UploadTooLarge, send_json_error
+from vdsh.data.transforms import ImageDecodeError
 from vdsh.index.milvus_items import is_milvus_uri
 
 STATIC_DIR = Path(__file__).parent / "static"
 DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024
+DEFAULT_DECODE_BUDGET = 512 * 1024 * 1024  # without a memory limit (create_app's default; `vdsh serve` sets one)
+DEFAULT_MEMORY_LIMIT_MB = 1536  # `vdsh serve` (per worker process): leaves room in a 2 GB container
+MEMORY_MARGIN = 64 * 1024 * 1024  # answers, the event loop, allocator slack
+
+
+class MemoryLimitTooLow(RuntimeError):
+    """The configured memory limit cannot hold the loaded server plus one worst-case upload."""
+
+
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 
@@ -65,12 +87,52 @@ class RecordMetrics:
                 status = message["status"]
             await send(message)
 
+        as_received = dict(scope)  # routing rewrites the path and root path of mounted apps (/static)
         try:
             await self.app(scope, receive, send_with_status)
         finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
+            route = scope["route"].path if "route" in scope else route_label(as_received)
             self.metrics.requests.labels(scope["method"], route, str(status)).inc()
             self.metrics.latency.labels(scope["method"], route).observe(time.perf_counter() - started)
+
+
+def route_label(scope: Scope) -> str:
+    """The route template of a request as received (docs, the page, /static; FastAPI's own routes set
+    scope["route"]), else "unmatched" (so unknown paths cannot grow the label set)."""
+    app = scope.get("app")
+    for candidate in getattr(getattr(app, "state", None), "flat_routes", ()):
+        if candidate.matches(scope)[0] == Match.FULL:
+            return getattr(candidate, "path", "unmatched") or "/"
+    return "unmatched"
+
+
+def allowed_methods(app: FastAPI, scope: Scope) -> list[str]:
+    """Every method some route answers at this path (Starlette's own 405 names only the first route's)."""
+    methods: set[str] = set()
+    for route in app.state.flat_routes:
+        if isinstance(route, Route) and route.methods and route.matches(scope)[0] != Match.NONE:
+            methods |= route.methods
+    return sorted(methods)
+
+
+class AuthBeforeBody:
+    """ASGI middleware: a write route's API key is checked before a byte of its body is read, so an
+    unauthorised client cannot make the server buffer (up to) a 10 MB upload first."""
+
+    def __init__(self, app: ASGIApp, write_routes: list[APIRoute], settings: Settings) -> None:
+        self.app, self.write_routes, self.settings = app, write_routes, settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] not in ("GET", "HEAD", "OPTIONS") and self._is_write(scope):
+            key = dict(scope["headers"]).get(API_KEY_HEADER.lower().encode())
+            problem = api_key_problem(self.settings, key.decode("latin-1") if key is not None else None)
+            if problem is not None:
+                await send_json_error(send, *problem)
+                return
+        await self.app(scope, receive, send)
+
+    def _is_write(self, scope: Scope) -> bool:
+        return any(route.matches(scope)[0] == Match.FULL for route in self.write_routes)
 
 
 def create_app(
@@ -79,17 +141,25 @@ def create_app(
     api_key: str | None = None,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     read_only: bool = False,
+    **limits,
 ) -> FastAPI:
     """The app for one index directory (or several shards, read-only) and one model file; nothing is
-    loaded until start-up."""
+    loaded until start-up. `limits`: the other `Settings` fields (pixels, memory, workers, timeouts)."""
     shards = not isinstance(index_dir, (str, Path)) and len(index_dir) > 1
+    settings = Settings(api_key=api_key, max_upload_bytes=max_upload_bytes, read_only=read_only or shards, **limits)
+    budget = MemoryBudget(DEFAULT_DECODE_BUDGET, settings.budget_wait_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.catalog = Catalog.open(index_dir, model_path)  # ModelIndexMismatch stops start-up
-        app.state.metrics.items.set(len(app.state.catalog))
+        catalog = Catalog.open(index_dir, model_path, settings.max_image_pixels)  # ModelIndexMismatch stops start-up
+        budget.limit_bytes = decode_budget(settings, catalog.limits.worst_case_bytes(), resident_bytes())
+        app.state.pool = DecodePool(settings.decode_workers, budget, settings.request_timeout_s)
+        app.state.catalog = catalog
+        app.state.metrics.items.set(len(catalog))
+        app.openapi_schema = None  # the schema's examples come from the served index
         yield
         app.state.catalog = None
+        app.state.pool.shutdown()
 
     app = FastAPI(
         title="vdsh",
@@ -97,21 +167,71 @@ def create_app(
         version=_version(),
         lifespan=lifespan,
     )
-    app.state.settings = Settings(api_key=api_key, max_upload_bytes=max_upload_bytes, read_only=read_only or shards)
+    app.state.settings = settings
+    app.state.budget = budget
     app.state.metrics = Metrics()
-    app.include_router(search.router)
-    app.include_router(items.router)
-    app.include_router(service.router)
+    routers = (search.router, items.router, service.router)
+    for router in routers:
+        app.include_router(router)
     _add_error_handlers(app)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_api_route("/", _index_page, include_in_schema=False)
-    app.add_middleware(BodySizeLimit, limit=max_upload_bytes + MULTIPART_SLACK)
+    app.add_api_route("/favicon.ico", _favicon, include_in_schema=False)
+    app.openapi = lambda: openapi_for_index(app)
+    # every route, flat (the app's own list nests the included routers): for the metrics' route
+    # labels, the Allow header and the write routes' key check
+    app.state.flat_routes = [r for r in app.routes if isinstance(r, (Route, Mount))] + [r for router in routers for r in router.routes]
+    write_routes = [r for r in app.state.flat_routes if isinstance(r, APIRoute)
+                    and any(d.dependency is require_api_key for d in r.dependencies)]
+    app.add_middleware(BodySizeLimit, limit=max_upload_bytes + MULTIPART_SLACK, budget=budget)
+    app.add_middleware(AuthBeforeBody, write_routes=write_routes, settings=settings)
     app.add_middleware(RecordMetrics, metrics=app.state.metrics)
     return app
 
 
+def decode_budget(settings: Settings, worst_case_decode: int, resident: int) -> int:
+    """Bytes that decodes (and buffered request bodies) may hold at once: the server's memory limit
+    less what it holds after loading the model and index, less a margin; without a limit,
+    DEFAULT_DECODE_BUDGET. MemoryLimitTooLow when not even one worst-case upload fits."""
+    if settings.memory_limit_bytes is None:
+        return DEFAULT_DECODE_BUDGET
+    available = settings.memory_limit_bytes - resident - MEMORY_MARGIN
+    needed = worst_case_decode + 2 * (settings.max_upload_bytes + MULTIPART_SLACK)
+    if available < needed:
+        raise MemoryLimitTooLow(
+            f"the memory limit of {settings.memory_limit_bytes / 2**20:,.0f} MiB leaves {available / 2**20:,.0f} MiB "
+            f"for uploads once the model and index are loaded ({resident / 2**20:,.0f} MiB) with a "
+            f"{MEMORY_MARGIN / 2**20:,.0f} MiB margin, and one worst-case upload needs {needed / 2**20:,.0f} MiB: "
+            "raise --memory-limit-mb, or lower --max-image-pixels or --max-upload-mb")
+    return available
+
+
+def resident_bytes() -> int:
+    """This process's resident memory (Linux /proc; 0 where that is not available)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def openapi_for_index(app: FastAPI) -> dict:
+    """FastAPI's schema, with the code example replaced by a real code of the served index (its length)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+        catalog = getattr(app.state, "catalog", None)
+        if catalog is not None:
+            search.document_examples(schema, catalog)
+            items.document_labels(schema, catalog.class_names)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
 def _index_page() -> FileResponse:
     return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+
+def _favicon() -> FileResponse:
+    return FileResponse(STATIC_DIR / "favicon.png", media_type="image/png", headers={"Cache-Control": "max-age=86400"})
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -122,6 +242,21 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(UnsupportedImage)
     async def unsupported(_: Request, error: UnsupportedImage) -> JSONResponse:
         return JSONResponse({"detail": str(error)}, status_code=415)
+
+    @app.exception_handler(ImageDecodeError)
+    async def undecodable(_: Request, error: ImageDecodeError) -> JSONResponse:
+        return JSONResponse({"detail": str(error)}, status_code=400)
+
+    @app.exception_handler(ServerBusy)
+    async def busy(_: Request, error: ServerBusy) -> JSONResponse:
+        return JSONResponse({"detail": str(error)}, status_code=503, headers={"Retry-After": str(error.retry_after_s)})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> Response:
+        if error.status_code == 405:
+            return JSONResponse({"detail": "Method Not Allowed"}, status_code=405,
+                                headers={"Allow": ", ".join(allowed_methods(app, request.scope))})
+        return await http_exception_handler(request, error)
 
 
 def _version() -> str:
@@ -151,4 +286,8 @@ def app_from_environment() -> FastAPI:
         api_key=env.get("VDSH_API_KEY") or None,
         max_upload_bytes=int(env.get("VDSH_SERVE_MAX_UPLOAD_BYTES", DEFAULT_MAX_UPLOAD_BYTES)),
         read_only=env.get("VDSH_SERVE_READ_ONLY", "0") == "1",
+        max_image_pixels=int(env.get("VDSH_SERVE_MAX_IMAGE_PIXELS") or 0) or None,
+        memory_limit_bytes=int(env.get("VDSH_SERVE_MEMORY_LIMIT_MB", DEFAULT_MEMORY_LIMIT_MB)) * 1024 * 1024,
+        decode_workers=int(env.get("VDSH_SERVE_DECODE_WORKERS", "2")),
+        request_timeout_s=float(env.get("VDSH_SERVE_REQUEST_TIMEOUT", "10")),
     )

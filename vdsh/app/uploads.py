@@ -7,11 +7,13 @@ is cut off at the limit too.
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from vdsh.app.budget import MemoryBudget, ServerBusy
 from vdsh.index.codes import code_bytes
 
 IMAGE_TYPES = {"image/jpeg": "JPEG", "image/png": "PNG", "image/webp": "WebP"}
@@ -34,20 +36,38 @@ class BodySizeLimit:
     """ASGI middleware: read the whole body up to `limit` bytes, answer 413 past it, then replay it.
 
     Buffering (bounded by the limit) means no route ever sees half a body, and FastAPI's own form
-    parsing can be used unchanged behind it.
+    parsing can be used unchanged behind it. Each body reserves twice its length (the buffer and the
+    form parser's copy; the limit when no length is declared) from the server's memory budget before
+    it is read, until the answer is sent: a burst of large uploads waits, then gets 503, instead of
+    filling memory.
     """
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app: ASGIApp, limit: int, budget: MemoryBudget | None = None) -> None:
+        self.app, self.limit, self.budget = app, limit, budget
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await _send_413(send, self.limit)
+        length = int(declared) if declared is not None and declared.isdigit() else None
+        if length is not None and length > self.limit:
+            await send_json_error(send, 413, f"request body exceeds the limit of {self.limit} bytes")
             return
+        reserved = 2 * (self.limit if length is None else length)
+        if self.budget is not None:
+            try:
+                await self.budget.reserve(reserved)
+            except ServerBusy as busy:
+                await send_json_error(send, 503, str(busy), {"retry-after": str(busy.retry_after_s)})
+                return
+        try:
+            await self._buffered(scope, receive, send)
+        finally:
+            if self.budget is not None:
+                self.budget.release(reserved)
+
+    async def _buffered(self, scope: Scope, receive: Receive, send: Send) -> None:
         chunks, received, more = [], 0, True
         while more:
             message = await receive()
@@ -56,11 +76,12 @@ class BodySizeLimit:
             chunk = message.get("body", b"")
             received += len(chunk)
             if received > self.limit:
-                await _send_413(send, self.limit)
+                await send_json_error(send, 413, f"request body exceeds the limit of {self.limit} bytes")
                 return
             chunks.append(chunk)
             more = message.get("more_body", False)
         body, replayed = b"".join(chunks), False
+        del chunks
 
         async def replay() -> Message:
             nonlocal replayed
@@ -72,11 +93,14 @@ class BodySizeLimit:
         await self.app(scope, replay, send)
 
 
-async def _send_413(send: Send, limit: int) -> None:
-    body = f'{{"detail":"request body exceeds the limit of {limit} bytes"}}'.encode()
-    await send({"type": "http.response.start", "status": 413,
+async def send_json_error(send: Send, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
+    """An error answer from middleware (before FastAPI's handlers); the connection is closed after it,
+    since the request body may be unread."""
+    body = json.dumps({"detail": detail}).encode()
+    extra = [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
+                            (b"connection", b"close"), *extra]})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -92,9 +116,10 @@ def sniff_image_format(data: bytes) -> str | None:
 
 
 def check_image_upload(content_type: str | None, data: bytes, limit: int) -> None:
-    """Refuse wrong declared types, empty or oversized files, and bytes that are not the three formats."""
+    """Refuse wrong declared types, empty or oversized files, and bytes that are not the three formats
+    (a part with no declared type, or application/octet-stream, is judged by its first bytes)."""
     declared = (content_type or "").split(";")[0].strip().lower()
-    if declared not in IMAGE_TYPES and declared != "application/octet-stream":
+    if declared not in IMAGE_TYPES and declared not in ("application/octet-stream", ""):
         raise UnsupportedImage(f"unsupported content type {declared or 'none'!r}: send image/jpeg, image/png or image/webp")
     if len(data) > limit:
         raise UploadTooLarge(limit)
@@ -106,21 +131,39 @@ def check_image_upload(content_type: str | None, data: bytes, limit: int) -> Non
 
 _HEX = re.compile(r"^[0-9a-fA-F]+$")
 _BITS = re.compile(r"^[01]+$")
+_SPACE = " \t\r\n"
 
 
 def parse_code(text: str, bits: int) -> np.ndarray:
-    """A code as hex (`0x` optional; 2 * ceil(bits/8) digits) or `bits` characters of 0/1 (`0b` optional)
-    -> packed uint8 (1, nbytes). ValueError saying the expected lengths."""
-    text = text.strip().replace(" ", "").replace("_", "")
+    """A code as hex (`0x` optional; 2 * ceil(bits/8) digits) or `bits` characters of 0/1 (`0b` optional),
+    with surrounding white space and any spaces or underscores ignored -> packed uint8 (1, nbytes).
+    ValueError saying the expected lengths. `code_pattern` is the same rule as a regular expression."""
+    text = text.strip(_SPACE).replace(" ", "").replace("_", "")
     nbytes = code_bytes(bits)
     expected = f"a {bits}-bit code: {2 * nbytes} hex digits or {bits} bits of 0/1"
-    if text.lower().startswith("0b"):
+    prefix = text[:2].lower()
+    if prefix == "0b" and not (len(text) == 2 * nbytes and _HEX.match(text)):  # "0b12ab34" is hex
         return _from_bits(text[2:], bits, expected)
-    if text.lower().startswith("0x"):
+    if prefix == "0x":
         return _from_hex(text[2:], bits, nbytes, expected)
     if len(text) == bits and _BITS.match(text) and len(text) != 2 * nbytes:
         return _from_bits(text, bits, expected)
     return _from_hex(text, bits, nbytes, expected)
+
+
+def code_pattern(bits: int) -> str:
+    """The codes `parse_code` accepts for this length, as an (ECMA-262) regular expression for OpenAPI."""
+    gap, space = "[ _]*", "[ \\t\\r\\n]*"
+    nbytes = code_bytes(bits)
+    padding = 8 * nbytes - bits  # low bits of the last byte, which must be zero
+    low_digit = {0: "[0-9a-fA-F]", 1: "[02468aceACE]", 2: "[048cC]", 3: "[08]", 4: "0"}
+    if padding <= 4:
+        tail, free = low_digit[padding] + gap, 2 * nbytes - 1
+    else:
+        tail, free = low_digit[padding - 4] + gap + "0" + gap, 2 * nbytes - 2
+    hex_code = f"(?:0{gap}[xX]{gap})?(?:[0-9a-fA-F]{gap}){{{free}}}{tail}"
+    bit_code = f"(?:0{gap}[bB]{gap})?(?:[01]{gap}){{{bits}}}"
+    return f"^{space}{gap}(?:{hex_code}|{bit_code}){space}$"
 
 
 def _from_bits(text: str, bits: int, expected: str) -> np.ndarray:

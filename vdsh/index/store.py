@@ -5,6 +5,8 @@ Layout of a saved directory::
     <dir>/CURRENT                 the committed version's name, e.g. "v000003"
     <dir>/v000003/index.faiss     IndexBinaryIDMap2 with the real ids: plain `faiss.read_index_binary` reads it
     <dir>/v000003/meta.h5         ids, codes, labels (multi-hot), sources, thumbnails, model id, bits, kind,
+                                  the next id (above every id ever held, so deleted ids are never reused;
+                                  absent in older files, where it is read as the largest id + 1),
                                   and the FAISS file's SHA-256 so that a mixed pair is caught
     <dir>/v000003/d000001.delta   changes since that full save, one file per commit (items added or
     <dir>/v000003/d000002.delta   removed), each checksummed; replayed in order on load
@@ -84,6 +86,7 @@ class ItemIndex:
         self.labels = np.zeros((0, len(self.class_names)), dtype=np.uint8)
         self.sources: list[str] = []
         self.thumbnails: list[np.ndarray | None] = []
+        self._id_counter = 0  # above every id this index has ever held, deleted ones included (`next_id`)
         self._lock = threading.RLock()
         self._on_disk: _DiskState | None = None  # the saved state this one extends, for save_changes
 
@@ -109,6 +112,8 @@ class ItemIndex:
                 raise ValueError(f"{n} codes but {len(values)} {name}")
         with self._lock:
             self.index.add(codes, ids)
+            if n:
+                self._id_counter = max(self._id_counter, int(np.max(ids)) + 1)
             self.labels = labels if len(self.labels) == 0 else np.concatenate([self.labels, labels])
             self.sources.extend(sources)  # in place: a copy of every source per add is what a server cannot afford
             self.thumbnails.extend(thumbnails)
@@ -138,9 +143,11 @@ class ItemIndex:
         return self.index.contains(item_id)
 
     def next_id(self) -> int:
-        """One more than the largest id (0 when empty): the id of an item added without one."""
+        """The id of an item added without one: above every id this index has ever held, deleted ones
+        included, so an id is never given to two items (saved with the index; for an index saved before
+        the counter existed, one more than its largest id)."""
         ids = self.index.ids
-        return int(ids.max()) + 1 if len(ids) else 0
+        return max(self._id_counter, int(ids.max()) + 1 if len(ids) else 0)
 
     def labels_of(self, ids) -> np.ndarray:
         with self._lock:
@@ -312,6 +319,7 @@ class _Snapshot:
     params: dict[str, int]
     model_id: str
     class_names: list[str]
+    next_id: int
     ids: np.ndarray
     codes: np.ndarray
     labels: np.ndarray  # replaced, never changed in place, by ItemIndex
@@ -323,7 +331,7 @@ class _Snapshot:
         with item_index._lock:
             index = item_index.index
             return cls(index.to_faiss(), index.bits, index.kind, index.params, item_index.model_id,
-                       list(item_index.class_names), index.ids, index.codes, item_index.labels,
+                       list(item_index.class_names), item_index.next_id(), index.ids, index.codes, item_index.labels,
                        list(item_index.sources), list(item_index.thumbnails))
 
 
@@ -347,6 +355,7 @@ def _write_meta(path: Path, snapshot: _Snapshot, faiss_sha256: str) -> None:
             kind=snapshot.kind,
             model_id=snapshot.model_id,
             count=len(snapshot.ids),
+            next_id=snapshot.next_id,
             faiss_file=FAISS_FILE,
             faiss_sha256=faiss_sha256,
         )
@@ -524,6 +533,7 @@ def _load_version(version_dir: Path, model_id: str | None, bits: int | None) -> 
     item_index.labels = arrays["labels"].astype(np.uint8)
     item_index.sources = sources
     item_index.thumbnails = thumbnails
+    item_index._id_counter = int(attrs.get("next_id", 0))
     return item_index
 
 

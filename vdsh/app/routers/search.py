@@ -4,38 +4,51 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 from fastapi import APIRouter, Depends, HTTPException, Request
 from pydantic import ValidationError
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
+from vdsh.app.budget import DecodePool
 from vdsh.app.catalog import Catalog
-from vdsh.app.dependencies import Settings, get_catalog, get_settings
-from vdsh.app.schemas import DEFAULT_K, MAX_K, Neighbour, SearchByCode, SearchParams, SearchResponse, Timings
-from vdsh.app.uploads import check_image_upload, code_hex, parse_code
-from vdsh.data.transforms import ImageDecodeError
+from vdsh.app.decoding import decode_bytes, read_header
+from vdsh.app.dependencies import Settings, get_catalog, get_pool, get_settings
+from vdsh.app.schemas import (DEFAULT_K, K_HELP, MAX_CODE_CHARS, MAX_K, RADIUS_HELP, ErrorBody, Neighbour,
+                              SearchByCode, SearchParams, SearchResponse, Timings)
+from vdsh.app.uploads import check_image_upload, code_hex, code_pattern, parse_code
 
 router = APIRouter(tags=["search"])
 RADIUS_LIMIT = MAX_K  # a radius query lists at most this many items (and says how many matched)
-# uploads up to this size decode in about a millisecond: they are answered on the event loop; larger
-# ones (slow to decode) go to the thread pool so they never stall other requests
-INLINE_UPLOAD_BYTES = 64 * 1024
+MAX_FORM_FIELDS = 8
+FORM_FIELDS = {"image", "code", "k", "radius"}
 
-_MULTIPART_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "image": {"type": "string", "format": "binary", "description": "JPEG, PNG or WebP"},
-        "code": {"type": "string", "description": "instead of an image: hex or 0/1 bits"},
-        "k": {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": DEFAULT_K},
-        "radius": {"type": "integer", "minimum": 0},
-    },
-}
 _ERRORS = {
-    400: {"description": "corrupt, truncated or oversized-in-pixels image"},
-    413: {"description": "upload over the size limit"},
-    415: {"description": "not JPEG/PNG/WebP, or a body that is neither multipart nor JSON"},
-    422: {"description": "bad k, radius or code"},
+    400: {"model": ErrorBody, "description": "corrupt or truncated image, an image over the pixel limit "
+                                             f"(decompression bomb), an `image` part that is not a file, or a form "
+                                             f"with more than {MAX_FORM_FIELDS} fields"},
+    413: {"model": ErrorBody, "description": "upload over the size limit"},
+    415: {"model": ErrorBody, "description": "not JPEG/PNG/WebP, or a body that is neither multipart nor JSON"},
+    422: {"model": ErrorBody, "description": "bad k, radius or code, or neither image nor code"},
+    503: {"model": ErrorBody, "description": "over the memory budget or the time limit: retry after Retry-After seconds",
+          "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}},
 }
+
+
+def multipart_schema(bits: int | None = None) -> dict:
+    """The multipart form /search takes: an `image` file or a `code` (not both), with `k`, `radius` or
+    both, and no other field."""
+    code = {"type": "string", "minLength": 1, "maxLength": MAX_CODE_CHARS, "description": "hex or 0/1 bits"}
+    radius = {"type": "integer", "minimum": 0, "description": RADIUS_HELP}
+    if bits is not None:
+        code["pattern"], radius["maximum"] = code_pattern(bits), bits
+    k = {"type": "integer", "minimum": 1, "maximum": MAX_K, "description": K_HELP}
+    image = {"type": "string", "format": "binary", "description": "JPEG, PNG or WebP"}
+    return {"oneOf": [
+        {"title": "by image", "type": "object", "properties": {"image": image, "k": k, "radius": radius},
+         "required": ["image"], "additionalProperties": False},
+        {"title": "by code", "type": "object", "properties": {"code": code, "k": k, "radius": radius},
+         "required": ["code"], "additionalProperties": False},
+    ]}
 
 
 @router.post(
@@ -44,22 +57,42 @@ _ERRORS = {
     responses=_ERRORS,
     summary="Nearest items to an image or a code",
     openapi_extra={"requestBody": {"required": True, "content": {
-        "multipart/form-data": {"schema": _MULTIPART_SCHEMA},
+        "multipart/form-data": {"schema": multipart_schema()},
         "application/json": {"schema": SearchByCode.model_json_schema()},
     }}},
 )
 async def search(
-    request: Request, catalog: Catalog = Depends(get_catalog), settings: Settings = Depends(get_settings)
+    request: Request,
+    catalog: Catalog = Depends(get_catalog),
+    settings: Settings = Depends(get_settings),
+    pool: DecodePool = Depends(get_pool),
 ) -> SearchResponse:
-    """Multipart with `image` (or `code`) plus `k` or `radius`; or JSON `{"code": ..., "k": ...}`."""
+    """Multipart with `image` (or `code`) plus `k`, `radius` or both; or JSON `{"code": ..., "k": ...}`.
+
+    A code query is answered on the event loop (microseconds of work). An image is checked by its
+    header first (pixel limit), then decoded and encoded in the bounded worker pool within the
+    server's memory budget and time limit (503 with Retry-After past them)."""
     started = time.perf_counter()
     image_bytes, image_type, code_text, params = await _read_query(request)
-    if image_bytes is not None:
-        check_image_upload(image_type, image_bytes, settings.max_upload_bytes)
-    if image_bytes is None or len(image_bytes) <= INLINE_UPLOAD_BYTES:
-        # ~1-2 ms of work: a thread hop costs as much again on a busy 2-core machine, so answer inline
-        return _answer(catalog, image_bytes, code_text, params, started)
-    return await run_in_threadpool(_answer, catalog, image_bytes, code_text, params, started)
+    if image_bytes is None:
+        try:
+            packed = parse_code(code_text or "", catalog.bits)
+        except ValueError as error:
+            raise HTTPException(422, str(error)) from None
+        now = time.perf_counter()
+        return _answer(catalog, packed, params, started, decoded=now, encoded=now)
+    check_image_upload(image_type, image_bytes, settings.max_upload_bytes)
+    header = read_header(image_bytes, catalog.limits)  # microseconds: nothing is decoded yet
+    nbytes = decode_bytes(header.pixels, header.mode, catalog.limits.channels)
+    packed, decoded, encoded = await pool.run(nbytes, lambda: _decode_and_encode(catalog, image_bytes))
+    return _answer(catalog, packed, params, started, decoded, encoded)
+
+
+def _decode_and_encode(catalog: Catalog, image: bytes) -> tuple[np.ndarray, float, float]:
+    """In a pool thread: the packed code and when decoding and encoding ended."""
+    pixels = catalog.decode(image)
+    decoded = time.perf_counter()
+    return catalog.encode(pixels), decoded, time.perf_counter()
 
 
 async def _read_query(request: Request) -> tuple[bytes | None, str | None, str | None, SearchParams]:
@@ -72,13 +105,18 @@ async def _read_query(request: Request) -> tuple[bytes | None, str | None, str |
         return None, None, query.code, SearchParams(k=query.k, radius=query.radius)
     if content_type not in ("multipart/form-data", "application/x-www-form-urlencoded"):
         raise HTTPException(415, f"send multipart/form-data (an image or a code) or application/json, not {content_type or 'no content type'!r}")
-    async with request.form(max_files=1, max_fields=8) as form:  # closes the spooled upload afterwards
+    async with request.form(max_files=1, max_fields=MAX_FORM_FIELDS) as form:  # closes the spooled upload afterwards
+        unknown = sorted(set(form.keys()) - FORM_FIELDS)
+        if unknown:
+            raise HTTPException(422, f"unknown form fields {unknown[:5]}: send {', '.join(sorted(FORM_FIELDS))}")
         fields = {**request.query_params, **{k: v for k, v in form.items() if isinstance(v, str)}}
         try:
-            params = SearchParams(k=fields.get("k") or None, radius=fields.get("radius") or None)
+            params = SearchParams(k=fields.get("k"), radius=fields.get("radius"))
         except ValidationError as error:
             raise HTTPException(422, _explain(error)) from None
         image = form.get("image")
+        if isinstance(image, str):  # a part without a filename: its bytes were decoded as text
+            raise HTTPException(400, "the `image` part must be a file: give it a filename in its Content-Disposition")
         code = fields.get("code")
         if isinstance(image, UploadFile) and code:
             raise HTTPException(422, "send either an image or a code, not both")
@@ -89,46 +127,47 @@ async def _read_query(request: Request) -> tuple[bytes | None, str | None, str |
     raise HTTPException(422, "nothing to search with: send an `image` file or a `code` field")
 
 
-def _answer(catalog: Catalog, image: bytes | None, code_text: str | None, params: SearchParams, started: float) -> SearchResponse:
-    t0 = time.perf_counter()
-    if image is not None:
-        try:
-            pixels = catalog.decode(image)
-        except ImageDecodeError as error:
-            raise HTTPException(400, str(error)) from None
-        t1 = time.perf_counter()
-        packed = catalog.encode(pixels)
-        t2 = time.perf_counter()
-    else:
-        try:
-            packed = parse_code(code_text or "", catalog.bits)
-        except ValueError as error:
-            raise HTTPException(422, str(error)) from None
-        t1 = t2 = time.perf_counter()  # no model runs for a code query
-    total_within = None
-    if params.radius is not None:
+def _answer(catalog: Catalog, packed: np.ndarray, params: SearchParams, started: float, decoded: float,
+            encoded: float) -> SearchResponse:
+    total_within, k = None, params.k
+    if params.radius is not None:  # with k: the k nearest of those within the radius
         if params.radius > catalog.bits:
             raise HTTPException(422, f"radius must be at most the code length, {catalog.bits}")
-        found, total_within = catalog.within(packed, params.radius, RADIUS_LIMIT)
-        k = None
+        found, total_within = catalog.within(packed, params.radius, k or RADIUS_LIMIT)
     else:
-        k = params.k or DEFAULT_K
+        k = k or DEFAULT_K
         found = catalog.knn(packed, k)
-    t3 = time.perf_counter()
+    searched = time.perf_counter()
     return SearchResponse(
         query_code=code_hex(packed),
         bits=catalog.bits,
         k=k,
         radius=params.radius,
         total_within_radius=total_within,
+        close_match=bool(found) and found[0].distance <= catalog.far_distance,
+        far_distance=catalog.far_distance,
         results=[Neighbour(**vars(n), thumbnail_url=f"/items/{n.id}/thumbnail") for n in found],
         timings=Timings(
-            decode_ms=_ms(t0 - started + (t1 - t0)),
-            encode_ms=_ms(t2 - t1),
-            search_ms=_ms(t3 - t2),
-            total_ms=_ms(t3 - started),
+            decode_ms=_ms(decoded - started),
+            encode_ms=_ms(encoded - decoded),
+            search_ms=_ms(searched - encoded),
+            total_ms=_ms(searched - started),
         ),
     )
+
+
+def document_examples(schema: dict, catalog: Catalog) -> None:
+    """Fill the OpenAPI schema's code examples and patterns for the served index: a real code of one of
+    its items (so the example in /docs finds something), the code pattern and radius maximum of its length."""
+    example = code_hex(catalog.example_code())
+    content = schema["paths"]["/search"]["post"]["requestBody"]["content"]
+    content["multipart/form-data"]["schema"] = multipart_schema(catalog.bits)
+    by_code = content["application/json"]["schema"]
+    by_code["properties"]["code"].update(examples=[example], pattern=code_pattern(catalog.bits))
+    for branch in by_code["properties"]["radius"].get("anyOf", [by_code["properties"]["radius"]]):
+        if branch.get("type") == "integer":
+            branch["maximum"] = catalog.bits
+    content["application/json"]["example"] = {"code": example, "k": DEFAULT_K}
 
 
 def _ms(seconds: float) -> float:

@@ -19,7 +19,8 @@ async def health(catalog: Catalog = Depends(get_catalog)) -> Health:
 
 
 @router.get("/stats", response_model=Stats)
-async def stats(catalog: Catalog = Depends(get_catalog), settings: Settings = Depends(get_settings)) -> Stats:
+async def stats(request: Request, catalog: Catalog = Depends(get_catalog), settings: Settings = Depends(get_settings)) -> Stats:
+    """The index, the model and the server's limits."""
     return Stats(
         items=len(catalog),
         bits=catalog.bits,
@@ -28,6 +29,10 @@ async def stats(catalog: Catalog = Depends(get_catalog), settings: Settings = De
         class_names=catalog.class_names,
         read_only=settings.read_only or settings.api_key is None,
         max_upload_bytes=settings.max_upload_bytes,
+        max_image_pixels=catalog.limits.max_pixels,
+        decode_budget_bytes=request.app.state.budget.limit_bytes,
+        decode_workers=settings.decode_workers,
+        request_timeout_s=settings.request_timeout_s,
     )
 
 

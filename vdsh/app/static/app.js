@@ -18,9 +18,21 @@ async function loadStats() {
   }
 }
 
+function clearResults() {
+  $("results").replaceChildren();
+  $("summary").textContent = "";
+  $("far").hidden = true;
+}
+
 function showResults(body) {
   const list = $("results");
-  list.replaceChildren();
+  clearResults();
+  if (body.results.length && !body.close_match) {
+    $("far").textContent = `No close match: the nearest item is at distance ${body.results[0].distance}, ` +
+      `farther than ${body.far_distance} (99 % of the indexed images have a neighbour that close). ` +
+      "These are only the least far items.";
+    $("far").hidden = false;
+  }
   for (const r of body.results) {
     const li = document.createElement("li");
     li.className = "result";
@@ -61,6 +73,7 @@ async function search(file) {
     const response = await fetch("/search", { method: "POST", body: form });
     const body = await response.json();
     if (!response.ok) {
+      clearResults();  // the previous query's results do not belong to this image
       const detail = typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail);
       setStatus(`Could not search: ${detail}`, true);
       return;
@@ -69,6 +82,7 @@ async function search(file) {
     showResults(body);
     setStatus("");
   } catch (err) {
+    clearResults();
     setStatus(`Could not reach the server: ${err}`, true);
   }
 }

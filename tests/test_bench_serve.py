@@ -1,0 +1,43 @@
+"""The pieces of `vdsh bench serve`: its requests are what the server expects, its ab reports are read right."""
+
+from __future__ import annotations
+
+from fastapi.testclient import TestClient
+
+from serving_fixtures import png_bytes, shared_setup
+from vdsh.app.bench_serve import _parse_ab, bomb_png, upload_call, worst_case_png
+from vdsh.app.decoding import ImageLimits, read_header
+from vdsh.app.server import create_app
+
+AB_REPORT = """
+Complete requests:      1200
+Failed requests:        37
+   (Connect: 0, Receive: 0, Length: 35, Exceptions: 2)
+Non-2xx responses:      10
+Time taken for tests:   8.000 seconds
+Requests per second:    150.00 [#/sec] (mean)
+Percentage of the requests served within a certain time (ms)
+  50%     12
+  66%     14
+  99%     45
+ 100%    120 (longest request)
+"""
+
+
+def test_an_ab_report_is_read_with_length_differences_not_counted_as_errors():
+    result = _parse_ab(AB_REPORT, 8.0)
+    assert (result.requests, result.req_per_s, result.p50_ms, result.p99_ms, result.max_ms) == (1200, 150.0, 12, 45, 120)
+    assert result.statuses == {"2xx": 1190, "non-2xx": 10, "errors": 2}
+
+
+def test_the_benchmark_uploads_are_what_they_claim():
+    setup = shared_setup()
+    limits = ImageLimits(4 * 1024 * 1024, 1, 28)
+    worst = read_header(worst_case_png(limits.max_pixels), limits)
+    assert worst.mode == "RGBA" and worst.pixels == limits.max_pixels
+    call = upload_call("/search", png_bytes(setup.query_images[0]), {"k": "3"})
+    with TestClient(create_app(setup.index_dir, setup.model_path)) as client:
+        answer = client.post(call.path, content=call.body, headers=call.headers)
+        assert answer.status_code == 200 and len(answer.json()["results"]) == 3
+        bomb = upload_call("/search", bomb_png())
+        assert client.post(bomb.path, content=bomb.body, headers=bomb.headers).status_code == 400
