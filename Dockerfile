@@ -22,7 +22,7 @@ RUN pip install --index-url "$TORCH_INDEX_URL" torch==2.14.1 torchvision==0.29.1
 WORKDIR /src
 COPY pyproject.toml README.md* ./
 COPY vdsh ./vdsh
-RUN pip install . && rm -rf /src
+RUN pip install '.[pretrained]' && rm -rf /src
 
 RUN useradd --create-home --uid 1000 vdsh && mkdir -p /models /index && chown vdsh /models /index
 USER vdsh

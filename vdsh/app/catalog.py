@@ -115,10 +115,11 @@ class Catalog:
         self.saved_at: float | None = None
 
     @classmethod
-    def open(cls, index_dirs: str | Path | Sequence[str | Path], model_path: str | Path) -> "Catalog":
-        """One index directory (writable), or several shards searched as one (read-only)."""
+    def open(cls, index_dirs: str | Path | Sequence[str | Path], model_path: str | Path, int8: bool = False) -> "Catalog":
+        """One index directory (writable), or several shards searched as one (read-only); int8: quantise the
+        model's pretrained backbone for CPU serving."""
         dirs = [Path(index_dirs)] if isinstance(index_dirs, (str, Path)) else [Path(d) for d in index_dirs]
-        model = load_model(model_path)
+        model = load_model(model_path, int8=int8)
         name = model_id(model_path)
         # the model check is ours, to give a message that names both files
         items = load_index(dirs[0]) if len(dirs) == 1 else ShardedItems.load(dirs)

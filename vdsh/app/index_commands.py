@@ -114,6 +114,7 @@ def query_command(
                                      help="index directory; repeat it to search several shards as one"),
     model: Path = typer.Option(..., "--model", exists=True, dir_okay=False, help="the model the index was built with"),
     k: int = typer.Option(10, "-k", "--k", min=1, max=1000, help="neighbours per image"),
+    int8: bool = typer.Option(False, "--int8", help="quantise the model's pretrained backbone to int8 (CPU)"),
 ) -> None:
     """Print the k nearest indexed items of each image: id, Hamming distance, labels, source."""
     from vdsh.data.transforms import ImageDecodeError, load_image
@@ -122,7 +123,7 @@ def query_command(
     from vdsh.index.store import load_index
     from vdsh.training.model import load_model, model_id
 
-    hashing_model = load_model(model)
+    hashing_model = load_model(model, int8=int8)
     expected = {"model_id": model_id(model), "bits": hashing_model.bits}
     items = load_index(index[0], **expected) if len(index) == 1 else ShardedItems.load(index, **expected)
     spec = hashing_model.input_spec
@@ -152,6 +153,7 @@ def serve_command(
     workers: int = typer.Option(1, "--workers", min=1, help="processes; more than one serves read-only"),
     max_upload_mb: float = typer.Option(10.0, "--max-upload-mb", min=0.001),
     threads: int = typer.Option(1, "--threads", min=1, help="torch/FAISS threads per worker (1 suits single queries)"),
+    int8: bool = typer.Option(False, "--int8", help="quantise the model's pretrained backbone to int8 for CPU serving"),
 ) -> None:
     """Serve the index over HTTP: POST /search, /items, /health, /stats, /metrics, and a web page at /."""
     import uvicorn
@@ -161,6 +163,7 @@ def serve_command(
         VDSH_SERVE_INDEX=os.pathsep.join(map(str, index)), VDSH_SERVE_MODEL=str(model),
         VDSH_SERVE_MAX_UPLOAD_BYTES=str(int(max_upload_mb * 1024 * 1024)),
         VDSH_SERVE_READ_ONLY="1" if workers > 1 else "0", VDSH_SERVE_THREADS=str(threads),
+        VDSH_SERVE_INT8="1" if int8 else "0",
     )
     if api_key:
         os.environ["VDSH_API_KEY"] = api_key

@@ -77,6 +77,7 @@ def create_app(
     api_key: str | None = None,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     read_only: bool = False,
+    int8: bool = False,
 ) -> FastAPI:
     """The app for one index directory (or several shards, read-only) and one model file; nothing is
     loaded until start-up."""
@@ -84,7 +85,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.catalog = Catalog.open(index_dir, model_path)  # ModelIndexMismatch stops start-up
+        app.state.catalog = Catalog.open(index_dir, model_path, int8)  # ModelIndexMismatch stops start-up
         app.state.metrics.items.set(len(app.state.catalog))
         yield
         app.state.catalog = None
@@ -148,4 +149,5 @@ def app_from_environment() -> FastAPI:
         api_key=env.get("VDSH_API_KEY") or None,
         max_upload_bytes=int(env.get("VDSH_SERVE_MAX_UPLOAD_BYTES", DEFAULT_MAX_UPLOAD_BYTES)),
         read_only=env.get("VDSH_SERVE_READ_ONLY", "0") == "1",
+        int8=env.get("VDSH_SERVE_INT8", "0") == "1",
     )

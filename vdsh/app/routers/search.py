@@ -18,7 +18,8 @@ from vdsh.data.transforms import ImageDecodeError
 router = APIRouter(tags=["search"])
 RADIUS_LIMIT = MAX_K  # a radius query lists at most this many items (and says how many matched)
 # uploads up to this size decode in about a millisecond: they are answered on the event loop; larger
-# ones (slow to decode) go to the thread pool so they never stall other requests
+# ones (slow to decode), and every image for a model with a pretrained backbone (tens of ms of CPU), go to the
+# thread pool so they never stall other requests
 INLINE_UPLOAD_BYTES = 64 * 1024
 
 _MULTIPART_SCHEMA = {
@@ -56,7 +57,7 @@ async def search(
     image_bytes, image_type, code_text, params = await _read_query(request)
     if image_bytes is not None:
         check_image_upload(image_type, image_bytes, settings.max_upload_bytes)
-    if image_bytes is None or len(image_bytes) <= INLINE_UPLOAD_BYTES:
+    if image_bytes is None or (len(image_bytes) <= INLINE_UPLOAD_BYTES and not catalog.model.input_spec.backbone):
         # ~1-2 ms of work: a thread hop costs as much again on a busy 2-core machine, so answer inline
         return _answer(catalog, image_bytes, code_text, params, started)
     return await run_in_threadpool(_answer, catalog, image_bytes, code_text, params, started)
