@@ -52,6 +52,21 @@ def encode_in_batches(model: HashingModel, images: np.ndarray, batch_size: int, 
     return np.concatenate(packed) if packed else np.empty((0, (model.bits + 7) // 8), np.uint8)
 
 
+def codes_from_cached_features(model: HashingModel, items: ImageSet) -> np.ndarray:
+    """Packed codes of a model on vector features (GIST, a backbone) from the feature cache: the features that
+    training computed are not computed again (the same codes as `model.encode`, which computes them)."""
+    import torch
+
+    from vdsh.index.codes import pack_codes, sign_codes
+    from vdsh.training.features import cached_feature_vectors
+
+    spec = model.input_spec
+    features = cached_feature_vectors(spec.features, np.asarray(items.images), items.name, spec.resolution)
+    with torch.no_grad():
+        outputs = [model.encoder(spec.standardise(features[i : i + 4096].to(model.device))) for i in range(0, len(features), 4096)]
+    return pack_codes(sign_codes(torch.cat(outputs)).cpu()) if outputs else np.empty((0, (model.bits + 7) // 8), np.uint8)
+
+
 def build_index(model_path: Path, items: ImageSet, kind: str, out: Path | None, batch_size: int = 1024,
                 device: str | None = None) -> ItemIndex:
     """Encode every image, add codes + labels + sources + 64x64 thumbnails, save atomically to `out`."""
@@ -68,7 +83,10 @@ def build_index(model_path: Path, items: ImageSet, kind: str, out: Path | None, 
     if items.images.shape[1:] != (spec.channels, spec.size, spec.size):
         raise ValueError(f"{items.name} images are {items.images.shape[1:]}, the model takes "
                          f"({spec.channels}, {spec.size}, {spec.size})")
-    codes = encode_in_batches(model, items.images, batch_size, f"encoding {len(items)} images on {device}")
+    if spec.features in ("pixels", "image"):
+        codes = encode_in_batches(model, items.images, batch_size, f"encoding {len(items)} images on {device}")
+    else:
+        codes = codes_from_cached_features(model, items)
     index = ItemIndex(HammingIndex(model.bits, kind), model_id(model_path), items.class_names)
     index.add(
         codes,
