@@ -14,7 +14,7 @@ import torch
 from vdsh.data import load_protocol
 from vdsh.index.codes import sign_codes
 from vdsh.index.metrics import mean_average_precision
-from vdsh.training.admm import Validation
+from vdsh.training.validation import Validation
 from vdsh.training.baselines import fit_lsh
 from vdsh.training.model import HashingModel, InputSpec
 

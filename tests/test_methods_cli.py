@@ -62,10 +62,12 @@ def test_augmentation_applies_to_the_trainers_that_take_it_shifts_on_pixels_nois
     from vdsh.training.model import InputSpec
 
     pixels, gist = INPUT_SPECS["mnist"], InputSpec(3, 32, "gist")
-    shifts = mlp_augmentation("mnist-5k", pixels, "admm", None)
+    shifts = mlp_augmentation("mnist-5k", pixels, "proxprop", None)
     assert shifts.config() == {"crop_padding": 2, "flip": False} and (shifts.channels, shifts.size) == (1, 28)
     assert mlp_augmentation("mnist-5k", pixels, "backprop", True) is not None
-    assert mlp_augmentation("mnist-5k", pixels, "admm", False) is None
+    assert mlp_augmentation("mnist-5k", pixels, "proxprop", False) is None
+    assert mlp_augmentation("mnist-5k", pixels, "admm", None) is None, "ADMM takes augmentation only when asked"
+    assert mlp_augmentation("mnist-5k", pixels, "admm", True) is not None
     assert mlp_augmentation("cifar10-5k", gist, "backprop", None).config() == {"feature_noise": 0.5}
     assert mlp_augmentation("mnist-5k", pixels, "altmin", None) is None  # where it does not apply, auto means none
     with pytest.raises(typer.BadParameter, match="trainer"):

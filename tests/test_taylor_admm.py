@@ -5,7 +5,7 @@ import torch
 
 from sample_problem import CHANCE_MAP, assert_round_trip, lsh_map, sample_problem
 from vdsh.training.mlp import DeepMLP
-from vdsh.training.taylor_admm import TaylorAdmmOptions, TaylorAdmmTrainer, activation_step, output_step
+from vdsh.training.taylor_admm import TaylorAdmmOptions, TaylorAdmmTrainer, activation_step, output_step, relu_coupled_preactivation
 
 
 def gradient_at(objective, point: torch.Tensor) -> torch.Tensor:
@@ -52,3 +52,13 @@ def test_taylor_admm_learns_and_records_residuals_per_layer(tmp_path):
 def test_taylor_admm_rejects_bad_options():
     with pytest.raises(ValueError):
         TaylorAdmmOptions(beta=0)
+
+
+def test_relu_preactivation_step_is_the_elementwise_minimiser():
+    torch.manual_seed(0)
+    p, z = torch.randn(2000), torch.randn(2000)
+    beta, gamma = 0.7, 1.3
+    a = relu_coupled_preactivation(p, z, beta, gamma)
+    cost = lambda a_: beta * (a_ - p) ** 2 + gamma * (z - torch.relu(a_)) ** 2
+    grid = torch.linspace(-5, 5, 4001)[:, None]
+    assert bool((cost(a) <= cost(grid).min(0).values + 1e-5).all())

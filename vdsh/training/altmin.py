@@ -34,7 +34,7 @@ from typing import Callable
 
 import torch
 
-from vdsh.training.admm import Validation, evaluate_encoder
+from vdsh.training.validation import Validation, evaluate_encoder
 from vdsh.training.code_head import LinearCodeHead, binary_codes, ridge_classifier
 from vdsh.training.mlp import DeepMLP, check_plain_mlp_problem
 

@@ -1,4 +1,4 @@
-"""Back-propagation training of any encoder with the shared code head: the baseline ADMM is compared to.
+"""Back-propagation training of any encoder with the shared code head: the baseline the layer-local trainers are compared to.
 
 Loss per mini-batch: the hashing layer relaxed by tanh, h = tanh(F(x)), a linear classifier on h with
 cross-entropy (single-label), binary cross-entropy (multi-label) or the squared loss of the code head,
@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from vdsh.training.admm import Validation, evaluate_encoder
+from vdsh.training.validation import Validation, evaluate_encoder
 from vdsh.training.mlp import DeepMLP, identity_hidden_layers
 
 

@@ -12,7 +12,7 @@ codes are its signs). All weights start from MSRA (Kaiming fan-out) init, BN fro
 
 Every encoder exposes `features(x) -> (N, feature_dim)` (the trunk) and `head` (the hashing layer), so a
 trainer can put something else on the trunk (a classifier for the classifier baseline, an MLP), and
-`blocks()`, the same network cut into a sequence of stages for the layer-wise (ADMM) trainer.
+`blocks()`, the same network cut into a sequence of stages for the block-wise local trainer (cnn-local).
 """
 
 from __future__ import annotations

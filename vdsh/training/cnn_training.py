@@ -16,7 +16,7 @@ import torch
 
 import vdsh.training.encoders  # noqa: F401  (registers every encoder kind)
 from vdsh.training.augment import Augmentation, default_augmentation
-from vdsh.training.admm import Validation
+from vdsh.training.validation import Validation
 from vdsh.training.backprop import BackpropOptions, BackpropTrainer
 from vdsh.training.classifier_baseline import ClassScoreCode
 from vdsh.training.cnn import CNN_KINDS, ImageEncoder

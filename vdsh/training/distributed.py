@@ -1,8 +1,9 @@
 """Data-parallel training across processes with torch.distributed: samples are sharded, sums are all-reduced.
 
-In the ADMM trainer every per-sample step (forward pass, codes, targets) is local to the rank holding the
-sample; the weight and classifier solves read only sums over samples, so each rank contributes its share,
-all ranks solve the same systems and their weights stay identical without ever being sent. Any backend
+In the layer-local trainers every per-sample step (forward pass, codes, targets, auxiliaries) is local to the
+rank holding the sample; ProxProp's weight and classifier solves read only sums over samples, and ADMM's
+consensus step only the sum of every block's weight copy, so each rank contributes its share, all ranks
+solve the same systems and their weights stay identical without ever being sent. Any backend
 torchrun sets up works: gloo on CPU (what the tests use), NCCL on GPUs. Without an initialised process
 group every function here is the identity, so single-process code pays nothing.
 """
@@ -61,3 +62,10 @@ def global_min(value: int, device: torch.device | str = "cpu") -> int:
     t = torch.tensor([value], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t.item())
+
+
+def rank_zero_value(value: float, device: torch.device | str = "cpu") -> float:
+    """Rank 0's value on every rank (a scalar decision all ranks must take alike, e.g. the best sweep)."""
+    t = torch.tensor([value], device=device)
+    broadcast_([t])
+    return float(t[0])

@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from vdsh.training.admm import Validation
+from vdsh.training.validation import Validation
 from vdsh.training.backprop import BackpropOptions, classification_loss, close_epoch, make_optimizer, make_schedule
 from vdsh.training.mlp import DeepMLP
 

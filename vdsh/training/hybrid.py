@@ -1,21 +1,16 @@
-"""The hybrid most users want: a back-prop CNN trunk whose features feed a deep plain MLP trained by ADMM.
+"""The hybrid most users want: a back-prop CNN trunk whose features feed a deep plain MLP trained by ProxProp.
 
 Stage 1, the trunk: a CNN (small_cnn, resnet9, dwsep) trained by back-propagation exactly as
 `cnn_training.train_cnn` trains it; by default as a plain classifier (PROTOCOL.md's classifier-baseline
 network), so the trunk does not depend on the code length and every hashing decision is the head's.
 Stage 2, the head: the trunk's penultimate features (`ImageEncoder.features`: globally pooled, ReLU'd)
-of the training images, standardised per feature, train a plain `DeepMLP` with `AdmmTrainer` (VDSH),
+of the training images, standardised per feature, train a plain `DeepMLP` with `ProxPropTrainer`,
 used only through its public `fit`. The trunk is frozen in stage 2 (no gradient, BN in eval mode).
 
 One model, one file: `cnn_mlp.CnnMlpEncoder` (kind "cnn_mlp") composes the trunk and the MLP, so
 `vdsh eval --model`, `vdsh index build` and the server use it unchanged. The standardisation is folded
 into the MLP's first layer (W' = W / σ, b' = b − W' μ): exact, and the file holds only the two networks.
-
-Measured on mnist-5k, 48 bits, `vdsh train --protocol mnist-5k --bits 48 --trainer hybrid --epochs E`
-(small_cnn width 32, head 4 x 256, 10 ADMM sweeps of AdmmTrainer's defaults; OMP_NUM_THREADS=1, 2-core
-CPU under a load of ~6): E = 3: mAP@all 0.952 in 30 s; E = 10: 0.973 in 79 s. The same trunk's own
-codes (the classifier baseline, `--encoder small_cnn --classifier-baseline`): 0.767 (3 epochs), 0.901
-(10); back-prop hashing CNN: 0.823 (3), 0.943 (10).
+Measured figures: BENCHMARKS.md, "CNN trainers".
 """
 
 from __future__ import annotations
@@ -27,7 +22,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from vdsh.training.admm import AdmmOptions, AdmmTrainer, Validation
+from vdsh.training.proxprop import ProxPropOptions, ProxPropTrainer
+from vdsh.training.validation import Validation
 from vdsh.training.augment import Augmentation
 from vdsh.training.backprop import BackpropOptions
 from vdsh.training.cnn import ImageEncoder
@@ -39,10 +35,10 @@ from vdsh.training.model import HashingModel, InputSpec
 
 @dataclass
 class HybridOptions:
-    """Trunk (back-prop, `cnn_training`'s recipe) and head (ADMM on a plain MLP) options."""
+    """Trunk (back-prop, `cnn_training`'s recipe) and head (ProxProp on a plain MLP) options."""
 
     trunk: BackpropOptions = field(default_factory=lambda: CNN_OPTIONS)
-    head: AdmmOptions = field(default_factory=lambda: AdmmOptions(sweeps=10))
+    head: ProxPropOptions = field(default_factory=lambda: ProxPropOptions(sweeps=10))
     # Head size: on mnist-sample (small_cnn width 8, 4 trunk epochs, 2,000 images, 10 sweeps, 48 bits) depth 3/4/8
     # at width 256 gave mAP@all 0.91/0.91/0.90; a hashing-objective trunk 0.90 (classifier: 0.91).
     mlp_depth: int = 4  # weight layers of the head
@@ -99,7 +95,7 @@ def train_hybrid(kind: str, images: np.ndarray, labels: np.ndarray, bits: int, w
                  ) -> tuple[HashingModel, list[dict]]:
     """uint8 images (N, C, H, H), multi-hot labels (N, L) -> (HashingModel of a CnnMlpEncoder, history).
 
-    validation: held-out uint8 images and labels; the ADMM head keeps the sweep with the best mAP on them.
+    validation: held-out uint8 images and labels; the ProxProp head keeps the sweep with the best mAP on them.
     History: the trunk's epochs ("stage": "trunk") then the head's sweeps ("stage": "head"), one clock that
     also counts the extraction of the training features between them.
     """
@@ -115,7 +111,7 @@ def train_hybrid(kind: str, images: np.ndarray, labels: np.ndarray, bits: int, w
     head_validation = feature_validation(trunk, spec, validation, mean, std)
     torch.manual_seed(options.head.seed)
     mlp = DeepMLP(trunk.feature_dim, options.mlp_depth, options.mlp_width, bits)
-    mlp, head_history = AdmmTrainer(options.head, progress).fit(mlp, (features - mean) / std,
+    mlp, head_history = ProxPropTrainer(options.head, progress).fit(mlp, (features - mean) / std,
                                                                 torch.as_tensor(labels).float(), head_validation)
     mlp = mlp.cpu()
     fold_standardisation(mlp, mean, std)
@@ -127,9 +123,9 @@ def train_hybrid(kind: str, images: np.ndarray, labels: np.ndarray, bits: int, w
 
 def hybrid_options(trunk_epochs: int, mlp_depth: int, device: str, seed: int, extra: dict | None = None) -> HybridOptions:
     """HybridOptions from the CLI: --epochs (trunk), --depth (head), and JSON extras, whose 'trunk' and 'head'
-    dictionaries override BackpropOptions and AdmmOptions fields; other keys are HybridOptions fields."""
+    dictionaries override BackpropOptions and ProxPropOptions fields; other keys are HybridOptions fields."""
     extra = dict(extra or {})
     trunk = replace(CNN_OPTIONS, epochs=trunk_epochs, device=device, seed=seed,
                     dtype="bfloat16" if device.startswith("cuda") else "float32", **extra.pop("trunk", {}))
-    head = AdmmOptions(**{"sweeps": 10, "device": device, "seed": seed, **extra.pop("head", {})})
+    head = ProxPropOptions(**{"sweeps": 10, "device": device, "seed": seed, **extra.pop("head", {})})
     return HybridOptions(trunk=trunk, head=head, mlp_depth=mlp_depth, **extra)

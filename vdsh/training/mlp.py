@@ -1,6 +1,6 @@
 """DeepMLP: the VDSH encoder, `depth` weight layers of `width` ReLU units, the last one linear to `bits`.
 
-Plain by default (the network ADMM trains); BatchNorm and residual connections are options for the
+Plain by default (the network ADMM and ProxProp train); BatchNorm and residual connections are options for the
 back-propagation baselines. Every weight layer is an `nn.Linear` in `self.linears`, in order, so a
 trainer can address (and overwrite) layer m directly.
 """

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from vdsh.training.admm import Validation, evaluate_encoder
+from vdsh.training.validation import Validation, evaluate_encoder
 from vdsh.training.model import register_encoder
 
 

@@ -31,10 +31,19 @@ from typing import Callable
 
 import torch
 
-from vdsh.training.admm import Validation, evaluate_encoder, relu_coupled_preactivation
+from vdsh.training.validation import Validation, evaluate_encoder
 from vdsh.training.altmin import affine, forward_preactivations, layer_statistics, solve_layer, weights_of, write_weights
 from vdsh.training.code_head import LinearCodeHead
 from vdsh.training.mlp import DeepMLP, check_plain_mlp_problem
+
+
+def relu_coupled_preactivation(target: torch.Tensor, z: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
+    """Elementwise argmin_a β(a − p)² + γ(z − relu(a))², p = target: best of the branches a ≥ 0 and a ≤ 0."""
+    a_pos = ((beta * target + gamma * z) / (beta + gamma)).clamp_min(0)
+    a_neg = target.clamp_max(0)
+    cost_pos = beta * (a_pos - target) ** 2 + gamma * (z - a_pos) ** 2
+    cost_neg = beta * (a_neg - target) ** 2 + gamma * z**2
+    return torch.where(cost_pos <= cost_neg, a_pos, a_neg)
 
 
 @dataclass

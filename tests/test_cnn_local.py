@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from vdsh.training.admm import Validation
+from vdsh.training.validation import Validation
 from vdsh.training.cnn import CNN_KINDS
-from vdsh.training.cnn_admm import (
-    BatchState, CnnAdmmOptions, CnnAdmmTrainer, auxiliary_update, block_outputs, frozen_running_stats, train_cnn_admm,
+from vdsh.training.cnn_local import (
+    BatchState, CnnLocalOptions, CnnLocalTrainer, auxiliary_update, block_outputs, frozen_running_stats, train_cnn_local,
 )
 from vdsh.training.cnn_mlp import CnnMlpEncoder
 from vdsh.training.mlp import DeepMLP
@@ -44,7 +44,7 @@ def test_blocks_are_a_view_of_the_encoder(kind):
 
 def test_a_blocks_local_step_moves_only_that_block():
     encoder, x, y = small_batch()
-    trainer = CnnAdmmTrainer(CnnAdmmOptions())
+    trainer = CnnLocalTrainer(CnnLocalOptions())
     blocks = encoder.blocks()
     optimizers = [torch.optim.AdamW(b.parameters(), lr=1e-2) for b in blocks]
     forward = block_outputs(blocks, x)
@@ -77,7 +77,7 @@ def test_the_code_pull_reaches_every_block_as_the_backprop_direction():
     """From forward-initialised auxiliaries one unit auxiliary step leaves z_m − f_m = the back-propagated error of
     ½||f(x) − B||² (scaled by μ/(β+μ)), so each block's local problem points where back-prop would."""
     encoder, x, y = small_batch(n=64)
-    trainer = CnnAdmmTrainer(CnnAdmmOptions(aux_steps=1, aux_step_size=1.0))
+    trainer = CnnLocalTrainer(CnnLocalOptions(aux_steps=1, aux_step_size=1.0))
     blocks = encoder.blocks()
     forward = block_outputs(blocks, x)
     codes = trainer.code_step(forward[-1], y)
@@ -104,9 +104,9 @@ def test_frozen_running_stats_keep_batchnorm_averages_and_restore_momentum():
     assert bn.running_mean.min() > 0.3
 
 
-def test_cnn_admm_rejects_bad_input():
+def test_cnn_local_rejects_bad_input():
     encoder, x, y = small_batch()
-    trainer = CnnAdmmTrainer(CnnAdmmOptions(epochs=1))
+    trainer = CnnLocalTrainer(CnnLocalOptions(epochs=1))
     with pytest.raises(ValueError, match="CNN encoder"):
         trainer.fit(DeepMLP(784, 3, 8, 16), x.flatten(1), y)
     with pytest.raises(ValueError, match=r"\(N, 1, 28, 28\)"):
@@ -114,9 +114,9 @@ def test_cnn_admm_rejects_bad_input():
     with pytest.raises(ValueError, match="one row per image"):
         trainer.fit(encoder, x, y[:5])
     with pytest.raises(ValueError, match="fit_inputs"):
-        CnnAdmmOptions(fit_inputs="both")
+        CnnLocalOptions(fit_inputs="both")
     with pytest.raises(ValueError, match="not a CNN encoder"):
-        train_cnn_admm("mlp", np.zeros((4, 1, 28, 28), np.uint8), np.eye(4, dtype=np.uint8), 8)
+        train_cnn_local("mlp", np.zeros((4, 1, 28, 28), np.uint8), np.eye(4, dtype=np.uint8), 8)
 
 
 def sample_slice(n_train: int):
@@ -138,12 +138,12 @@ def query_map(model: HashingModel, pool, split) -> float:
     return mean_average_precision(q, pool.labels[split.query], db, pool.labels[split.database])
 
 
-def test_cnn_admm_learns_on_the_embedded_sample(one_thread):
+def test_cnn_local_learns_on_the_embedded_sample(one_thread):
     from vdsh.training.cnn_training import default_augmentation
 
     pool, split, train, validation = sample_slice(2000)
-    model, history = train_cnn_admm("small_cnn", pool.images[train], pool.labels[train], bits=48, width=8,
-                                    options=CnnAdmmOptions(epochs=3), augmentation=default_augmentation("mnist-sample"),
+    model, history = train_cnn_local("small_cnn", pool.images[train], pool.labels[train], bits=48, width=8,
+                                    options=CnnLocalOptions(epochs=3), augmentation=default_augmentation("mnist-sample"),
                                     validation=validation)
     assert len(history) == 3 and all("val_map" in r and not r.get("diverged") for r in history)
     assert history[-1]["val_map"] > history[0]["val_map"]
@@ -199,7 +199,7 @@ def test_fold_standardisation_is_exact():
 
 
 CLI_RUNS = {
-    "cnn-admm": ["--width", "4", "--epochs", "1"],
+    "cnn-local": ["--width", "4", "--epochs", "1"],
     "hybrid": ["--width", "4", "--epochs", "1", "--depth", "3", "--options", '{"mlp_width": 32, "head": {"sweeps": 2}}'],
 }
 
@@ -216,7 +216,7 @@ def test_train_command_saves_a_model_that_eval_and_index_build_use_unchanged(tra
     trained = CliRunner().invoke(app, ["train", "--trainer", trainer, "--bits", "16", "--out", str(run), *CLI_RUNS[trainer]])
     assert trained.exit_code == 0, trained.output
     model = load_model(run / "model.safetensors")
-    assert model.encoder.kind == {"cnn-admm": "small_cnn", "hybrid": "cnn_mlp"}[trainer] and model.bits == 16
+    assert model.encoder.kind == {"cnn-local": "small_cnn", "hybrid": "cnn_mlp"}[trainer] and model.bits == 16
     assert model.info["trainer"] == trainer and model.info["metrics"]["val_map"] is not None
     evaluated = CliRunner().invoke(app, ["eval", "--model", str(run / "model.safetensors"), "--out", str(tmp_path / "eval")])
     assert evaluated.exit_code == 0, evaluated.output
@@ -232,7 +232,7 @@ def test_train_command_saves_a_model_that_eval_and_index_build_use_unchanged(tra
 @pytest.mark.parametrize("args, message", [
     (["--encoder", "small_cnn", "--trainer", "admm"], "a CNN encoder trains with"),
     (["--encoder", "mlp", "--trainer", "hybrid"], "a CNN encoder trains with"),
-    (["--trainer", "cnn-admm", "--classifier-baseline"], "classifier-baseline"),
+    (["--trainer", "cnn-local", "--classifier-baseline"], "classifier-baseline"),
 ])
 def test_train_command_refuses_trainer_and_encoder_that_do_not_fit(args, message):
     from typer.testing import CliRunner
@@ -255,8 +255,8 @@ def test_bench_cnn_train_writes_one_row_per_trainer(tmp_path, monkeypatch, one_t
     assert result.exit_code == 0, result.output
     text = (tmp_path / "BENCHMARKS.md").read_text()
     assert "## CNN trainers: mnist-sample, 8 bits, small_cnn" in text
-    assert "| classifier baseline |" in text and "| hybrid: back-prop trunk + ADMM MLP head |" in text
-    assert "| back-prop CNN |" not in text and "| CNN ADMM" not in text
+    assert "| classifier baseline |" in text and "| hybrid: back-prop trunk + ProxProp MLP head |" in text
+    assert "| back-prop CNN |" not in text and "| CNN block-wise" not in text
     assert "validation slice of database images outside the training set." in text
 
 

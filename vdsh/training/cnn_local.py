@@ -1,4 +1,7 @@
-"""ADMM for CNN encoders: VDSH's layer-wise local updates applied to a sequence of conv blocks.
+"""Block-wise local updates for CNN encoders: VDSH's splitting over conv blocks, as a quadratic penalty.
+
+Not ADMM at its defaults: auxiliaries and multipliers live for one mini-batch and `inner_iterations` is 1, so
+the multipliers never act (VDSH's ADMM, with persistent auxiliaries and live multipliers, is `admm` on MLPs).
 
 Splitting. The encoder is cut into blocks f_1 … f_M by `ImageEncoder.blocks()` (its conv stages, the
 hashing head last; a view sharing the encoder's modules). For a mini-batch every sample i carries an
@@ -10,11 +13,11 @@ the top) and scaled multipliers u_m; the augmented Lagrangian (sums over the bat
 
 couples every auxiliary to the block below (f_m) and the block above (f_{m+1}) only. Per mini-batch:
   0. auxiliaries from a plain forward pass of the current blocks, multipliers at zero;
-  1. top (`admm.target_codes`): codes B ∈ {±1}, by default each class's fixed random codeword
+  1. top (`code_head.target_codes`): codes B ∈ {±1}, by default each class's fixed random codeword
      (`codes='centres'`), or SDH's discrete step near the forward outputs F, argmin ||Y − BC||² + ν||B − F||²
      (`codes='learned'`); the classifier C moves towards the ridge regression on B
      (`code_head.ridge_classifier`) by a running mean across mini-batches;
-  2. auxiliaries, top-down: z_M in closed form (`admm.top_preactivation`), then z_{M−1} … z_1, each by
+  2. auxiliaries, top-down: z_M in closed form (`code_head.top_preactivation`), then z_{M−1} … z_1, each by
      `aux_steps` gradient steps on ½||z_m − f_m(z_{m−1}) + u_m||² + ½||z_{m+1} + u_{m+1} − f_{m+1}(z_m)||²
      with its neighbours fixed, the gradient taken through block m+1 to its input only;
   3. weights, every block alone on its input and target (both detached): the linear head by ridge
@@ -24,23 +27,11 @@ couples every auxiliary to the block below (f_m) and the block above (f_{m+1}) o
   4. multipliers u_m += z_m − f_m(input_m); steps 2–4 repeat for `inner_iterations`.
 Codes are sgn(f_M ∘ … ∘ f_1(x)), a plain forward pass, like every encoder's.
 
-What the defaults amounted to with codes='learned', measured (mnist-sample, small_cnn width 8, 2,000
-training images, no augmentation, 4 epochs, 48 bits, one CPU thread on a shared 2-core machine): mAP@all 0.90 in ~15 s;
-back-prop (`cnn_training`'s recipe, same images and epochs) 0.57 in ~3.5 s. With forward-initialised
-auxiliaries, one auxiliary step of size 1 (the exact minimiser of the local problem with the block
-above linearised) leaves z_m − f_m = the back-propagated error of μ/(β+μ)·½||f − B||² at block m, so
-each conv block's first local step follows the back-prop gradient of the code loss (tests check it).
-What ADMM adds beyond that did not help here: 2 inner iterations with multipliers diverged (NaN, mAP
-0.10); auxiliary inputs for the weight steps gave 0.32; auxiliary steps of 0.5 gave 0.88; 1 weight
-step 0.90 (2, the default: 0.90). The gain over back-prop on this budget comes from the top: the
-closed-form head (AdamW steps instead: 0.69) and the SDH codes of a random classifier (ridge on a
-random CNN's codes instead: 0.87, class codes 12 bits apart at least, 20 from the random one; ν 0.01
-with classifier decay 0.9: 0.89). Fixed class codewords do better still: `vdsh train --protocol mnist-5k
---bits 48 --trainer cnn-admm --epochs 3 --options '{"codes": "learned"}'` gave mAP@all 0.933 / 0.916 (seeds 0 / 1),
-'centres' 0.946 / 0.945 (2-core CPU, 2026-11-29). Earlier, with 'learned' codes: on mnist-5k, `vdsh train
---protocol mnist-5k --bits 48 --trainer cnn-admm --epochs 3` (small_cnn width 32, crop augmentation,
-OMP_NUM_THREADS=1, 2-core CPU under a load of ~6): mAP@all 0.926 in 164 s of training; back-prop
-(`--encoder small_cnn`) 0.823 in 37 s with 3 epochs, 0.943 in 64 s with 10. Per epoch it costs ~4x back-prop.
+Measured figures and the A/B runs behind the defaults: BENCHMARKS.md, "CNN trainers". With forward-initialised
+auxiliaries, one auxiliary step of size 1 (the exact minimiser of the local problem with the block above
+linearised) leaves z_m − f_m = the back-propagated error of μ/(β+μ)·½||f − B||² at block m, so each conv block's
+first local step follows the back-prop gradient of the code loss (tests check it). Two inner iterations with
+live multipliers diverged (NaN) on mnist-sample, hence the default of one.
 
 Choices that are ours, not the paper's (which trains plain MLPs, full batch, closed form):
 - auxiliaries and multipliers live for one mini-batch (CNN activations of the whole set do not fit),
@@ -73,7 +64,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from vdsh.training.admm import Validation, evaluate_encoder, target_codes, top_preactivation
+from vdsh.training.code_head import target_codes, top_preactivation
+from vdsh.training.validation import Validation, evaluate_encoder
 from vdsh.training.augment import Augmentation
 from vdsh.training.backprop import BackpropOptions, make_schedule
 from vdsh.training.cnn import ImageEncoder
@@ -83,12 +75,12 @@ from vdsh.training.model import HashingModel
 
 
 @dataclass
-class CnnAdmmOptions:
-    """CNN ADMM options (see the module docstring for the role of each)."""
+class CnnLocalOptions:
+    """Block-wise local-update options (see the module docstring for the role of each)."""
 
     epochs: int = 4
     batch_size: int = 128
-    inner_iterations: int = 1  # ADMM iterations (steps 2-4) per mini-batch
+    inner_iterations: int = 1  # iterations of steps 2-4 per mini-batch; above 1 the multipliers act (ADMM within a batch)
     aux_steps: int = 1  # gradient steps per auxiliary update
     aux_step_size: float = 1.0  # 1: one step solves the local problem with the block above linearised
     weight_steps: int = 2  # AdamW steps of each conv block's local problem per iteration
@@ -201,7 +193,7 @@ def linear_block_solve(linear: nn.Linear, inputs: torch.Tensor, target: torch.Te
 
 @dataclass
 class BatchState:
-    """A mini-batch's ADMM variables: inputs x, auxiliaries z_1..z_M (z_M the top), multipliers u_1..u_M."""
+    """A mini-batch's splitting variables: inputs x, auxiliaries z_1..z_M (z_M the top), multipliers u_1..u_M."""
 
     x: torch.Tensor
     z: list[torch.Tensor]
@@ -211,13 +203,13 @@ class BatchState:
         return self.x if m == 0 else self.z[m - 1]
 
 
-class CnnAdmmTrainer:
-    """Trains an `ImageEncoder` (small_cnn, resnet9, dwsep) by block-wise ADMM; `fit` -> (encoder, history)."""
+class CnnLocalTrainer:
+    """Trains an `ImageEncoder` (small_cnn, resnet9, dwsep) by block-wise local updates; `fit` -> (encoder, history)."""
 
-    def __init__(self, options: CnnAdmmOptions | None = None, progress: Callable[[dict], None] | None = None,
+    def __init__(self, options: CnnLocalOptions | None = None, progress: Callable[[dict], None] | None = None,
                  augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         """augment: applied to each mini-batch of prepared images (e.g. `augment.Augmentation`)."""
-        self.options = options or CnnAdmmOptions()
+        self.options = options or CnnLocalOptions()
         self.progress = progress
         self.augment = augment
         self.classifier: torch.Tensor | None = None
@@ -350,25 +342,25 @@ class CnnAdmmTrainer:
 
 
 def check_image_problem(encoder: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> None:
-    """The CNN ADMM precondition: an ImageEncoder (it has blocks), its image shape, one label row per image."""
+    """The block-wise trainer's precondition: an ImageEncoder (it has blocks), its image shape, one label row per image."""
     if not isinstance(encoder, ImageEncoder):
-        raise ValueError(f"CnnAdmmTrainer trains a CNN encoder (small_cnn, resnet9, dwsep), got {type(encoder).__name__}")
+        raise ValueError(f"CnnLocalTrainer trains a CNN encoder (small_cnn, resnet9, dwsep), got {type(encoder).__name__}")
     encoder.check_input(images)
     if labels.ndim != 2 or len(labels) != len(images):
         raise ValueError(f"labels must be multi-hot (N, L) with one row per image, got {tuple(labels.shape)} for {len(images)} images")
 
 
-def train_cnn_admm(kind: str, images: np.ndarray, labels: np.ndarray, bits: int, width: int | None = None,
-                   options: CnnAdmmOptions | None = None, augmentation: Augmentation | None = None,
+def train_cnn_local(kind: str, images: np.ndarray, labels: np.ndarray, bits: int, width: int | None = None,
+                   options: CnnLocalOptions | None = None, augmentation: Augmentation | None = None,
                    validation: Validation | None = None, progress: Callable[[dict], None] | None = None,
                    ) -> tuple[HashingModel, list[dict]]:
     """uint8 images (N, C, H, H), multi-hot labels (N, L) -> (HashingModel, history), as `cnn_training.train_cnn`.
 
     validation: held-out uint8 images and labels (prepared here like the training images) that pick the epoch kept.
     """
-    options = options or CnnAdmmOptions()
+    options = options or CnnLocalOptions()
     torch.manual_seed(options.seed)  # the encoder's initial weights
     encoder, spec, x = cnn_problem(kind, images, labels, bits, width, options.device)
-    trainer = CnnAdmmTrainer(options, progress, augmentation)
+    trainer = CnnLocalTrainer(options, progress, augmentation)
     encoder, history = trainer.fit(encoder, x, torch.as_tensor(labels).float(), prepared_validation(spec, validation))
     return HashingModel(encoder.cpu().eval(), spec), history
