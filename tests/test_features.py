@@ -107,6 +107,18 @@ def test_a_saved_backbone_model_encodes_png_and_jpeg_photos_end_to_end(tmp_path)
     int8 = load_model(tmp_path / "m.safetensors", int8=True)
     assert int8.int8 and int8.encode(pixels).shape == (2, 16)
 
+    # indexed (codes from the feature cache), then queried with the JPEG: the PNG's item comes back at its distance
+    from vdsh.app.index_commands import build_index
+    from vdsh.data.imageset import ImageSet
+    from vdsh.index.codes import pack_codes
+
+    collection = np.concatenate([random_images(5, seed=3), pixels[:1]])
+    items = ImageSet("photos", collection, np.eye(6, dtype=np.uint8), [f"c{i}" for i in range(6)])
+    index = build_index(tmp_path / "m.safetensors", items, "flat", None, device="cpu")
+    ids, dists = index.search(pack_codes(model.encode(pixels[1:])), k=6, device="cpu")
+    hamming = int((codes[0] != codes[1]).sum())
+    assert 5 in ids[0].tolist() and dists[0][ids[0].tolist().index(5)] == hamming
+
 
 @pytest.mark.slow
 @pretrained
