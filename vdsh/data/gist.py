@@ -99,10 +99,3 @@ def cached_gist_features(images: np.ndarray, name: str = "images") -> torch.Tens
     """GIST of `images`, computed once and stored under cache_dir()/gist/<name>-<fingerprint>.npy (atomic)."""
     path = cache_dir() / "gist" / f"{name}-{images_fingerprint(images, 'gist-v1')}.npy"
     return torch.from_numpy(cached_array(path, lambda: gist_features(images).numpy()))
-
-
-def cifar10_gist(root: str | Path | None = None) -> torch.Tensor:
-    """GIST-512 of all 60,000 CIFAR-10 images (train then test), cached after the first call."""
-    from vdsh.data.datasets import load
-
-    return cached_gist_features(np.asarray(load("cifar10", root, split="all").images), name="cifar10")
