@@ -6,11 +6,12 @@
   (`vdsh.training.features.efficientnet`; needs the `pretrained` extra).
 
 Vector features (everything but pixels) of a whole dataset are computed once per extractor and
-resolution and cached under `cache_dir()/features/`. Importing this module imports no backbone code.
+resolution (on the GPU where there is one) and cached under `cache_dir()/features/`. Importing this module does not import timm.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -103,4 +104,11 @@ def cached_feature_vectors(name: str, images: np.ndarray, dataset: str, resoluti
     resolution = resolution_for(name, resolution)
     folder = cache_dir() / "features" / f"{name}-{resolution}"
     path = folder / f"{dataset}-{images_fingerprint(images, f'{name}-{resolution}-v1')}.npy"
-    return torch.from_numpy(cached_array(path, lambda: feature_vectors(name, images, resolution, progress=True).numpy()))
+    return torch.from_numpy(cached_array(path, lambda: feature_vectors(name, images, resolution, extraction_backbone(name),
+                                                                       progress=True).numpy()))
+
+
+def extraction_backbone(name: str) -> nn.Module:
+    """The network that extracts a whole dataset's features: a CUDA copy where a GPU exists, else the shared CPU one."""
+    backbone = load_backbone(name)
+    return copy.deepcopy(backbone).cuda() if torch.cuda.is_available() else backbone
