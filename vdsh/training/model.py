@@ -105,7 +105,7 @@ class HashingModel(nn.Module):
     """Images in, real-valued outputs of `bits` units out; codes are their signs.
 
     With backbone features the frozen backbone is a submodule (it moves with `.to(device)`) but is not
-    saved: the file names it and its weights' checksum, and keeps `calibration`, a few hundred uint8
+    saved: the file names it and its weights' checksum, and keeps `calibration`, a small set of uint8
     training images, so that `quantize_backbone` can make an int8 copy wherever the model is loaded.
     """
 
@@ -206,6 +206,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", int8: bool 
     with safe_open(str(path), framework="pt") as f:
         for key in f.keys():
             tensors[key] = f.get_tensor(key)
+    if int8 and torch.device(device).type != "cpu":
+        raise ValueError(f"an int8 backbone runs on the CPU only, not on {device}")
     calibration = tensors.pop(CALIBRATION_KEY, None)
     encoder.load_state_dict(tensors)
     spec = InputSpec(**meta["input"])
