@@ -167,7 +167,7 @@ def test_admm_learns_a_toy_problem_and_its_forward_and_auxiliary_codes_agree():
     assert history[-1]["train_map_auxiliary"] > 0.9
 
 
-@pytest.mark.parametrize("order", ["backward", "odd-even"])
+@pytest.mark.parametrize("order", ["backward", "backward-forward", "odd-even"])
 def test_admm_learns_on_the_embedded_sample(mnist_sample_features, order):
     x, y = mnist_sample_features
     _, _, history = fit(x, y, depth=6, width=128, bits=32, sweeps=6, order=order)

@@ -77,11 +77,47 @@ def make_folder(root, classes=("cats", "dogs"), per_class=3):
 def test_image_folder_loads_and_caches(tmp_path):
     make_folder(tmp_path / "imgs")
     first = load(f"folder:{tmp_path / 'imgs'}")
-    assert first.images.shape == (6, 3, 64, 64) and first.class_names == ["cats", "dogs"]
+    assert first.images.shape == (6, 3, 30, 30), "the images' own shape: colour, their shorter side"
+    assert first.class_names == ["cats", "dogs"]
     assert first.targets.tolist() == [0, 0, 0, 1, 1, 1]
     assert first.sources[0].endswith("cats/0.png")
     again = load(f"folder:{tmp_path / 'imgs'}")
     assert np.array_equal(np.asarray(again.images), first.images)
+    assert load(f"folder:{tmp_path / 'imgs'}", channels=1, size=12).images.shape == (6, 1, 12, 12)
+
+
+def test_folder_shape_follows_the_images_up_to_a_cap(tmp_path):
+    from vdsh.data.folder import MAX_SIZE
+
+    for name, mode, side in [("grey", "L", 20), ("big", "RGB", 300)]:
+        (tmp_path / name / "a").mkdir(parents=True)
+        for i in range(3):
+            Image.new(mode, (side + i, side)).save(tmp_path / name / "a" / f"{i}.png")
+    assert load(f"folder:{tmp_path / 'grey'}").images.shape[1:] == (1, 20, 20)
+    assert load(f"folder:{tmp_path / 'big'}").images.shape[1:] == (3, MAX_SIZE, MAX_SIZE)
+
+
+def test_fixed_shape_dataset_refuses_another_shape_before_reading(tmp_path):
+    with pytest.raises(ValueError, match="mnist-sample images are 1 x 28 x 28.*drop"):
+        load("mnist-sample", channels=3, size=32)
+
+
+def test_failed_load_leaves_no_cache(tmp_path, monkeypatch):
+    from vdsh.data import cache
+
+    make_folder(tmp_path / "imgs")
+    before = set((cache.cache_dir() / "datasets").glob("*"))
+    saved = []
+
+    def full_disk(path, array):  # the images are written, then the disk fills up
+        if saved:
+            raise OSError("No space left on device")
+        saved.append(path)
+        np.save(path, array)
+    monkeypatch.setattr(cache, "_atomic_save", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        load(f"folder:{tmp_path / 'imgs'}")
+    assert saved and set((cache.cache_dir() / "datasets").glob("*")) == before, "the half-written entry must go"
 
 
 def test_corrupt_image_in_folder_names_the_file(tmp_path):

@@ -5,6 +5,9 @@ in-memory change *and* its atomic commit to disk (one small delta file, `vdsh.in
 so the directory always holds a state the server has served. The in-memory change itself (a few numpy
 concatenations) is guarded by a readers-writer lock, so a search never sees index rows and metadata
 rows out of step; the commit runs under the writer lock only, so searches go on while it is written.
+
+A `milvus://HOST:PORT/COLLECTION` index is a Milvus collection (`vdsh.index.milvus_items`): every read and
+write goes to Milvus, which commits each write itself, so several server processes share one collection.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import numpy as np
 
 from vdsh.data.transforms import load_image, thumbnail
 from vdsh.index.codes import code_bytes, pack_codes
+from vdsh.index.milvus_items import MilvusItems, is_milvus_uri
 from vdsh.index.shards import ShardedItems
 from vdsh.index.store import ItemIndex, load_index
 from vdsh.training.model import HashingModel, load_model, model_id
@@ -97,11 +101,13 @@ class ItemRecord:
 class Catalog:
     """A model and the index of its codes, loaded together and checked to agree.
 
-    The index is one `ItemIndex` (writable when `directory` is given) or, for several directories,
-    `ShardedItems` (read-only): reads go through the methods both have.
+    The index is one `ItemIndex` (writable; saved to `directory` when one is given), `MilvusItems`
+    (writable; Milvus keeps it) or, for several directories, `ShardedItems` (read-only): reads and
+    writes go through the methods they share.
     """
 
-    def __init__(self, model: HashingModel, items: ItemIndex | ShardedItems, model_name: str, directory: Path | None) -> None:
+    def __init__(self, model: HashingModel, items: ItemIndex | MilvusItems | ShardedItems, model_name: str,
+                 directory: Path | None) -> None:
         if items.model_id and items.model_id != model_name:
             raise ModelIndexMismatch(
                 f"the index was built with model {items.model_id!r} but the server was given model {model_name!r}; "
@@ -116,15 +122,22 @@ class Catalog:
 
     @classmethod
     def open(cls, index_dirs: str | Path | Sequence[str | Path], model_path: str | Path, int8: bool = False) -> "Catalog":
-        """One index directory (writable), or several shards searched as one (read-only); int8: quantise the
-        model's pretrained backbone for CPU serving."""
-        dirs = [Path(index_dirs)] if isinstance(index_dirs, (str, Path)) else [Path(d) for d in index_dirs]
+        """One index directory or milvus:// collection (writable), or several shards searched as one (read-only);
+        int8: quantise the model's pretrained backbone for CPU serving."""
+        dirs = [index_dirs] if isinstance(index_dirs, (str, Path)) else list(index_dirs)
         model = load_model(model_path, int8=int8)
         name = model_id(model_path)
         # the model check is ours, to give a message that names both files
-        items = load_index(dirs[0]) if len(dirs) == 1 else ShardedItems.load(dirs)
+        if any(is_milvus_uri(d) for d in dirs):
+            if len(dirs) > 1:
+                raise ValueError("a milvus:// collection is served alone, not as one of several shards")
+            items, directory = MilvusItems.open(str(dirs[0])), None
+        else:
+            dirs = [Path(d) for d in dirs]
+            items = load_index(dirs[0]) if len(dirs) == 1 else ShardedItems.load(dirs)
+            directory = dirs[0] if len(dirs) == 1 else None
         try:
-            catalog = cls(model, items, name, dirs[0] if len(dirs) == 1 else None)
+            catalog = cls(model, items, name, directory)
         except ModelIndexMismatch as error:
             raise ModelIndexMismatch(f"{', '.join(map(str, dirs))} vs {model_path}: {error}") from None
         catalog.warm_up()
@@ -214,9 +227,8 @@ class Catalog:
         code = self.encode(image)
         with self._write:
             if item_id is None:
-                ids = self.items.index.ids
-                item_id = int(ids.max()) + 1 if len(ids) else 0
-            elif self.items.index.contains(item_id):
+                item_id = self.items.next_id()
+            elif self.items.contains(item_id):
                 raise FileExistsError(f"item {item_id} already exists")
             with self._rw.writing():
                 self.items.add(code, np.array([item_id]), labels=labels[None], sources=[source], thumbnails=[item_thumbnail(image)])
@@ -242,11 +254,12 @@ class Catalog:
         return row
 
     def _check_writable(self) -> None:
-        if not isinstance(self.items, ItemIndex):
+        if isinstance(self.items, ShardedItems):
             raise ReadOnlyCatalog("several index shards are served read-only: change each shard's own directory")
 
     def _persist(self, added: Sequence[int] = (), removed: Sequence[int] = ()) -> None:
-        """Commit the change to disk (one small delta file, a full save now and then) before answering."""
+        """Commit the change to disk (one small delta file, a full save now and then) before answering;
+        Milvus has committed it already."""
         if self.directory is None:
             return
         try:

@@ -11,14 +11,16 @@ from vdsh.app.bench_commands import bench
 from vdsh.app.cnn_commands import bench_cnn, bench_cnn_train
 from vdsh.app.demo_commands import demo
 from vdsh.app.features_bench import bench_features, bench_int8
-from vdsh.app.eval_commands import evaluate
+from vdsh.app.eval_commands import encode_command, evaluate
 from vdsh.app.methods_bench import bench_methods
+from vdsh.app.milvus_bench import bench_milvus
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Supervised deep hashing for image retrieval.")
 app.command("demo")(demo)
 app.command("train")(train_commands.train)
 app.command("eval")(evaluate)
+app.command("encode")(encode_command)
 bench.command("train")(train_commands.bench_train)
 app.add_typer(bench, name="bench")
 bench.command("cnn")(bench_cnn)
@@ -29,6 +31,16 @@ app.command("serve")(index_commands.serve_command)
 bench.command("methods")(bench_methods)
 bench.command("features")(bench_features)
 bench.command("int8")(bench_int8)
+bench.command("milvus")(bench_milvus)
+
+
+@app.callback()
+def options(quiet: bool = typer.Option(False, "--quiet", "-q", envvar="VDSH_QUIET",
+                                       help="no progress bars or notes (for scripts); results still print")) -> None:
+    """Supervised deep hashing for image retrieval."""
+    from vdsh.progress import set_quiet
+
+    set_quiet(quiet)
 
 
 @app.command()

@@ -10,6 +10,7 @@ import torch
 import typer
 
 from vdsh.app.benchmarks import markdown_table, write_section
+from vdsh.app.protocol_options import DEPRECATED_DATASET, chosen_protocol
 
 IMAGE_SHAPES = {"mnist": (1, 28), "cifar10": (3, 32)}
 
@@ -67,10 +68,17 @@ CNN_TRAINERS = ("backprop", "cnn-local", "hybrid")
 
 
 def fit_cnn(trainer: str, encoder: str, images, labels, bits: int, width: int | None, depth: int | None, device: str,
-            seed: int, epochs: int, extra: dict, augmentation, validation, classifier_baseline: bool):
-    """One CNN training run on uint8 images: (HashingModel, history, the options used as a dict)."""
+            seed: int, epochs: int, extra: dict, augmentation, validation, classifier_baseline: bool,
+            show_progress: bool = True):
+    """One CNN training run on uint8 images: (HashingModel, history, the options used as a dict).
+
+    augmentation None: none (train_cnn's own default would crop and flip). A progress bar counts epochs
+    (the hybrid: trunk epochs, then head sweeps)."""
     from dataclasses import asdict, replace
 
+    from vdsh.app.train_commands import epoch_reporter
+    from vdsh.progress import progress_bar
+    from vdsh.training.augment import NO_AUGMENTATION
     from vdsh.training.cnn_training import CNN_OPTIONS, train_cnn
 
     if classifier_baseline and trainer != "backprop":
@@ -79,45 +87,64 @@ def fit_cnn(trainer: str, encoder: str, images, labels, bits: int, width: int | 
         from vdsh.training.cnn_local import CnnLocalOptions, train_cnn_local
 
         options = CnnLocalOptions(**{"epochs": epochs, "device": device, "seed": seed, **extra})
-        model, history = train_cnn_local(encoder, images, labels, bits, width, options, augmentation, validation)
+        steps = options.epochs
+        fit = lambda progress: train_cnn_local(encoder, images, labels, bits, width, options, augmentation,  # noqa: E731
+                                               validation, progress)
     elif trainer == "hybrid":
         from vdsh.training.hybrid import HybridOptions, hybrid_options, train_hybrid
 
         options = hybrid_options(epochs, depth or HybridOptions.mlp_depth, device, seed, extra)
-        model, history = train_hybrid(encoder, images, labels, bits, width, options, augmentation, validation)
+        steps = options.trunk.epochs + options.head.sweeps
+        fit = lambda progress: train_hybrid(encoder, images, labels, bits, width, options,  # noqa: E731
+                                            augmentation or NO_AUGMENTATION, validation, progress)
     else:
         options = replace(CNN_OPTIONS, device=device, seed=seed, epochs=epochs,
                           dtype="bfloat16" if device.startswith("cuda") else "float32", **extra)
-        model, history = train_cnn(encoder, images, labels, bits, width, options, augmentation, classifier_baseline)
+        steps = options.epochs
+        fit = lambda progress: train_cnn(encoder, images, labels, bits, width, options,  # noqa: E731
+                                         augmentation or NO_AUGMENTATION, classifier_baseline, progress=progress)
+    unit = "trunk epochs + head sweeps" if trainer == "hybrid" else "epochs"
+    with progress_bar(f"{trainer} {encoder}, {unit}", steps, show_progress) as advance:
+        model, history = fit(epoch_reporter(advance))
     return model, history, asdict(options)
 
 
 def run_cnn_training(protocol: str, bits: int, encoder: str, width: int | None, device: str, seed: int, epochs: int,
                      out, data_root: str | None, extra: dict | None = None, classifier_baseline: bool = False,
-                     trainer: str = "backprop", depth: int | None = None) -> dict:
+                     trainer: str = "backprop", depth: int | None = None, augment: bool | None = None,
+                     protocol_options: dict | None = None, show_progress: bool = True) -> dict:
     """`vdsh train --encoder small_cnn|resnet9|dwsep [--trainer backprop|cnn-local|hybrid]`: train on the protocol's
     images, save like the MLP path. cnn-local and hybrid keep the epoch / sweep with the best mAP on a validation
-    slice (`validation_slice`: never a query); back-prop keeps its last epoch."""
-    from vdsh.app.train_commands import final_query_map, save_run, validation_slice, validation_source
+    slice (`validation_slice`: never a query); back-prop keeps its last epoch.
+
+    augment: the dataset's augmentation (None: where it names one; True: the photos recipe where it names none).
+    protocol_options: keyword arguments of `load_protocol`."""
+    from vdsh.app.train_commands import (describe_run, final_query_map, mark_validation, protocol_facts, save_run,
+                                         validation_slice, validation_source)
     from vdsh.data.protocols import load_protocol
-    from vdsh.training.cnn_training import default_augmentation
+    from vdsh.training.augment import chosen_augmentation
 
     if trainer not in CNN_TRAINERS:
         raise typer.BadParameter(f"CNN encoders train with --trainer {', '.join(CNN_TRAINERS)}, got {trainer!r}")
-    images, split = load_protocol(protocol, data_root, seed)
+    images, split = load_protocol(protocol, data_root, seed, **(protocol_options or {}))
+    augmentation = chosen_augmentation(split.spec.dataset, augment)
     labels = torch.as_tensor(images.labels).float()
     validation = None if trainer == "backprop" else validation_slice(split, labels, lambda idx: images.images[idx], seed)
+    source = None if validation is None else validation_source(split)
+    if show_progress:
+        describe_run(split, images, augmentation, source)
     torch.manual_seed(seed)
     model, history, options = fit_cnn(trainer, encoder, images.images[split.train], images.labels[split.train], bits,
-                                      width, depth, device, seed, epochs, extra or {}, default_augmentation(protocol),
-                                      validation, classifier_baseline)
-    summary = {"protocol": protocol, "seed": seed, "trainer": trainer, "encoder": encoder,
+                                      width, depth, device, seed, epochs, extra or {}, augmentation,
+                                      validation, classifier_baseline, show_progress)
+    summary = {"protocol": split.protocol, "seed": split.seed, "trainer": trainer, "encoder": encoder,
                "encoder_config": model.encoder.config(), "bits": bits, "classifier_baseline": classifier_baseline,
-               "options": options, "validation": None if validation is None else validation_source(split),
+               "options": options, "augmentation": augmentation.config() if augmentation else None,
+               "validation": source, **protocol_facts(split, images),
                "metrics": {"map_all": final_query_map(model, images, split, "cpu"), "val_map": history[-1].get("val_map"),
                            "train_time_s": history[-1]["time"]}}
     if out is not None:
-        save_run(out, model, summary, history, split)
+        save_run(out, model, summary, mark_validation(history, source), split, images.images.shape)
     return summary
 
 
@@ -131,7 +158,8 @@ CNN_BENCH_ROWS = {
 
 
 def bench_cnn_train(
-    protocol: str = typer.Option("mnist-5k", "--protocol", "--dataset"),
+    protocol: str = typer.Option(None, "--protocol", help="a protocol, as `vdsh train --protocol` (default mnist-5k)"),
+    dataset: str = DEPRECATED_DATASET,
     bits: int = typer.Option(48),
     encoder: str = typer.Option("small_cnn", help="small_cnn, resnet9 or dwsep"),
     width: int = typer.Option(None, help="CNN base channels (default per encoder)"),
@@ -145,6 +173,7 @@ def bench_cnn_train(
     """Back-prop CNN vs its classifier baseline vs block-wise local updates (cnn-local) vs the hybrid, one protocol; a BENCHMARKS.md section."""
     import json
 
+    protocol = chosen_protocol(protocol, dataset, "mnist-5k")
     chosen = [r.strip() for r in rows.split(",") if r.strip()]
     unknown = sorted(set(chosen) - set(CNN_BENCH_ROWS))
     if unknown:

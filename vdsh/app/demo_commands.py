@@ -40,18 +40,20 @@ def demo(
     run_training(PROTOCOL, bits, trainer, depth, width, False, False, "cpu", 0, iterations or default_iterations, out, None)
 
     typer.echo("2/4 evaluating: 1,000 queries against the 9,000-image database")
-    query_set, db_set = codes_from_model(model_path, PROTOCOL, None, 0)
+    query_part, db_part, _ = codes_from_model(model_path, PROTOCOL, None, 0)
+    query_set, db_set = query_part.codes, db_part.codes
     report = retrieval_metrics(query_set.codes, query_set.labels, db_set.codes, db_set.labels)
     print_report(report, f"{trainer}, {depth} x {width}, {bits} bits on {PROTOCOL}")
     (out / "metrics.json").write_text(json.dumps(report.to_dict(), indent=2))
     plot_pr_curves({f"{trainer} {bits} bits": report.to_dict()["pr_curve"]}, out / "pr_curve.png")
 
     typer.echo("3/4 building a Hamming index of the database")
-    index = build_index(model_path, load_items(None, "all", PROTOCOL, "database", None), "flat", out / "index", device="cpu")
+    items, ids = load_items(None, "all", PROTOCOL, "database", None)
+    index = build_index(model_path, items, "flat", out / "index", device="cpu", ids=ids)
 
     typer.echo("4/4 querying the index with three held-out digits, read back from PNG files")
     model = load_model(model_path)
-    queries = load_items(None, "all", PROTOCOL, "query", None)
+    queries, _ = load_items(None, "all", PROTOCOL, "query", None)
     from vdsh.data.transforms import load_image
 
     for position in (0, 1, 2):

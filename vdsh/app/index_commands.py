@@ -15,40 +15,57 @@ if TYPE_CHECKING:  # torch, faiss and the model load only when a command runs, s
     from vdsh.index.store import ItemIndex
     from vdsh.training.model import HashingModel
 
+from vdsh.app.protocol_options import (CHANNELS, IMAGE_SIZE, PROTOCOL_HELP, QUERIES_PER_CLASS, TRAIN_PER_CLASS,
+                                       model_shape, protocol_options)
+
 KINDS_HELP = "flat | distinct | auto | hash | multihash | ivf"
 index_app = typer.Typer(no_args_is_help=True, help="Build Hamming indexes of a dataset's codes.")
 PARTS = ("train", "query", "database")
 
 
 def load_items(dataset: str | None, split: str, protocol: str | None, part: str, data_root: str | None,
-               seed: int = 0) -> ImageSet:
-    """The images to index: a dataset split, or one part (train/query/database) of a protocol."""
+               seed: int = 0, data: dict | None = None, exclude: list[str] = ()) -> tuple[ImageSet, np.ndarray]:
+    """The images to index and their ids: a dataset split, or one part (train/query/database) of a protocol.
+
+    An item's id is its position in the dataset (in the protocol's pool: train followed by test for the
+    built-in datasets), the number its source `mnist:N` also shows. data: `load_protocol`'s shape and
+    per-class options; exclude: 'SPLIT:PART' references whose items are left out (e.g. the queries)."""
     from vdsh.data import load
     from vdsh.data.protocols import load_protocol
 
+    data = data or {}
     if protocol:
         if part not in PARTS:
             raise typer.BadParameter(f"--part must be one of {', '.join(PARTS)}, got {part!r}")
-        pool, split_ = load_protocol(protocol, data_root, seed)
-        return pool.subset(getattr(split_, part))
-    if not dataset:
+        pool, split_ = load_protocol(protocol, data_root, seed, **data)
+        ids = split_.part(part)
+    elif dataset:
+        pool = load(dataset, data_root, split, channels=data.get("channels"), size=data.get("size"))
+        ids = np.arange(len(pool), dtype=np.int64)
+    else:
         raise typer.BadParameter("give --dataset NAME (with --split) or --protocol NAME (with --part)")
-    return load(dataset, data_root, split)
+    ids = ids[~np.isin(ids, excluded(exclude, len(pool)))]
+    return (pool if len(ids) == len(pool) else pool.subset(ids)), ids
+
+
+def excluded(references: list[str], pool_size: int) -> np.ndarray:
+    """Positions in a dataset of `pool_size` images named by 'SPLIT:PART' references (e.g. runs/x/split.npz:query)."""
+    from vdsh.data.protocols import split_part
+
+    return np.concatenate([split_part(r, pool_size) for r in references]) if references else np.empty(0, np.int64)
 
 
 def encode_in_batches(model: HashingModel, images: np.ndarray, batch_size: int, label: str = "encoding") -> np.ndarray:
     """uint8 (N, C, H, W) -> packed codes (N, nbytes), with a progress bar."""
-    from rich.progress import Progress
-
     from vdsh.index.codes import pack_codes
+    from vdsh.progress import progress_bar
 
     packed = []
-    with Progress(transient=not os.isatty(2)) as progress:
-        task = progress.add_task(label, total=len(images))
+    with progress_bar(label, len(images)) as advance:
         for start in range(0, len(images), batch_size):
             batch = images[start : start + batch_size]
             packed.append(pack_codes(model.encode(batch, batch_size=batch_size)))
-            progress.advance(task, len(batch))
+            advance(len(batch))
     return np.concatenate(packed) if packed else np.empty((0, (model.bits + 7) // 8), np.uint8)
 
 
@@ -68,8 +85,10 @@ def codes_from_cached_features(model: HashingModel, items: ImageSet) -> np.ndarr
 
 
 def build_index(model_path: Path, items: ImageSet, kind: str, out: Path | None, batch_size: int = 1024,
-                device: str | None = None) -> ItemIndex:
-    """Encode every image, add codes + labels + sources + 64x64 thumbnails, save atomically to `out`."""
+                device: str | None = None, ids: np.ndarray | None = None) -> ItemIndex:
+    """Encode every image, add codes + labels + sources + 64x64 thumbnails, save atomically to `out`.
+
+    ids: one per item (default 0..n-1); `load_items` gives dataset positions."""
     import torch
 
     from vdsh.app.catalog import item_thumbnail
@@ -90,7 +109,7 @@ def build_index(model_path: Path, items: ImageSet, kind: str, out: Path | None, 
     index = ItemIndex(HammingIndex(model.bits, kind), model_id(model_path), items.class_names)
     index.add(
         codes,
-        np.arange(len(items), dtype=np.int64),
+        np.arange(len(items), dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64),
         labels=items.labels,
         sources=[items.source(i) for i in range(len(items))],
         thumbnails=[item_thumbnail(image) for image in items.images],
@@ -104,10 +123,16 @@ def build_index(model_path: Path, items: ImageSet, kind: str, out: Path | None, 
 def build_command(
     model: Path = typer.Option(..., "--model", exists=True, dir_okay=False, help="trained model (.safetensors)"),
     out: Path = typer.Option(..., "--out", help="index directory to create or update (atomic)"),
-    dataset: str = typer.Option(None, "--dataset", help="mnist, cifar10, nuswide, mnist-sample, folder:<path>"),
+    dataset: str = typer.Option(None, "--dataset", help="a raw dataset: mnist, cifar10, nuswide, mnist-sample, folder:<path>"),
     split: str = typer.Option("all", "--split", help="all | train | test (with --dataset)"),
-    protocol: str = typer.Option(None, "--protocol", help="index one part of a protocol instead, e.g. mnist-sample"),
+    protocol: str = typer.Option(None, "--protocol", help=f"index one part of a protocol instead: {PROTOCOL_HELP}"),
     part: str = typer.Option("database", "--part", help="train | query | database (with --protocol)"),
+    exclude: list[str] = typer.Option([], "--exclude", help="SPLIT:PART, e.g. runs/x/split.npz:query: leave those items "
+                                                            "out (repeatable)"),
+    queries_per_class: int = QUERIES_PER_CLASS,
+    train_per_class: str = TRAIN_PER_CLASS,
+    image_size: int = IMAGE_SIZE,
+    channels: int = CHANNELS,
     kind: str = typer.Option("flat", "--kind", help=f"index kind: {KINDS_HELP}"),
     data_root: str = typer.Option(None, "--data-root", help="dataset root (default: $VDSH_DATA)"),
     seed: int = typer.Option(0, "--seed", help="protocol seed"),
@@ -119,17 +144,72 @@ def build_command(
 
     if kind not in KINDS:
         raise typer.BadParameter(f"--kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    items = load_items(dataset, split, protocol, part, data_root, seed)
+    if dataset and protocol:
+        raise typer.BadParameter("give --dataset (raw images) or --protocol (one part of a split), not both")
+    data = {**protocol_options(queries_per_class, train_per_class, None, None), **model_shape(model, channels, image_size)}
+    items, ids = load_items(dataset, split, protocol, part, data_root, seed, data, exclude)
     if limit is not None:
-        items = items.subset(np.arange(min(limit, len(items))))
-    index = build_index(model, items, kind, out, batch_size)
+        items, ids = items.subset(np.arange(min(limit, len(items)))), ids[:limit]
+    index = build_index(model, items, kind, out, batch_size, ids=ids)
     typer.echo(f"indexed {len(index)} items ({index.bits} bits, {kind}) from {items.name} into {out}")
+
+
+def index_locations(index: list[str]) -> list[str]:
+    """--index values: existing directories, or one milvus://HOST:PORT/COLLECTION (BadParameter otherwise)."""
+    from vdsh.index.milvus_items import is_milvus_uri
+
+    if any(is_milvus_uri(i) for i in index):
+        if len(index) > 1:
+            raise typer.BadParameter("a milvus:// collection is searched alone: give --index once")
+        return index
+    missing = [i for i in index if not Path(i).is_dir()]
+    if missing:
+        raise typer.BadParameter(f"not an index directory: {', '.join(missing)}")
+    return index
+
+
+def open_items(index: list[str], model_id: str, bits: int):
+    """One index directory, several searched as shards, or a Milvus collection; checked against the model."""
+    from vdsh.index.milvus_items import MilvusItems, is_milvus_uri
+    from vdsh.index.shards import ShardedItems
+    from vdsh.index.store import load_index
+
+    if is_milvus_uri(index[0]):
+        return MilvusItems.open(index[0], model_id=model_id, bits=bits)
+    return load_index(index[0], model_id=model_id, bits=bits) if len(index) == 1 else \
+        ShardedItems.load(index, model_id=model_id, bits=bits)
+
+
+INDEX_HELP = "index directory (repeat it for several shards searched as one) or milvus://HOST:PORT/COLLECTION"
+
+
+@index_app.command("export")
+def export_command(
+    index: Path = typer.Option(..., "--index", exists=True, file_okay=False, help="the index directory to copy"),
+    to: str = typer.Option(..., "--to", help="milvus://HOST:PORT/COLLECTION (a new collection)"),
+    replace: bool = typer.Option(False, "--replace", help="drop the collection first if it exists"),
+    milvus_index: str = typer.Option("auto", "--milvus-index",
+                                     help="auto (BIN_FLAT below 1M items, else BIN_IVF_FLAT) | BIN_FLAT | BIN_IVF_FLAT"),
+) -> None:
+    """Copy an index (codes, ids, labels, sources, thumbnails) into a Milvus collection, for `vdsh serve --index milvus://...`."""
+    from rich.progress import Progress
+
+    from vdsh.index.milvus_items import export_items, is_milvus_uri
+    from vdsh.index.store import load_index
+
+    if not is_milvus_uri(to):
+        raise typer.BadParameter(f"--to must be milvus://HOST:PORT/COLLECTION, got {to!r}")
+    items = load_index(index)
+    with Progress(transient=not os.isatty(2)) as progress:
+        task = progress.add_task(f"inserting {len(items)} items", total=len(items))
+        collection = export_items(items, to, replace=replace, index_type=milvus_index,
+                                  progress=lambda n: progress.advance(task, n))
+    typer.echo(f"exported {len(collection)} items ({collection.bits} bits, {collection.kind}) from {index} to {to}")
 
 
 def query_command(
     images: list[Path] = typer.Argument(..., exists=True, dir_okay=False, help="image files (JPEG, PNG, WebP...)"),
-    index: list[Path] = typer.Option(..., "--index", exists=True, file_okay=False,
-                                     help="index directory; repeat it to search several shards as one"),
+    index: list[str] = typer.Option(..., "--index", help=INDEX_HELP),
     model: Path = typer.Option(..., "--model", exists=True, dir_okay=False, help="the model the index was built with"),
     k: int = typer.Option(10, "-k", "--k", min=1, max=1000, help="neighbours per image"),
     int8: bool = typer.Option(False, "--int8", help="quantise the model's pretrained backbone to int8 (CPU)"),
@@ -137,13 +217,11 @@ def query_command(
     """Print the k nearest indexed items of each image: id, Hamming distance, labels, source."""
     from vdsh.data.transforms import ImageDecodeError, load_image
     from vdsh.index.codes import pack_codes
-    from vdsh.index.shards import ShardedItems
-    from vdsh.index.store import load_index
     from vdsh.training.model import load_model, model_id
 
+    index = index_locations(index)
     hashing_model = load_model(model, int8=int8)
-    expected = {"model_id": model_id(model), "bits": hashing_model.bits}
-    items = load_index(index[0], **expected) if len(index) == 1 else ShardedItems.load(index, **expected)
+    items = open_items(index, model_id(model), hashing_model.bits)
     spec = hashing_model.input_spec
     for path in images:
         try:
@@ -162,13 +240,13 @@ def query_command(
 
 
 def serve_command(
-    index: list[Path] = typer.Option(..., "--index", exists=True, file_okay=False,
-                                     help="index directory; repeat it to serve several shards as one (read-only)"),
+    index: list[str] = typer.Option(..., "--index", help=INDEX_HELP + "; shards are served read-only"),
     model: Path = typer.Option(..., "--model", exists=True, dir_okay=False, help="the model the index was built with"),
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8000, "--port", min=0, max=65535),
     api_key: str = typer.Option(None, "--api-key", envvar="VDSH_API_KEY", help="key for write endpoints (X-API-Key)"),
-    workers: int = typer.Option(1, "--workers", min=1, help="processes; more than one serves read-only"),
+    workers: int = typer.Option(1, "--workers", min=1,
+                                help="processes; more than one serves read-only, except from Milvus"),
     max_upload_mb: float = typer.Option(10.0, "--max-upload-mb", min=0.001),
     threads: int = typer.Option(1, "--threads", min=1, help="torch/FAISS threads per worker (1 suits single queries)"),
     int8: bool = typer.Option(False, "--int8", help="quantise the model's pretrained backbone to int8 for CPU serving"),
@@ -176,11 +254,16 @@ def serve_command(
     """Serve the index over HTTP: POST /search, /items, /health, /stats, /metrics, and a web page at /."""
     import uvicorn
 
-    # every worker process loads the index; a write in one would be lost to the others, so writes are off
+    from vdsh.index.milvus_items import is_milvus_uri
+
+    index = index_locations(index)
+    # every worker process loads an index directory; a write in one would be lost to the others, so writes
+    # are off. Milvus keeps one collection for all of them: every worker may write.
+    shared = is_milvus_uri(index[0])
     os.environ.update(
-        VDSH_SERVE_INDEX=os.pathsep.join(map(str, index)), VDSH_SERVE_MODEL=str(model),
+        VDSH_SERVE_INDEX=index[0] if shared else os.pathsep.join(index), VDSH_SERVE_MODEL=str(model),
         VDSH_SERVE_MAX_UPLOAD_BYTES=str(int(max_upload_mb * 1024 * 1024)),
-        VDSH_SERVE_READ_ONLY="1" if workers > 1 else "0", VDSH_SERVE_THREADS=str(threads),
+        VDSH_SERVE_READ_ONLY="1" if workers > 1 and not shared else "0", VDSH_SERVE_THREADS=str(threads),
         VDSH_SERVE_INT8="1" if int8 else "0",
     )
     if api_key:

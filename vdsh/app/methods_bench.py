@@ -116,7 +116,7 @@ def run_protocol(protocol: str, bits_list: list[int], methods: list[str], depth:
     from vdsh.app.train_commands import protocol_features, validation_slice
     from vdsh.index.metrics import retrieval_metrics
 
-    _, prepare, images, split = protocol_features(protocol, data_root, seed, features, resolution)
+    _, prepare, images, split = protocol_features(protocol, data_root, seed, features=features, resolution=resolution)
     labels = torch.as_tensor(np.asarray(images.labels)).float()
     train = split.train if train_limit is None else np.random.default_rng(seed).permutation(split.train)[:train_limit]
     x, y = prepare(train), labels[train]
@@ -182,7 +182,9 @@ def section_body(results: list[dict], protocol: str, depth: int, width: int, ite
     notes = (f"Training set: {n_train:,} images of `{protocol}`; queries vs database of the protocol; one seed. "
              f"Networks: {depth} weight layers x {width} units"
              + (", " + ", ".join(f"{m} {iterations[m]} {'sweeps' if m in SWEEP_METHODS else 'epochs'}" for m in networks) if networks else "")
-             + ". Peak memory: growth of the resident set during the fit (CPU) or the CUDA allocator's peak.")
+             + ". Code targets: admm learns its codes against the classifier W (SDH's B-step); proxprop pulls to a fixed "
+             "codeword per class (hash centres). Peak memory: growth of the resident set during the fit (CPU) or the CUDA "
+             "allocator's peak.")
     return notes + "\n\n" + markdown_table(["method", "bits", "mAP@all", "P@H<=2", "train s", "peak MiB", "published mAP@all"], rows)
 
 

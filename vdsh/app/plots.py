@@ -56,9 +56,9 @@ def plot_admm_convergence(history: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 4, figsize=(19, 4))
     for key in ("lagrangian", "loss", "penalty", "code_term"):
         axes[0].plot(sweeps, [r[key] for r in history], label=key)
-    axes[0].set_yscale("symlog"), axes[0].set_title("augmented Lagrangian and its terms (per sample)"), axes[0].legend()
+    axes[0].set_yscale("symlog"), axes[0].set_title("augmented Lagrangian, terms (per sample)"), axes[0].legend()
     layer_curves(axes[1], sweeps, np.array([r["residuals"] for r in history]))
-    axes[1].set_yscale("log"), axes[1].set_title("relative primal residual per layer ||z_m − f_m(z_{m−1})|| / ||z_m||")
+    axes[1].set_yscale("log"), axes[1].set_title("relative primal residual per layer")
     layer_curves(axes[2], sweeps, np.array([r["multiplier_norms"] for r in history]))
     axes[2].set_title("multiplier norm per layer (rms ||u_m||)")
     axes[3].plot(sweeps, [r["consensus_gap"] for r in history], label="||θ − θ̃_k|| / ||θ||")

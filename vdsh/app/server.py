@@ -2,7 +2,8 @@
 
 `create_app(index_dir, model_path)` builds the app; the lifespan handler loads the model and the index
 and refuses to start when they disagree (another model's index, another code length). Several index
-directories are served as shards of one collection (`vdsh.index.shards`), read-only. Routers:
+directories are served as shards of one collection (`vdsh.index.shards`), read-only; a
+`milvus://HOST:PORT/COLLECTION` index is served from Milvus, writable by every process. Routers:
 `routers.search` (POST /search), `routers.items` (/items...), `routers.service` (/health, /stats,
 /metrics); the web page is `static/index.html` at `/`.
 """
@@ -26,6 +27,7 @@ from vdsh.app.catalog import Catalog
 from vdsh.app.dependencies import Settings
 from vdsh.app.routers import items, search, service
 from vdsh.app.uploads import MULTIPART_SLACK, BodySizeLimit, UnsupportedImage, UploadTooLarge
+from vdsh.index.milvus_items import is_milvus_uri
 
 STATIC_DIR = Path(__file__).parent / "static"
 DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024
@@ -143,8 +145,9 @@ def app_from_environment() -> FastAPI:
     """Factory for `uvicorn --factory` with several workers: settings come from VDSH_SERVE_* variables."""
     env = os.environ
     _limit_threads(int(env.get("VDSH_SERVE_THREADS", "1")))
+    index = env["VDSH_SERVE_INDEX"]
     return create_app(
-        env["VDSH_SERVE_INDEX"].split(os.pathsep),  # several: shards
+        index if is_milvus_uri(index) else index.split(os.pathsep),  # several directories: shards
         env["VDSH_SERVE_MODEL"],
         api_key=env.get("VDSH_API_KEY") or None,
         max_upload_bytes=int(env.get("VDSH_SERVE_MAX_UPLOAD_BYTES", DEFAULT_MAX_UPLOAD_BYTES)),

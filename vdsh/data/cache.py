@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -46,7 +47,11 @@ def cached_array(path: Path, build: Callable[[], np.ndarray]) -> np.ndarray:
 
 
 def cached_imageset(key: str, build: Callable[[], ImageSet]) -> ImageSet:
-    """Return the cached ImageSet for `key`, building and storing it on a miss."""
+    """Return the cached ImageSet for `key`, building and storing it on a miss.
+
+    A build or write that fails (a bad image, a full disk, Ctrl-C) removes the entry's folder: no
+    half-written cache is left behind to fill the disk.
+    """
     folder = cache_dir() / "datasets" / key
     meta_path = folder / "meta.json"
     if meta_path.is_file():
@@ -59,10 +64,14 @@ def cached_imageset(key: str, build: Callable[[], ImageSet]) -> ImageSet:
             meta["class_names"],
             sources,
         )
-    imageset = build()
-    folder.mkdir(parents=True, exist_ok=True)
-    _atomic_save(folder / "images.npy", imageset.images)
-    _atomic_save(folder / "labels.npy", imageset.labels)
-    meta = {"name": imageset.name, "class_names": imageset.class_names, "sources": imageset.sources}
-    atomic_write_text(meta_path, json.dumps(meta))  # written last: its presence means the entry is complete
+    try:
+        imageset = build()
+        folder.mkdir(parents=True, exist_ok=True)
+        _atomic_save(folder / "images.npy", imageset.images)
+        _atomic_save(folder / "labels.npy", imageset.labels)
+        meta = {"name": imageset.name, "class_names": imageset.class_names, "sources": imageset.sources}
+        atomic_write_text(meta_path, json.dumps(meta))  # written last: its presence means the entry is complete
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     return imageset

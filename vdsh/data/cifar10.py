@@ -12,11 +12,16 @@ from pathlib import Path
 import numpy as np
 
 from vdsh.data.imageset import ImageSet
+from vdsh.data.info import DatasetInfo
 from vdsh.data.paths import DatasetNotFoundError
 
 FOLDER = "cifar-10-batches-py"
 TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
 TEST_BATCHES = ["test_batch"]
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+INFO = DatasetInfo("cifar10", 3, 32, CLASSES, "photos",
+                   "60,000 colour photos (50,000 training then 10,000 test); an item's source cifar10:N is its "
+                   "position N in that order")
 
 
 def _unpickle(path: Path) -> dict:

@@ -8,9 +8,13 @@ from pathlib import Path
 import numpy as np
 
 from vdsh.data.imageset import ImageSet
+from vdsh.data.info import DatasetInfo
 from vdsh.data.paths import DatasetNotFoundError
 
 CLASSES = [str(d) for d in range(10)]
+INFO = DatasetInfo("mnist", 1, 28, tuple(CLASSES), "digits",
+                   "70,000 handwritten digits (60,000 training then 10,000 test); an item's source mnist:N is its "
+                   "position N in that order")
 _PREFIX = {"train": "train", "test": "t10k"}
 
 

@@ -14,6 +14,7 @@ import numpy as np
 from vdsh.data.cache import cached_imageset, fingerprint
 from vdsh.data.folder import decode_images
 from vdsh.data.imageset import ImageSet
+from vdsh.data.info import DatasetInfo
 from vdsh.data.paths import DatasetNotFoundError
 
 FOLDER = "nus-wide"
@@ -22,6 +23,8 @@ CONCEPTS_21 = [
     "animal", "beach", "buildings", "clouds", "flowers", "grass", "lake", "mountain", "ocean", "person",
     "plants", "reflection", "road", "rocks", "sky", "snow", "sunset", "tree", "vehicle", "water", "window",
 ]
+INFO = DatasetInfo("nuswide", None, None, tuple(CONCEPTS_21), "photos",
+                   "multi-label Flickr photos listed in database.txt then test.txt, decoded at a chosen size")
 SPLIT_FILES = {"database": ["database.txt"], "train": ["train.txt"], "test": ["test.txt"], "all": ["database.txt", "test.txt"]}
 
 

@@ -98,22 +98,40 @@ def as_multi_hot(labels: np.ndarray, n_classes: int | None = None) -> np.ndarray
     return onehot
 
 
-def save_codes(path: str | Path, code_set: CodeSet) -> None:
-    """Write codes and labels to `.npz` or `.h5`, atomically (temporary file, fsync, rename)."""
+def save_codes(path: str | Path, code_set: CodeSet, ids: np.ndarray | None = None,
+               class_names: list[str] | None = None) -> None:
+    """Write codes and labels to `.npz` or `.h5`, atomically (temporary file, fsync, rename).
+
+    ids (one int64 per code, e.g. positions in the dataset) and class_names (one per label column) are
+    written too when given; `load_codes` ignores them.
+    """
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".npz", ".h5", ".hdf5"):
         raise ValueError(f"unknown codes file type {path.suffix!r}: use .npz or .h5")
+    extra = {}
+    if ids is not None:
+        if len(ids) != len(code_set.packed):
+            raise ValueError(f"{len(code_set.packed)} codes but {len(ids)} ids")
+        extra["ids"] = np.asarray(ids, dtype=np.int64)
+    if class_names is not None:
+        if len(class_names) != code_set.labels.shape[1]:
+            raise ValueError(f"{code_set.labels.shape[1]} label columns but {len(class_names)} class names")
+        extra["class_names"] = np.asarray(class_names, dtype=str)
     with atomic_path(path) as tmp:
         if suffix == ".npz":
             with open(tmp, "wb") as f:
-                np.savez(f, codes=code_set.packed, bits=np.int64(code_set.bits), labels=code_set.labels)
+                np.savez(f, codes=code_set.packed, bits=np.int64(code_set.bits), labels=code_set.labels, **extra)
         else:
             import h5py
 
             with h5py.File(tmp, "w") as f:
                 f.create_dataset("codes", data=code_set.packed)
                 f.create_dataset("labels", data=code_set.labels)
+                if "ids" in extra:
+                    f.create_dataset("ids", data=extra["ids"])
+                if "class_names" in extra:
+                    f.create_dataset("class_names", data=extra["class_names"].astype(object), dtype=h5py.string_dtype())
                 f.attrs["bits"] = code_set.bits
 
 

@@ -134,6 +134,14 @@ class ItemIndex:
     def codes_of(self, ids) -> np.ndarray:
         return self.index.get_codes(ids)
 
+    def contains(self, item_id: int) -> bool:
+        return self.index.contains(item_id)
+
+    def next_id(self) -> int:
+        """One more than the largest id (0 when empty): the id of an item added without one."""
+        ids = self.index.ids
+        return int(ids.max()) + 1 if len(ids) else 0
+
     def labels_of(self, ids) -> np.ndarray:
         with self._lock:
             return self.labels[self.index.rows_of(ids)]

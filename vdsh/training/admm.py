@@ -47,9 +47,9 @@ import torch
 
 from vdsh.index.metrics import mean_average_precision
 from vdsh.training.code_head import CODE_TARGETS, binary_codes, class_codewords, ridge_classifier, target_codes
-from vdsh.training.distributed import broadcast_, global_sum, rank_and_world, rank_zero_value
-from vdsh.training.mlp import DeepMLP, check_plain_mlp_problem, identity_hidden_layers
-from vdsh.training.stacked_mlp import LayerWeights, affine, with_ones
+from vdsh.training.distributed import global_sum, rank_and_world, rank_zero_value
+from vdsh.training.mlp import DeepMLP
+from vdsh.training.stacked_mlp import LayerWeights, affine, start_plain_mlp, with_ones
 from vdsh.training.validation import Validation, evaluate_encoder
 
 
@@ -58,7 +58,7 @@ class AdmmOptions:
     """VDSH ADMM options (see the module docstring for the role of each)."""
 
     sweeps: int = 20
-    order: str = "backward"  # z-step order: 'backward' (top-down Gauss–Seidel) or 'odd-even' (parity blocks in parallel)
+    order: str = "backward"  # z-steps: 'backward' (top-down Gauss–Seidel), 'backward-forward' (then bottom-up), 'odd-even
     aux_iterations: int = 1  # rounds of z-steps per chunk and sweep
     nonnegative: bool = False  # project hidden z_m onto z ≥ 0 (ReLU outputs are never negative) in every z-step
     # β_{m+1}/β_m (and γ likewise): penalties growing towards the top let a lower z_m follow the layer above it
@@ -88,8 +88,8 @@ class AdmmOptions:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.order not in ("backward", "odd-even"):
-            raise ValueError(f"order must be 'backward' or 'odd-even', got {self.order!r}")
+        if self.order not in ("backward", "backward-forward", "odd-even"):
+            raise ValueError(f"order must be 'backward', 'backward-forward' or 'odd-even', got {self.order!r}")
         if self.codes not in CODE_TARGETS:
             raise ValueError(f"codes must be one of {CODE_TARGETS}, got {self.codes!r}")
         if self.init not in ("identity", "msra"):
@@ -145,7 +145,7 @@ def upper_weights(weights: LayerWeights) -> list[torch.Tensor]:
     return [*weights.hidden[:, :, :-1].unbind(0), weights.top[:, :-1]]
 
 
-def lipschitz_bounds(weights: LayerWeights, iterations: int = 20) -> torch.Tensor:
+def lipschitz_constants(weights: LayerWeights, iterations: int = 20) -> torch.Tensor:
     """||W_{m+1}||₂² for every hidden layer m, the Lipschitz constant of the upper constraint's gradient in z_m, by
     batched power iteration on W_{m+1}ᵀW_{m+1} (an SVD per layer cost a fifth of a sweep)."""
     def largest_eigenvalue(w: torch.Tensor) -> torch.Tensor:
@@ -264,16 +264,9 @@ class AdmmTrainer:
         return torch.bfloat16 if self.options.dtype == "bfloat16" else torch.float32
 
     def fit(self, encoder: DeepMLP, features: torch.Tensor, labels: torch.Tensor, validation: Validation | None = None) -> tuple[DeepMLP, list[dict]]:
-        check_plain_mlp_problem(encoder, features, labels, "AdmmTrainer")
         opt = self.options
         device = torch.device(opt.device)
-        torch.manual_seed(opt.seed)
-        encoder.to(device)
-        if opt.init == "identity":
-            identity_hidden_layers(encoder)
-        x, y = features.to(device).float(), labels.to(device).float()
-        theta = LayerWeights.from_mlp(encoder, device)
-        broadcast_(theta.tensors())  # every rank starts from rank 0's weights
+        x, y, theta = start_plain_mlp(encoder, features, labels, "AdmmTrainer", device, opt.seed, opt.init, torch.float32)
         self.state = self.initial_state(theta, x, y)
         history: list[dict] = []
         start = time.perf_counter()
@@ -319,7 +312,7 @@ class AdmmTrainer:
         target_sq = torch.zeros_like(residual_sq)
         for block in state["blocks"]:
             stats = CopyStatistics.zeros(theta)
-            lipschitz = lipschitz_bounds(block.copy)
+            lipschitz = lipschitz_constants(block.copy)
             chunks = [(idx, self.augment(x[idx]) if self.augment is not None else x[idx]) for idx in block.index.split(opt.chunk_size)]
             for idx, inputs in chunks:  # the same (augmented) inputs for the z-steps and the dual step of this sweep
                 self.local_steps(block.copy, inputs, y[idx], idx, lipschitz, stats)
@@ -341,10 +334,12 @@ class AdmmTrainer:
         for _ in range(opt.aux_iterations):
             p, p_top = preactivations(copy, x, z)
             z_top = top_step(p_top, u_top, codes, state["beta"], opt.nu)
-            if opt.order == "backward":
-                self.backward_z_steps(copy, z, u, z_top, u_top, p, p_top, lipschitz)
-            else:
+            if opt.order == "odd-even":
                 self.odd_even_z_steps(copy, x, z, u, z_top, u_top, p, p_top, lipschitz)
+            else:
+                self.backward_z_steps(copy, z, u, z_top, u_top, p, p_top, lipschitz)
+            if opt.order == "backward-forward":
+                z_top = self.forward_z_steps(copy, x, z, u, z_top, u_top, codes, lipschitz)
         p, p_top = preactivations(copy, x, z)
         stats.add(x, z, relu_targets(p, z + u), z_top + u_top)
         aux.z[:, idx], aux.z_top[idx] = z.to(self.dtype), z_top
@@ -361,6 +356,22 @@ class AdmmTrainer:
             gradient = upper_gradient(above, u_above, p_above, w_above[m], relu)
             z[m] = output_step(z[m], torch.relu(p[m]), u[m], gradient, lipschitz[m], self.options.penalty_ratio, self.options.nonnegative)
             above, u_above, p_above, relu = z[m], u[m], p[m], True
+
+    def forward_z_steps(self, copy: LayerWeights, x: torch.Tensor, z: torch.Tensor, u: torch.Tensor, z_top: torch.Tensor,
+                        u_top: torch.Tensor, codes: torch.Tensor, lipschitz: torch.Tensor) -> torch.Tensor:
+        """z_1, …, z_{M−1}, then z_M, each reading its freshly updated lower neighbour (dlADMM's forward pass; in place)."""
+        opt = self.options
+        w_above = upper_weights(copy)
+        below = x
+        for m in range(len(z)):
+            p = affine(below, copy.first if m == 0 else copy.hidden[m - 1])
+            last = m == len(z) - 1
+            p_above = affine(z[m], copy.top if last else copy.hidden[m])
+            above, u_above = (z_top, u_top) if last else (z[m + 1], u[m + 1])
+            gradient = upper_gradient(above, u_above, p_above, w_above[m], relu=not last)
+            z[m] = output_step(z[m], torch.relu(p), u[m], gradient, lipschitz[m], opt.penalty_ratio, opt.nonnegative)
+            below = z[m]
+        return top_step(affine(below, copy.top), u_top, codes, self.state["beta"], opt.nu)
 
     def odd_even_z_steps(self, copy: LayerWeights, x: torch.Tensor, z: torch.Tensor, u: torch.Tensor, z_top: torch.Tensor,
                          u_top: torch.Tensor, p: torch.Tensor, p_top: torch.Tensor, lipschitz: torch.Tensor) -> None:

@@ -90,9 +90,26 @@ class FeatureNoise:
         return {"feature_noise": self.std}
 
 
-def default_augmentation(dataset: str) -> Augmentation:
-    """Crop + flip for natural images; crop only (2 px) for digits, whose mirror images are other shapes."""
-    if dataset.startswith("mnist"):
-        return Augmentation(crop_padding=2, flip=False)
-    return Augmentation(crop_padding=4, flip=True)
+# The recipes that vdsh.data.info.AUGMENTATIONS names.
+RECIPES = {"digits": Augmentation(crop_padding=2, flip=False), "photos": Augmentation(crop_padding=4, flip=True)}
+NO_AUGMENTATION = Augmentation(crop_padding=0, flip=False)
+
+
+def default_augmentation(dataset: str) -> Augmentation | None:
+    """The recipe a dataset's facts name (a protocol name stands for its dataset): crop only (2 px) for digits,
+    whose mirror images are other shapes; crop + flip for photos; None for data vdsh knows nothing about."""
+    from vdsh.data.datasets import dataset_info
+    from vdsh.data.protocols import PROTOCOLS
+
+    name = PROTOCOLS[dataset].dataset if dataset in PROTOCOLS else dataset
+    recipe = dataset_info(name).augmentation
+    return RECIPES[recipe] if recipe else None
+
+
+def chosen_augmentation(dataset: str, augment: bool | None) -> Augmentation | None:
+    """The `--augment/--no-augment` choice: False none; None the dataset's own recipe (maybe none); True the dataset's
+    recipe, or crop + flip (the photos recipe) for data that names none."""
+    if augment is False:
+        return None
+    return default_augmentation(dataset) or (RECIPES["photos"] if augment else None)
 

@@ -82,10 +82,12 @@ def feature_validation(trunk: ImageEncoder, spec: InputSpec, validation: Validat
 
 
 def train_trunk(kind: str, images: np.ndarray, labels: np.ndarray, bits: int, width: int | None, options: HybridOptions,
-                augmentation: Augmentation | None) -> tuple[ImageEncoder, list[dict]]:
+                augmentation: Augmentation | None, progress: Callable[[dict], None] | None = None,
+                ) -> tuple[ImageEncoder, list[dict]]:
     """Stage 1: `train_cnn` as a classifier (or hashing net); returns the bare CNN and its history."""
     as_classifier = options.trunk_objective == "classifier"
-    model, history = train_cnn(kind, images, labels, bits, width, options.trunk, augmentation, classifier_baseline=as_classifier)
+    model, history = train_cnn(kind, images, labels, bits, width, options.trunk, augmentation, classifier_baseline=as_classifier,
+                               progress=progress)
     return (model.encoder.classifier if as_classifier else model.encoder), history
 
 
@@ -97,11 +99,12 @@ def train_hybrid(kind: str, images: np.ndarray, labels: np.ndarray, bits: int, w
 
     validation: held-out uint8 images and labels; the ProxProp head keeps the sweep with the best mAP on them.
     History: the trunk's epochs ("stage": "trunk") then the head's sweeps ("stage": "head"), one clock that
-    also counts the extraction of the training features between them.
+    also counts the extraction of the training features between them. progress: called after every trunk
+    epoch and every head sweep.
     """
     options = options or HybridOptions()
     torch.manual_seed(options.trunk.seed)  # the trunk's initial weights
-    trunk, trunk_history = train_trunk(kind, images, labels, bits, width, options, augmentation)
+    trunk, trunk_history = train_trunk(kind, images, labels, bits, width, options, augmentation, progress)
     spec = image_spec(images)
     extraction_start = time.perf_counter()
     trunk.to(options.trunk.device)

@@ -30,9 +30,9 @@ from typing import Callable
 import torch
 
 from vdsh.training.code_head import CODE_TARGETS, binary_codes, class_codewords, ridge_classifier, squared_loss, target_codes
-from vdsh.training.distributed import broadcast_, global_mean, global_min, global_sum, rank_zero_value
-from vdsh.training.mlp import DeepMLP, check_plain_mlp_problem, identity_hidden_layers
-from vdsh.training.stacked_mlp import LayerWeights, affine, with_ones
+from vdsh.training.distributed import global_mean, global_min, global_sum, rank_zero_value
+from vdsh.training.mlp import DeepMLP
+from vdsh.training.stacked_mlp import LayerWeights, affine, start_plain_mlp, with_ones
 from vdsh.training.validation import Validation, evaluate_encoder
 
 
@@ -214,17 +214,9 @@ class ProxPropTrainer:
         return torch.bfloat16 if self.options.dtype == "bfloat16" else torch.float32
 
     def fit(self, encoder: DeepMLP, features: torch.Tensor, labels: torch.Tensor, validation: Validation | None = None) -> tuple[DeepMLP, list[dict]]:
-        check_plain_mlp_problem(encoder, features, labels, "ProxPropTrainer")
         opt = self.options
         device = torch.device(opt.device)
-        torch.manual_seed(opt.seed)
-        encoder.to(device)
-        if opt.init == "identity":
-            identity_hidden_layers(encoder)
-        x = features.to(device, self.dtype)
-        y = labels.to(device).float()
-        weights = LayerWeights.from_mlp(encoder, device)
-        broadcast_(weights.tensors())  # every rank starts from rank 0's weights
+        x, y, weights = start_plain_mlp(encoder, features, labels, "ProxPropTrainer", device, opt.seed, opt.init, self.dtype)
         size = opt.minibatch_size or len(x)
         batches = global_min(-(-len(x) // size), device)  # ranks take the same number of collective steps
         state: dict = {"stats": None, "classifier": None, "step": 0, "steps": opt.sweeps * batches, "batches": batches,

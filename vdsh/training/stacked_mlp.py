@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from vdsh.training.mlp import DeepMLP
+from vdsh.training.distributed import broadcast_
+from vdsh.training.mlp import DeepMLP, check_plain_mlp_problem, identity_hidden_layers
 
 
 @dataclass
@@ -56,3 +57,17 @@ def affine(x: torch.Tensor, w_aug: torch.Tensor) -> torch.Tensor:
 def with_ones(z: torch.Tensor) -> torch.Tensor:
     """[z 1] in float32: the bias column of a ridge regression."""
     return torch.cat([z.float(), torch.ones(*z.shape[:-1], 1, device=z.device)], -1)
+
+
+def start_plain_mlp(encoder: DeepMLP, features: torch.Tensor, labels: torch.Tensor, trainer: str, device: torch.device,
+                    seed: int, init: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, LayerWeights]:
+    """The layer-local trainers' prologue: check the problem, seed, start the hidden layers at the identity (or keep the
+    encoder's init), move the data, and stack the weights, rank 0's on every rank. Returns (x, y, weights)."""
+    check_plain_mlp_problem(encoder, features, labels, trainer)
+    torch.manual_seed(seed)
+    encoder.to(device)
+    if init == "identity":
+        identity_hidden_layers(encoder)
+    weights = LayerWeights.from_mlp(encoder, device)
+    broadcast_(weights.tensors())
+    return features.to(device, dtype), labels.to(device).float(), weights
