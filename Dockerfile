@@ -22,8 +22,8 @@ RUN pip install --index-url "$TORCH_INDEX_URL" torch==2.14.1 torchvision==0.29.1
 WORKDIR /src
 COPY pyproject.toml README.md* ./
 COPY vdsh ./vdsh
-# EXTRAS="[milvus]" adds the Milvus client, to serve from milvus://HOST:PORT/COLLECTION (docker-compose.yml)
-ARG EXTRAS=""
+# EXTRAS: "[pretrained]" (default) serves models on ImageNet-pretrained features; "[pretrained,milvus]" adds the Milvus client, to serve from milvus://HOST:PORT/COLLECTION (docker-compose.yml)
+ARG EXTRAS="[pretrained]"
 RUN pip install ".${EXTRAS}" && rm -rf /src
 
 RUN useradd --create-home --uid 1000 vdsh && mkdir -p /models /index && chown vdsh /models /index

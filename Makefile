@@ -14,7 +14,7 @@ $(BIN)/vdsh: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, by exact version: these builds are on local disk, other versions download gigabytes.
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,pretrained]'
 	touch $@
 
 setup: $(BIN)/vdsh

@@ -51,7 +51,8 @@ def bench_baselines(protocol: str = typer.Option("mnist-5k", help="Retrieval pro
                     bits: list[int] = typer.Option([16, 32, 48, 64], help="Code lengths; repeat the option."),
                     method: list[str] = typer.Option(["lsh", "itq", "spectral", "sdh"], help="Baselines; repeat."),
                     seed: int = typer.Option(0, help="Split and fitting seed (one seed per run)."),
-                    features: str = typer.Option("pixels", help="'pixels' (/255) or 'gist' (GIST-512, cached).")) -> None:
+                    features: str = typer.Option("pixels", help="'pixels' (/255), 'gist' (GIST-512) or 'efficientnet-lite0' (cached)."),
+                    resolution: int = typer.Option(None, help="Input side of a pretrained backbone (default 160).")) -> None:
     """mAP@all and fit / encode times of the classic baselines (LSH, ITQ, SH, SDH)."""
     from vdsh.training.baselines.evaluate import evaluate_baselines
 
@@ -59,11 +60,11 @@ def bench_baselines(protocol: str = typer.Option("mnist-5k", help="Retrieval pro
         typer.echo(f"{r.method:9s} {r.bits:3d} bits  mAP@all {r.map_all:.4f}  fit {r.fit_s:.1f} s  encode {r.encode_s:.1f} s")
 
     load_before = os.getloadavg()[0]  # other processes on the machine stretch the times; say how busy it was
-    results = evaluate_baselines(protocol, bits, method, seed, features, on_result=show)
+    results = evaluate_baselines(protocol, bits, method, seed, features, resolution, on_result=show)
     load = f"1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
     rows = [[r.method, r.bits, f"{r.map_all:.4f}", f"{r.fit_s:.1f}", f"{r.encode_s:.1f}"] for r in results]
-    features_words = "pixels / 255" if features == "pixels" else "GIST-512"
-    write_section(f"Classic baselines, {protocol}, {features}",
+    features_words = {"pixels": "pixels / 255", "gist": "GIST-512"}.get(features, f"{features} at {resolution} px")
+    write_section(f"Classic baselines, {protocol}, {features}" + (f" {resolution} px" if resolution else ""),
                   f"Protocol `{protocol}`, seed {seed} (1 seed), {features_words} as features, mAP@all over Hamming "
                   "ranking (ties by database position). Fit: training set; encode: queries + database; "
                   f"{load}.\n\n"

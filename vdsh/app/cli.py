@@ -10,6 +10,7 @@ from vdsh.app import index_commands, train_commands
 from vdsh.app.bench_commands import bench
 from vdsh.app.cnn_commands import bench_cnn, bench_cnn_train
 from vdsh.app.demo_commands import demo
+from vdsh.app.features_bench import bench_features, bench_int8
 from vdsh.app.eval_commands import encode_command, evaluate
 from vdsh.app.methods_bench import bench_methods
 from vdsh.app.milvus_bench import bench_milvus
@@ -28,6 +29,8 @@ app.add_typer(index_commands.index_app, name="index")
 app.command("query")(index_commands.query_command)
 app.command("serve")(index_commands.serve_command)
 bench.command("methods")(bench_methods)
+bench.command("features")(bench_features)
+bench.command("int8")(bench_int8)
 bench.command("milvus")(bench_milvus)
 
 

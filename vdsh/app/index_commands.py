@@ -71,6 +71,21 @@ def encode_in_batches(model: HashingModel, images: np.ndarray, batch_size: int, 
     return np.concatenate(packed) if packed else np.empty((0, (model.bits + 7) // 8), np.uint8)
 
 
+def codes_from_cached_features(model: HashingModel, items: ImageSet) -> np.ndarray:
+    """Packed codes of a model on vector features (GIST, a backbone) from the feature cache: the features that
+    training computed are not computed again (the same codes as `model.encode`, which computes them)."""
+    import torch
+
+    from vdsh.index.codes import pack_codes, sign_codes
+    from vdsh.training.features import cached_feature_vectors
+
+    spec = model.input_spec
+    features = cached_feature_vectors(spec.features, np.asarray(items.images), items.name, spec.resolution)
+    with torch.no_grad():
+        outputs = [model.encoder(spec.standardise(features[i : i + 4096].to(model.device))) for i in range(0, len(features), 4096)]
+    return pack_codes(sign_codes(torch.cat(outputs)).cpu()) if outputs else np.empty((0, (model.bits + 7) // 8), np.uint8)
+
+
 def build_index(model_path: Path, items: ImageSet, kind: str, out: Path | None, batch_size: int = 1024,
                 device: str | None = None, ids: np.ndarray | None = None) -> ItemIndex:
     """Encode every image, add codes + labels + sources + 64x64 thumbnails, save atomically to `out`.
@@ -89,7 +104,10 @@ def build_index(model_path: Path, items: ImageSet, kind: str, out: Path | None, 
     if items.images.shape[1:] != (spec.channels, spec.size, spec.size):
         raise ValueError(f"{items.name} images are {items.images.shape[1:]}, the model takes "
                          f"({spec.channels}, {spec.size}, {spec.size})")
-    codes = encode_in_batches(model, items.images, batch_size, f"encoding {len(items)} images on {device}")
+    if spec.features in ("pixels", "image"):
+        codes = encode_in_batches(model, items.images, batch_size, f"encoding {len(items)} images on {device}")
+    else:
+        codes = codes_from_cached_features(model, items)
     index = ItemIndex(HammingIndex(model.bits, kind), model_id(model_path), items.class_names)
     index.add(
         codes,
@@ -196,6 +214,7 @@ def query_command(
     index: list[str] = typer.Option(..., "--index", help=INDEX_HELP),
     model: Path = typer.Option(..., "--model", exists=True, dir_okay=False, help="the model the index was built with"),
     k: int = typer.Option(10, "-k", "--k", min=1, max=1000, help="neighbours per image"),
+    int8: bool = typer.Option(False, "--int8", help="quantise the model's pretrained backbone to int8 (CPU)"),
 ) -> None:
     """Print the k nearest indexed items of each image: id, Hamming distance, labels, source."""
     from vdsh.data.transforms import ImageDecodeError, load_image
@@ -203,7 +222,7 @@ def query_command(
     from vdsh.training.model import load_model, model_id
 
     index = index_locations(index)
-    hashing_model = load_model(model)
+    hashing_model = load_model(model, int8=int8)
     items = open_items(index, model_id(model), hashing_model.bits)
     spec = hashing_model.input_spec
     for path in images:
@@ -244,6 +263,7 @@ def serve_command(
     limit_concurrency: int = typer.Option(256, "--limit-concurrency", min=1,
                                           help="connections and requests at once; past it uvicorn answers 503"),
     threads: int = typer.Option(1, "--threads", min=1, help="torch/FAISS threads per worker (1 suits single queries)"),
+    int8: bool = typer.Option(False, "--int8", help="quantise the model's pretrained backbone to int8 for CPU serving"),
 ) -> None:
     """Serve the index over HTTP: POST /search, /items, /health, /stats, /metrics, and a web page at /."""
     import uvicorn
@@ -261,6 +281,7 @@ def serve_command(
         VDSH_SERVE_MAX_IMAGE_PIXELS=str(max_image_pixels or ""), VDSH_SERVE_MEMORY_LIMIT_MB=str(memory_limit_mb),
         VDSH_SERVE_DECODE_WORKERS=str(decode_workers), VDSH_SERVE_REQUEST_TIMEOUT=str(request_timeout_s),
         VDSH_SERVE_HEADER_TIMEOUT=str(header_timeout_s),
+        VDSH_SERVE_INT8="1" if int8 else "0",
     )
     if api_key:
         os.environ["VDSH_API_KEY"] = api_key

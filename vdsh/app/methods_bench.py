@@ -109,13 +109,14 @@ def codes_of(encoder: torch.nn.Module, features: torch.Tensor, batch_size: int =
 
 def run_protocol(protocol: str, bits_list: list[int], methods: list[str], depth: int, width: int, iterations: dict[str, int],
                  method_options: dict, device: str, seed: int, data_root: str | None, train_limit: int | None,
-                 out: Path, publish: Callable[[list[dict]], None]) -> list[dict]:
+                 out: Path, publish: Callable[[list[dict]], None], features: str | None = None,
+                 resolution: int | None = None) -> list[dict]:
     """Every (method, bits) on one protocol; writes the plots, and `publish`es the results after every code length
     (a long run that is stopped still leaves the finished code lengths in the table)."""
     from vdsh.app.train_commands import protocol_features, validation_slice
     from vdsh.index.metrics import retrieval_metrics
 
-    _, prepare, images, split = protocol_features(protocol, data_root, seed)
+    _, prepare, images, split = protocol_features(protocol, data_root, seed, features=features, resolution=resolution)
     labels = torch.as_tensor(np.asarray(images.labels)).float()
     train = split.train if train_limit is None else np.random.default_rng(seed).permutation(split.train)[:train_limit]
     x, y = prepare(train), labels[train]
@@ -201,6 +202,8 @@ def bench_methods(
     seed: int = typer.Option(0),
     data_root: str = typer.Option(None, envvar="VDSH_DATA"),
     out: Path = typer.Option(Path("runs/bench-methods"), help="folder for results.json and the plots"),
+    features: str = typer.Option(None, help="input features (default per dataset: pixels, GIST for CIFAR-10), e.g. efficientnet-lite0"),
+    resolution: int = typer.Option(None, help="input side of a pretrained backbone (default 160)"),
 ) -> None:
     """Every method on each protocol at each code length: mAP@all, P@H<=2, time, memory; BENCHMARKS.md + plots."""
     from vdsh.files import atomic_write_text
@@ -216,9 +219,10 @@ def bench_methods(
     for protocol in [p.strip() for p in protocols.split(",") if p.strip()]:
         def publish(results: list[dict], protocol: str = protocol) -> None:
             atomic_write_text(out / f"{protocol}-results.json", json.dumps(results, indent=1))
-            write_section(f"Methods: {protocol}", section_body(results, protocol, depth, width, iterations)
+            title = f"Methods: {protocol}" + (f", {features}" if features else "") + (f" {resolution} px" if resolution else "")
+            write_section(title, section_body(results, protocol, depth, width, iterations)
                           + f"\n\nPlots: `{out}/{protocol}-<bits>-pr.png`, `{out}/{protocol}-<bits>-map-vs-time.png`.")
             typer.echo(f"wrote BENCHMARKS.md section 'Methods: {protocol}' and {out}/")
 
         run_protocol(protocol, bits_list, chosen, depth, width, iterations, method_options, device, seed,
-                     data_root, train_limit, out, publish)
+                     data_root, train_limit, out, publish, features, resolution)

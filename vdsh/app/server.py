@@ -141,6 +141,7 @@ def create_app(
     api_key: str | None = None,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     read_only: bool = False,
+    int8: bool = False,
     **limits,
 ) -> FastAPI:
     """The app for one index directory (or several shards, read-only) and one model file; nothing is
@@ -151,7 +152,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        catalog = Catalog.open(index_dir, model_path, settings.max_image_pixels)  # ModelIndexMismatch stops start-up
+        catalog = Catalog.open(index_dir, model_path, settings.max_image_pixels, int8)  # ModelIndexMismatch stops start-up
         budget.limit_bytes = decode_budget(settings, catalog.limits.worst_case_bytes(), resident_bytes())
         app.state.pool = DecodePool(settings.decode_workers, budget, settings.request_timeout_s)
         app.state.catalog = catalog
@@ -290,4 +291,5 @@ def app_from_environment() -> FastAPI:
         memory_limit_bytes=int(env.get("VDSH_SERVE_MEMORY_LIMIT_MB", DEFAULT_MEMORY_LIMIT_MB)) * 1024 * 1024,
         decode_workers=int(env.get("VDSH_SERVE_DECODE_WORKERS", "2")),
         request_timeout_s=float(env.get("VDSH_SERVE_REQUEST_TIMEOUT", "10")),
+        int8=env.get("VDSH_SERVE_INT8", "0") == "1",
     )

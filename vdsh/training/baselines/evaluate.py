@@ -1,8 +1,9 @@
 """Fit baselines on a protocol's training set and score their codes: mAP@all and wall-clock times.
 
-`vdsh bench baselines` runs this and writes the table into BENCHMARKS.md. Features are either pixels
-scaled to [0, 1] and flattened (the usual input of these methods on MNIST) or GIST-512 descriptors (the
-literature's input on CIFAR-10, where SDH reports mAP 0.479 at 48 bits on `cifar10-5k`).
+`vdsh bench baselines` runs this and writes the table into BENCHMARKS.md. Features come from the registry
+of `vdsh.training.features`: pixels scaled to [0, 1] and flattened (the usual input of these methods on
+MNIST), GIST-512 descriptors (the literature's input on CIFAR-10, where SDH reports mAP 0.479 at 48 bits on
+`cifar10-5k`) or an ImageNet-pretrained backbone's.
 """
 
 from __future__ import annotations
@@ -30,20 +31,12 @@ class BaselineResult:
     encode_s: float  # computing the query and database codes
 
 
-def pixel_features(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, C, H, W) -> float32 (N, C*H*W) in [0, 1]."""
-    return torch.from_numpy(images.reshape(len(images), -1)).float() / 255
+def protocol_features(images: np.ndarray, dataset: str, features: str, resolution: int | None = None) -> torch.Tensor:
+    """The (N, D) float features of a protocol's pool, from the registry of `vdsh.training.features`: 'pixels'
+    (/255), 'gist' or a pretrained backbone at `resolution` (computed once, then cached)."""
+    from vdsh.training.features import cached_feature_vectors
 
-
-def protocol_features(images: np.ndarray, dataset: str, features: str) -> torch.Tensor:
-    """The (N, D) float features of a protocol's pool: 'pixels' or 'gist' (computed once, then cached)."""
-    if features == "pixels":
-        return pixel_features(images)
-    if features == "gist":
-        from vdsh.data.gist import cached_gist_features
-
-        return cached_gist_features(images, name=dataset).float()
-    raise ValueError(f"features must be 'pixels' or 'gist', got {features!r}")
+    return cached_feature_vectors(features, images, dataset, resolution).float()
 
 
 def evaluate_baselines(
@@ -52,6 +45,7 @@ def evaluate_baselines(
     methods: list[str],
     seed: int = 0,
     features: str = "pixels",
+    resolution: int | None = None,
     on_result: Callable[[BaselineResult], None] | None = None,
 ) -> list[BaselineResult]:
     """One result per (bits, method), fitted with `seed` on the protocol's split for `seed`."""
@@ -59,7 +53,7 @@ def evaluate_baselines(
     if unknown:
         raise ValueError(f"unknown baseline(s) {unknown}; known: {sorted(BASELINES)}")
     images, split = load_protocol(protocol, seed=seed)
-    pixels, labels = protocol_features(images.images, images.name, features), images.labels
+    pixels, labels = protocol_features(np.asarray(images.images), images.name, features, resolution), images.labels
     results = []
     for bits in bits_list:
         for name in methods:

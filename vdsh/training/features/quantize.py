@@ -1,0 +1,145 @@
+"""int8 post-training quantisation of a backbone for CPU serving (torch.ao FX graph mode, static).
+
+Weights per channel and activations per tensor in int8 (the x86 / fbgemm backend's default qconfig),
+observers calibrated on a few hundred training images; the first stages stay in float (`FLOAT_STAGES`).
+Before tracing, timm's layers that FX cannot
+quantise are rewritten into plain ones: `Conv2dSame` (TensorFlow 'same' padding computed from the input
+size at run time) becomes a fixed `ZeroPad2d` + `Conv2d` for the one resolution the model serves, and
+`BatchNormAct2d` becomes `BatchNorm2d` + its activation, so that batch norm folds into the convolutions. Accuracy and speed against float: BENCHMARKS.md ("int8 backbone").
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from torch import nn
+from torch.ao.quantization import MinMaxObserver, PerChannelMinMaxObserver, QConfig, QConfigMapping
+
+from vdsh.training.features.efficientnet import EfficientNetLite0Features
+
+
+# Stages left in float: quantised alone, each of these lost most of the feature similarity (cosine to the
+# float features ~0.66-0.94, against > 0.99 for every later stage) in a probe on CIFAR-10 images: per-tensor
+# activation ranges of these narrow, wide-range early layers are what PTQ without cross-layer equalisation
+# handles worst. They hold a small share of the weights.
+FLOAT_STAGES = ("conv_stem", "blocks.0", "blocks.1")
+
+
+class ReLU6RangeObserver(MinMaxObserver):
+    """Observes only what the ReLU6 after a convolution keeps ([0, 6]): its int8 steps are not spent on
+    pre-activation values the clamp discards."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        super().forward(x.detach().clamp(0, 6))
+        return x
+
+
+def relu6_convolutions(net: nn.Module) -> list[str]:
+    """Names of the convolutions whose output goes (through batch norm) straight into a ReLU6."""
+    graph = torch.fx.symbolic_trace(net)
+    modules = dict(graph.named_modules())
+
+    def next_layer(node):
+        while node is not None:
+            node = next(iter(node.users)) if len(node.users) == 1 else None
+            if node is None or node.op != "call_module" or not isinstance(modules[node.target], (nn.Identity, nn.BatchNorm2d)):
+                return node
+        return None
+
+    names = []
+    for node in graph.graph.nodes:
+        if node.op == "call_module" and isinstance(modules[node.target], nn.Conv2d):
+            following = next_layer(node)
+            if following is not None and following.op == "call_module" and isinstance(modules[following.target], nn.ReLU6):
+                names.append(node.target)
+    return names
+
+
+def qconfig_mapping(net: nn.Module) -> QConfigMapping:
+    """int8 weights per channel (symmetric), activations per tensor (7-bit range, as fbgemm/x86 needs); the
+    ReLU6 ranges clamped; FLOAT_STAGES left in float."""
+    weight = PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
+    plain = QConfig(activation=MinMaxObserver.with_args(dtype=torch.quint8, reduce_range=True), weight=weight)
+    clamped = QConfig(activation=ReLU6RangeObserver.with_args(dtype=torch.quint8, reduce_range=True), weight=weight)
+    mapping = QConfigMapping().set_global(plain)
+    for name in relu6_convolutions(net):
+        floating = any(name == stage or name.startswith(stage + ".") for stage in FLOAT_STAGES)
+        mapping.set_module_name(name, None if floating else clamped)
+    for stage in FLOAT_STAGES:
+        mapping.set_module_name(stage, None)
+    return mapping
+
+
+@torch.inference_mode(False)
+@torch.no_grad()
+def quantize_int8(backbone: EfficientNetLite0Features, calibration: torch.Tensor, resolution: int,
+                  batch_size: int = 32) -> EfficientNetLite0Features:
+    """An int8 copy of `backbone` (CPU only), its activation ranges observed on uint8 `calibration` images."""
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    if len(calibration) == 0:
+        raise ValueError("int8 calibration needs at least one image")
+    quantized = copy.deepcopy(backbone).cpu().eval()
+    net = plain_layers(quantized.net, resolution)
+    pixels = [EfficientNetLite0Features.preprocess(torch.as_tensor(calibration[i : i + batch_size]), resolution)
+              for i in range(0, len(calibration), batch_size)]
+    if "x86" in torch.backends.quantized.supported_engines:
+        torch.backends.quantized.engine = "x86"
+    with warnings.catch_warnings():  # torch.ao's notice that FX quantisation is moving to torchao
+        warnings.simplefilter("ignore")
+        prepared = prepare_fx(net, qconfig_mapping(net), example_inputs=(pixels[0],))
+        for batch in pixels:
+            prepared(batch)
+        quantized.net = convert_fx(prepared)
+    return quantized
+
+
+def plain_layers(net: nn.Module, resolution: int) -> nn.Module:
+    """Replace timm's `Conv2dSame` and `BatchNormAct2d` in `net` by equivalent plain layers (in place) for inputs
+    of `resolution` pixels a side; the outputs are unchanged."""
+    from timm.layers import BatchNormAct2d
+    from timm.layers.conv2d_same import Conv2dSame
+    from timm.layers.padding import get_same_padding
+
+    input_sizes: dict[str, tuple[int, int]] = {}
+
+    def record(name: str):
+        def hook(_: nn.Module, args: tuple) -> None:
+            input_sizes[name] = tuple(args[0].shape[-2:])
+        return hook
+
+    hooks = [module.register_forward_pre_hook(record(name)) for name, module in net.named_modules()
+             if isinstance(module, Conv2dSame)]
+    with torch.no_grad():
+        net(torch.zeros(1, 3, resolution, resolution))
+    for hook in hooks:
+        hook.remove()
+    for name, module in list(net.named_modules()):
+        if isinstance(module, Conv2dSame):
+            (ih, iw), (kh, kw) = input_sizes[name], module.kernel_size
+            pad_h = get_same_padding(ih, kh, module.stride[0], module.dilation[0])
+            pad_w = get_same_padding(iw, kw, module.stride[1], module.dilation[1])
+            conv = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride, 0,
+                             module.dilation, module.groups, module.bias is not None)
+            conv.load_state_dict(module.state_dict())
+            plain = nn.Sequential(nn.ZeroPad2d((pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)), conv)
+        elif isinstance(module, BatchNormAct2d):
+            norm = nn.BatchNorm2d(module.num_features, module.eps, module.momentum)
+            norm.load_state_dict(module.state_dict())
+            plain = nn.Sequential(norm, module.drop, module.act)
+        else:
+            continue
+        parent, _, attribute = name.rpartition(".")
+        setattr(net.get_submodule(parent) if parent else net, attribute, plain)
+    return net.eval()
+
+
+def serialized_bytes(module: nn.Module) -> int:
+    """Size of a module's state dict as `torch.save` writes it: the model size the int8 table reports."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(module.state_dict(), buffer)
+    return buffer.getbuffer().nbytes
