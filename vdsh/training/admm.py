@@ -16,8 +16,8 @@ One sweep (every update reads only its neighbours: z_m sees layers m−1, m, m+1
   1. per block k, per chunk of its samples: the B-step (SDH's DCC on ||y − Wᵀb||² + ν||b − z_M||², or fixed
      class codewords with `codes='centres'`); then the z-steps: z_M exactly, z_m (m < M) by a prox-linear step
      (the upper constraint linearised, step 1/(β(1 + ||W_{m+1}||²))), in `order` 'odd-even' (all odd layers at
-     once, then all even ones: the DESIGN's parallel order) or 'backward' (Gauss–Seidel from the top down, as
-     dlADMM orders its updates, which carries the top's pull through the whole depth in one sweep);
+     once, then all even ones: the DESIGN's parallel order), 'backward' (Gauss–Seidel from the top down, which
+     carries the top's pull through the whole depth in one sweep) or 'backward-forward' (then bottom-up, dlADMM's);
   2. θ̃_k, every layer independently and at once: the exact minimiser of its block's constraint terms plus the
      consensus term, with the ReLU inverted on the target (units that should be on are fitted to z + u; units
      that are off and should be off keep their pre-activation): a ridge solve per layer, one batched Cholesky;
@@ -30,11 +30,13 @@ Memory: z and u of every hidden layer for every training sample, 2·N·(M−1)·
 
 Deviations from the paper, and why:
 - The paper's local subproblems are solved by gradient steps; here z_M and θ̃ are exact (θ̃ on the inverted
-  ReLU target, a majorising least squares) and z_m is one prox-linear step: every step is closed form.
+  ReLU target, a least-squares surrogate) and z_m is one prox-linear step: every step is closed form.
 - Data blocks, not single samples, carry weight copies: a copy per sample would need N copies of θ.
 - The top's loss is SDH's squared loss with its DCC B-step (`codes='learned'`); `codes='centres'` (fixed
-  codewords, CSQ-style) is our option, not the paper's. Hidden layers may start at the identity (`init`).
-Measured figures, the variants tried and their residuals: BENCHMARKS.md, "Training".
+  codewords, CSQ-style) is our option, not the paper's. The loss weight ω and a classifier ridge per sample are
+  ours too: with the plain squared loss Wᵀb overshoots y and classes end a few bits apart (thin margins).
+- Hidden layers may start at the identity (`init`, the default), as ProxProp's and back-prop's rows do.
+Measured figures, the variants tried and their residuals: BENCHMARKS.md, "ADMM variants" and "Training: … depth sweep".
 """
 
 from __future__ import annotations
