@@ -374,9 +374,10 @@ SWEEP_TRAINERS = ("admm", "proxprop")
 def bench_row(depth: int, width: int, label: str, summary: dict, history: list[dict], iterations: int) -> str:
     """One table row: what ran (codes target, augmentation), how well, how fast, and how far ADMM's constraints are from met."""
     m, options = summary["metrics"], summary["options"]
-    codes = options.get("codes", "centres" if summary["trainer"] == "proxprop" else "learned") if summary["trainer"] in SWEEP_TRAINERS else "—"
+    trainer = summary["trainer"]
+    codes = options.get("codes", TRAINERS[trainer][1].codes) if trainer in SWEEP_TRAINERS else "—"  # the options class's default
     augmentation = "none" if summary["augmentation"] is None else ", ".join(f"{k} {v}" for k, v in summary["augmentation"].items())
-    residual = f"{history[-1]['residual_max']:.3f}" if summary["trainer"] == "admm" else "—"
+    residual = f"{history[-1]['residual_max']:.3f}" if trainer == "admm" else "—"
     per_iteration = m["train_time_s"] / max(len(history), 1)
     return (f"| {depth} × {width} | {label} | {codes} | {augmentation} | {iterations} | {m['map_all']:.3f} | "
             f"{m['train_time_s']:.1f} | {per_iteration:.2f} | {residual} |")

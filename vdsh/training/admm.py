@@ -321,7 +321,7 @@ class AdmmTrainer:
             block.copy = solve_copy(stats, combine((1, theta), (1, block.v)), beta, gamma)
             for idx, inputs in chunks:
                 self.dual_step(block.copy, inputs, idx, totals, residual_sq, target_sq)
-        theta = state["theta"] = self.consensus()
+        state["theta"] = self.consensus()
         state["classifier"] = ridge_classifier(state["codes"], y, state["classifier_ridge"], reduce=global_sum)
         return self.close_sweep(y, totals, residual_sq, target_sq)
 
