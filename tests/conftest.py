@@ -32,7 +32,7 @@ def mnist_sample_features():
     import torch
 
     from vdsh.data.protocols import load_protocol
-    from vdsh.training.model import InputSpec
+    from vdsh.training.encoders.model import InputSpec
 
     images, split = load_protocol("mnist-sample")
     idx = split.train[::5]

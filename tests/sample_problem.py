@@ -15,8 +15,8 @@ from vdsh.data import load_protocol
 from vdsh.index.codes import sign_codes
 from vdsh.index.metrics import mean_average_precision
 from vdsh.training.validation import Validation
-from vdsh.training.baselines import fit_lsh
-from vdsh.training.model import HashingModel, InputSpec
+from vdsh.training.trainers.shallow import fit_lsh
+from vdsh.training.encoders.model import HashingModel, InputSpec
 
 CHANCE_MAP = 0.10  # ten balanced classes
 
@@ -54,7 +54,7 @@ def lsh_map(problem: SampleProblem, bits: int) -> float:
 
 def assert_round_trip(encoder: torch.nn.Module, problem: SampleProblem, tmp_path) -> None:
     """A trained encoder saves and loads (by its registered kind) to a model giving identical codes."""
-    from vdsh.training.model import load_model, save_model
+    from vdsh.training.encoders.model import load_model, save_model
 
     model = HashingModel(encoder.cpu(), problem.input_spec)
     save_model(tmp_path / "m.safetensors", model, {"trainer": "test"})

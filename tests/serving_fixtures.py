@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vdsh.app.bench_http import png_bytes, start_server  # noqa: F401  (re-exported to the tests)
+from vdsh.app.bench.http import png_bytes, start_server  # noqa: F401  (re-exported to the tests)
 from vdsh.data.protocols import load_protocol
-from vdsh.training.encoders import LinearEncoder
-from vdsh.training.model import HashingModel, InputSpec, save_model
+from vdsh.training.encoders.linear import LinearEncoder
+from vdsh.training.encoders.model import HashingModel, InputSpec, save_model
 
 BITS = 32
 MEAN, STD = 0.1307, 0.3081
@@ -55,7 +55,7 @@ def train_ridge_hashing_model(images: np.ndarray, classes: np.ndarray, bits: int
 
 
 def make_serving_setup(root: Path, index_items: int = 1500, train_items: int = 3000, kind: str = "flat") -> ServingSetup:
-    from vdsh.app.index_commands import build_index
+    from vdsh.app.cli.index import build_index
 
     pool, split = load_protocol("mnist-sample")
     train = pool.subset(split.train[:train_items])

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from vdsh.training.admm import (
+from vdsh.training.trainers.admm import (
     AdmmOptions, AdmmTrainer, CopyStatistics, forward_outputs, output_step, preactivations, relu_targets, solve_copy, top_step,
     upper_gradient,
 )
-from vdsh.training.mlp import DeepMLP
+from vdsh.training.encoders.mlp import DeepMLP
 from vdsh.training.stacked_mlp import LayerWeights
 
 

@@ -6,8 +6,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from vdsh.training.admm import AdmmOptions, AdmmTrainer
-from vdsh.training.mlp import DeepMLP
+from vdsh.training.trainers.admm import AdmmOptions, AdmmTrainer
+from vdsh.training.encoders.mlp import DeepMLP
 
 WORLD = 2
 OPTIONS = dict(sweeps=3, eval_every=0, keep_best=False)

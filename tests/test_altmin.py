@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from sample_problem import CHANCE_MAP, assert_round_trip, lsh_map, sample_problem
-from vdsh.training.altmin import (AltMinOptions, AltMinTrainer, damped, hidden_local_objective, hidden_newton_step,
+from vdsh.training.trainers.altmin import (AltMinOptions, AltMinTrainer, damped, hidden_local_objective, hidden_newton_step,
                                   layer_statistics, solve_layer, top_step)
-from vdsh.training.mlp import DeepMLP
+from vdsh.training.encoders.mlp import DeepMLP
 
 torch.set_default_dtype(torch.float32)
 

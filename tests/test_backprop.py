@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from vdsh.training.backprop import BackpropOptions, BackpropTrainer
-from vdsh.training.mlp import DeepMLP
+from vdsh.training.trainers.backprop import BackpropOptions, BackpropTrainer
+from vdsh.training.encoders.mlp import DeepMLP
 
 
 def test_backprop_learns_on_the_embedded_sample(mnist_sample_features):

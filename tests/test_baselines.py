@@ -10,12 +10,12 @@ import safetensors.torch
 import torch
 
 from vdsh.index.codes import as_multi_hot, sign_codes
-from vdsh.training.baselines import BASELINES
-from vdsh.training.baselines.itq import fit_itq, quantisation_loss
-from vdsh.training.baselines.lsh import fit_lsh
-from vdsh.training.baselines.sdh import discrete_code_step, fit_sdh, ridge_regression, solve_sdh
-from vdsh.training.baselines.spectral import fit_spectral, select_modes
-from vdsh.training.model import HashingModel, InputSpec, load_model, save_model
+from vdsh.training.trainers.shallow import BASELINES
+from vdsh.training.trainers.shallow.itq import fit_itq, quantisation_loss
+from vdsh.training.trainers.shallow.lsh import fit_lsh
+from vdsh.training.trainers.shallow.sdh import discrete_code_step, fit_sdh, ridge_regression, solve_sdh
+from vdsh.training.trainers.shallow.spectral import fit_spectral, select_modes
+from vdsh.training.encoders.model import HashingModel, InputSpec, load_model, save_model
 
 SMALL_SDH = {"anchors": 100}  # keeps synthetic fits fast; real-data tests use the default 1000
 
@@ -290,7 +290,7 @@ def test_bench_baselines_writes_its_measured_table_into_benchmarks_md(tmp_path, 
 
 
 def test_evaluating_an_unknown_baseline_names_the_known_ones():
-    from vdsh.training.baselines.evaluate import evaluate_baselines
+    from vdsh.training.trainers.shallow.evaluate import evaluate_baselines
 
     with pytest.raises(ValueError, match="known: \\['itq', 'lsh', 'sdh', 'spectral'\\]"):
         evaluate_baselines("mnist-sample", [8], ["pca-sign"])

@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi.testclient import TestClient
 
 from serving_fixtures import png_bytes, shared_setup
-from vdsh.app.bench_serve import _parse_ab, bomb_png, upload_call, worst_case_png
-from vdsh.app.decoding import ImageLimits, read_header
-from vdsh.app.server import create_app
+from vdsh.app.bench.serve import _parse_ab, bomb_png, upload_call, worst_case_png
+from vdsh.app.server.decoding import ImageLimits, read_header
+from vdsh.app.server.app import create_app
 
 AB_REPORT = """
 Complete requests:      1200

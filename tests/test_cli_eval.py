@@ -50,8 +50,8 @@ def test_eval_missing_file_is_a_clear_error(tmp_path):
 def test_eval_with_a_model_scores_its_own_protocol(tmp_path):
     """--model encodes the protocol the model records and gives the same mAP as scoring its codes directly."""
     from vdsh.index.metrics import mean_average_precision
-    from vdsh.training.encoders import LinearEncoder
-    from vdsh.training.model import HashingModel, InputSpec, save_model
+    from vdsh.training.encoders.linear import LinearEncoder
+    from vdsh.training.encoders.model import HashingModel, InputSpec, save_model
 
     torch.manual_seed(0)
     model = HashingModel(LinearEncoder(784, 16), InputSpec(channels=1, size=28, mean=[0.13], std=[0.31]))

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from vdsh.training.augment import Augmentation, FeatureNoise, FlatImageAugmentation, random_crop, random_flip
-from vdsh.training.classifier_baseline import ClassScoreCode
-from vdsh.training.cnn import CNN_KINDS
-from vdsh.training.model import ENCODERS, HashingModel, InputSpec, load_model, save_model
+from vdsh.training.encoders.class_scores import ClassScoreCode
+from vdsh.training.encoders.cnn import CNN_KINDS
+from vdsh.training.encoders.registry import ENCODERS
+from vdsh.training.encoders.model import HashingModel, InputSpec, load_model, save_model
 
 
 def small_encoder(kind: str, channels: int, size: int, bits: int):
@@ -135,7 +136,7 @@ def test_small_cnn_learns_on_the_embedded_sample(classifier_baseline, one_thread
 
     from vdsh.data.protocols import load_protocol
     from vdsh.index.metrics import mean_average_precision
-    from vdsh.training.cnn_training import CNN_OPTIONS, default_augmentation, train_cnn
+    from vdsh.training.trainers.cnn_backprop import CNN_OPTIONS, default_augmentation, train_cnn
 
     pool, split = load_protocol("mnist-sample")
     options = replace(CNN_OPTIONS, epochs=4, batch_size=128)

@@ -5,13 +5,14 @@ import pytest
 import torch
 
 from vdsh.training.validation import Validation
-from vdsh.training.cnn import CNN_KINDS
-from vdsh.training.cnn_local import (
+from vdsh.training.encoders.cnn import CNN_KINDS
+from vdsh.training.trainers.cnn_local import (
     BatchState, CnnLocalOptions, CnnLocalTrainer, auxiliary_update, block_outputs, frozen_running_stats, train_cnn_local,
 )
-from vdsh.training.cnn_mlp import CnnMlpEncoder
-from vdsh.training.mlp import DeepMLP
-from vdsh.training.model import ENCODERS, HashingModel, InputSpec, load_model, save_model
+from vdsh.training.encoders.cnn_mlp import CnnMlpEncoder
+from vdsh.training.encoders.mlp import DeepMLP
+from vdsh.training.encoders.registry import ENCODERS
+from vdsh.training.encoders.model import HashingModel, InputSpec, load_model, save_model
 
 CHANCE_MAP = 0.10  # ten balanced classes
 
@@ -139,7 +140,7 @@ def query_map(model: HashingModel, pool, split) -> float:
 
 
 def test_cnn_local_learns_on_the_embedded_sample(one_thread):
-    from vdsh.training.cnn_training import default_augmentation
+    from vdsh.training.trainers.cnn_backprop import default_augmentation
 
     pool, split, train, validation = sample_slice(2000)
     model, history = train_cnn_local("small_cnn", pool.images[train], pool.labels[train], bits=48, width=8,
@@ -152,8 +153,8 @@ def test_cnn_local_learns_on_the_embedded_sample(one_thread):
 
 
 def test_hybrid_learns_and_saves_as_one_model_with_identical_codes(tmp_path, one_thread):
-    from vdsh.training.cnn_training import default_augmentation
-    from vdsh.training.hybrid import hybrid_options, train_hybrid
+    from vdsh.training.trainers.cnn_backprop import default_augmentation
+    from vdsh.training.trainers.hybrid import hybrid_options, train_hybrid
 
     pool, split, train, validation = sample_slice(2000)
     options = hybrid_options(trunk_epochs=4, mlp_depth=4, device="cpu", seed=0,
@@ -187,7 +188,7 @@ def test_cnn_mlp_encoder_round_trips_untrained_and_checks_its_parts(tmp_path):
 
 
 def test_fold_standardisation_is_exact():
-    from vdsh.training.hybrid import fold_standardisation
+    from vdsh.training.trainers.hybrid import fold_standardisation
 
     torch.manual_seed(0)
     mlp = DeepMLP(6, 3, 8, 4)
@@ -263,7 +264,7 @@ def test_bench_cnn_train_writes_one_row_per_trainer(tmp_path, monkeypatch, one_t
 def test_validation_slices_avoid_training_images_unless_the_protocol_trains_on_its_whole_database():
     from types import SimpleNamespace
 
-    from vdsh.app.train_commands import validation_pool, validation_source
+    from vdsh.app.cli.train import validation_pool, validation_source
 
     held_out = SimpleNamespace(train=np.arange(0, 50), database=np.arange(0, 100))
     assert np.array_equal(validation_pool(held_out), np.arange(50, 100))

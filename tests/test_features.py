@@ -85,8 +85,8 @@ def photo(path, kind: str) -> None:
 @pretrained
 def test_a_saved_backbone_model_encodes_png_and_jpeg_photos_end_to_end(tmp_path):
     from vdsh.data.transforms import load_image
-    from vdsh.training.encoders import LinearEncoder
-    from vdsh.training.model import HashingModel, InputSpec, load_model, save_model
+    from vdsh.training.encoders.linear import LinearEncoder
+    from vdsh.training.encoders.model import HashingModel, InputSpec, load_model, save_model
 
     torch.manual_seed(0)
     calibration = torch.as_tensor(random_images(16))
@@ -108,7 +108,7 @@ def test_a_saved_backbone_model_encodes_png_and_jpeg_photos_end_to_end(tmp_path)
     assert int8.int8 and int8.encode(pixels).shape == (2, 16)
 
     # indexed (codes from the feature cache), then queried with the JPEG: the PNG's item comes back at its distance
-    from vdsh.app.index_commands import build_index
+    from vdsh.app.cli.index import build_index
     from vdsh.data.imageset import ImageSet
     from vdsh.index.codes import pack_codes
 

@@ -5,10 +5,10 @@ import torch
 from torch import nn
 
 from sample_problem import CHANCE_MAP, assert_round_trip, lsh_map, sample_problem
-from vdsh.training.backprop import BackpropOptions, BackpropTrainer
-from vdsh.training.features_replay import (FeaturesReplayOptions, FeaturesReplayTrainer, MlpModule, ReplayState,
+from vdsh.training.trainers.backprop import BackpropOptions, BackpropTrainer
+from vdsh.training.trainers.features_replay import (FeaturesReplayOptions, FeaturesReplayTrainer, MlpModule, ReplayState,
                                            module_bounds, replay_step)
-from vdsh.training.mlp import DeepMLP
+from vdsh.training.encoders.mlp import DeepMLP
 
 
 def test_modules_cover_every_layer_once():

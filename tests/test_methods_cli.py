@@ -6,15 +6,15 @@ import pytest
 from typer.testing import CliRunner
 
 from vdsh.app.cli import app
-from vdsh.training.model import load_model
+from vdsh.training.encoders.model import load_model
 
 
 def test_every_method_has_a_trainer_behind_the_command():
-    from vdsh.app.train_commands import build_encoder, build_trainer
-    from vdsh.training.altmin import AltMinTrainer
-    from vdsh.training.features_replay import FeaturesReplayTrainer
-    from vdsh.training.semantic_hashing import SemanticHashingTrainer, SigmoidEncoder
-    from vdsh.training.taylor_admm import TaylorAdmmTrainer
+    from vdsh.app.cli.train import build_encoder, build_trainer
+    from vdsh.training.trainers.altmin import AltMinTrainer
+    from vdsh.training.trainers.features_replay import FeaturesReplayTrainer
+    from vdsh.training.trainers.semantic_hashing import SemanticHashingTrainer, SigmoidEncoder
+    from vdsh.training.trainers.taylor_admm import TaylorAdmmTrainer
 
     expected = {"altmin": AltMinTrainer, "taylor": TaylorAdmmTrainer, "replay": FeaturesReplayTrainer, "semantic": SemanticHashingTrainer}
     for name, cls in expected.items():
@@ -58,8 +58,8 @@ def test_bench_methods_writes_a_table_and_plots(tmp_path, monkeypatch):
 def test_augmentation_applies_to_the_trainers_that_take_it_shifts_on_pixels_noise_on_gist():
     import typer
 
-    from vdsh.app.train_commands import INPUT_SPECS, mlp_augmentation
-    from vdsh.training.model import InputSpec
+    from vdsh.app.cli.train import INPUT_SPECS, mlp_augmentation
+    from vdsh.training.encoders.model import InputSpec
 
     pixels, gist = INPUT_SPECS["mnist"], InputSpec(3, 32, "gist")
     shifts = mlp_augmentation("mnist-5k", pixels, "proxprop", None)

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from serving_fixtures import png_bytes, shared_setup, start_server, stop_server
 from vdsh.app.cli import app as cli_app
-from vdsh.app.server import create_app
+from vdsh.app.server.app import create_app
 from vdsh.index.milvus_items import IVF_FROM, NLIST_MAX, MilvusItems, MilvusTarget, _decode_thumbnail, _encode_thumbnail, choose_index
 from vdsh.index.store import load_index
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from vdsh.training.mlp import DeepMLP
-from vdsh.training.model import HashingModel, InputSpec, load_model, save_model
+from vdsh.training.encoders.mlp import DeepMLP
+from vdsh.training.encoders.model import HashingModel, InputSpec, load_model, save_model
 
 
 def test_layers_are_addressable_and_kaiming_initialised():

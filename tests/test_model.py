@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from vdsh.data import load
-from vdsh.training.encoders import LinearEncoder
-from vdsh.training.model import HashingModel, InputSpec, load_model, model_id, save_model
+from vdsh.training.encoders.linear import LinearEncoder
+from vdsh.training.encoders.model import HashingModel, InputSpec, load_model, model_id, save_model
 
 
 def small_model() -> HashingModel:

@@ -118,7 +118,7 @@ def test_bring_your_own_images_end_to_end(tmp_path, monkeypatch):
     # 5. serve it, and search over HTTP with the same file
     import httpx
 
-    from vdsh.app.bench_http import start_server
+    from vdsh.app.bench.http import start_server
     from tests.serving_fixtures import stop_server
 
     process, url = start_server(index, run / "model.safetensors")
@@ -133,8 +133,8 @@ def test_bring_your_own_images_end_to_end(tmp_path, monkeypatch):
 
 def test_index_refuses_a_shape_the_model_does_not_take_before_decoding(tmp_path, monkeypatch):
     from vdsh.data import folder
-    from vdsh.training.encoders import LinearEncoder
-    from vdsh.training.model import HashingModel, InputSpec, save_model
+    from vdsh.training.encoders.linear import LinearEncoder
+    from vdsh.training.encoders.model import HashingModel, InputSpec, save_model
 
     make_image_folder(tmp_path / "images", per_class=2)
     save_model(tmp_path / "m.safetensors", HashingModel(LinearEncoder(28 * 28, 16), InputSpec(1, 28)))
@@ -166,9 +166,9 @@ def test_validation_says_where_it_comes_from(tmp_path, monkeypatch):
 def test_hybrid_reports_every_trunk_epoch_and_head_sweep():
     from dataclasses import replace
 
-    from vdsh.training.proxprop import ProxPropOptions
-    from vdsh.training.cnn_training import CNN_OPTIONS
-    from vdsh.training.hybrid import HybridOptions, train_hybrid
+    from vdsh.training.trainers.proxprop import ProxPropOptions
+    from vdsh.training.trainers.cnn_backprop import CNN_OPTIONS
+    from vdsh.training.trainers.hybrid import HybridOptions, train_hybrid
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (40, 1, 12, 12), dtype=np.uint8)
@@ -207,7 +207,7 @@ def test_saved_codes_carry_ids_and_class_names_and_still_load(tmp_path, suffix):
 
 
 def test_an_mlp_trains_on_a_folder_of_grey_images_at_a_chosen_size(tmp_path):
-    from vdsh.training.model import read_model_metadata
+    from vdsh.training.encoders.model import read_model_metadata
 
     make_image_folder(tmp_path / "images", per_class=10)
     result = vdsh("train", "--protocol", f"folder:{tmp_path / 'images'}", "--queries-per-class", "2", "--channels", "1",

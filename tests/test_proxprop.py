@@ -5,11 +5,11 @@ import torch
 
 from vdsh.training.augment import Augmentation, FlatImageAugmentation
 from vdsh.training.code_head import class_codewords, discrete_codes, ridge_classifier, target_codes, top_preactivation
-from vdsh.training.proxprop import (
+from vdsh.training.trainers.proxprop import (
     ProxPropOptions, ProxPropTrainer, Targets, backward_targets, forward_pass, solve_weights, weight_statistics,
 )
 from vdsh.training.stacked_mlp import LayerWeights
-from vdsh.training.mlp import DeepMLP
+from vdsh.training.encoders.mlp import DeepMLP
 
 torch.set_default_dtype(torch.float32)
 

@@ -6,10 +6,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from vdsh.training.proxprop import ProxPropOptions, ProxPropTrainer, Targets, forward_pass, weight_statistics
+from vdsh.training.trainers.proxprop import ProxPropOptions, ProxPropTrainer, Targets, forward_pass, weight_statistics
 from vdsh.training.stacked_mlp import LayerWeights
 from vdsh.training.distributed import global_mean
-from vdsh.training.mlp import DeepMLP
+from vdsh.training.encoders.mlp import DeepMLP
 
 WORLD = 2
 

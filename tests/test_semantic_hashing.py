@@ -5,7 +5,7 @@ import torch
 from torch.nn.functional import softplus
 
 from sample_problem import CHANCE_MAP, assert_round_trip, sample_problem
-from vdsh.training.semantic_hashing import (Rbm, SemanticHashingOptions, SemanticHashingTrainer, SigmoidEncoder,
+from vdsh.training.trainers.semantic_hashing import (Rbm, SemanticHashingOptions, SemanticHashingTrainer, SigmoidEncoder,
                                             cd1_gradients, train_rbm)
 
 

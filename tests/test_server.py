@@ -16,10 +16,10 @@ from PIL import Image
 
 from serving_fixtures import (BITS, encoded_bytes, png_bytes, shared_server, shared_setup, start_server, stop_server,
                               train_ridge_hashing_model)
-from vdsh.app.catalog import ModelIndexMismatch, ReadOnlyCatalog
-from vdsh.app.server import create_app
+from vdsh.app.server.catalog import ModelIndexMismatch, ReadOnlyCatalog
+from vdsh.app.server.app import create_app
 from vdsh.index.store import load_index
-from vdsh.training.model import save_model
+from vdsh.training.encoders.model import save_model
 
 KEY = "test-key"
 LIMIT = 256 * 1024
@@ -452,7 +452,7 @@ def test_cli_index_build_refuses_bad_arguments(setup, tmp_path):
 
 
 def test_http_load_generator_is_bounded_and_counts_every_request(setup):
-    from vdsh.app.bench_http import health_latency, run_load
+    from vdsh.app.bench.http import health_latency, run_load
 
     url = shared_server()
     uploads = [png_bytes(image) for image in setup.query_images[:5]]

@@ -15,10 +15,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from serving_fixtures import png_bytes, shared_server, shared_setup
-from vdsh.app.budget import MemoryBudget, ServerBusy
-from vdsh.app.catalog import Catalog
-from vdsh.app.decoding import ImageLimits, decode_for_model, default_max_pixels, read_header
-from vdsh.app.server import MemoryLimitTooLow, create_app
+from vdsh.app.server.budget import MemoryBudget, ServerBusy
+from vdsh.app.server.catalog import Catalog
+from vdsh.app.server.decoding import ImageLimits, decode_for_model, default_max_pixels, read_header
+from vdsh.app.server.app import MemoryLimitTooLow, create_app
 from vdsh.data.transforms import ImageDecodeError, load_image
 from vdsh.index.store import load_index
 

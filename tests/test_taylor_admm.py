@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from sample_problem import CHANCE_MAP, assert_round_trip, lsh_map, sample_problem
-from vdsh.training.mlp import DeepMLP
-from vdsh.training.taylor_admm import TaylorAdmmOptions, TaylorAdmmTrainer, activation_step, output_step, relu_coupled_preactivation
+from vdsh.training.encoders.mlp import DeepMLP
+from vdsh.training.trainers.taylor_admm import TaylorAdmmOptions, TaylorAdmmTrainer, activation_step, output_step, relu_coupled_preactivation
 
 
 def gradient_at(objective, point: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from vdsh.training.distributed import broadcast_
-from vdsh.training.mlp import DeepMLP, check_plain_mlp_problem, identity_hidden_layers
+from vdsh.training.encoders.mlp import DeepMLP, check_plain_mlp_problem, identity_hidden_layers
 
 
 @dataclass

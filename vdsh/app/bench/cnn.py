@@ -1,0 +1,201 @@
+"""CNN commands: `vdsh bench cnn` (CPU encoding latency of each CNN encoder: it sets the server's query latency),
+`vdsh bench cnn-train` (the CNN trainers side by side) and the CNN path of `vdsh train`."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import typer
+
+from vdsh.app.bench.report import markdown_table, write_section
+from vdsh.app.cli.protocol_options import DEPRECATED_DATASET, chosen_protocol
+
+IMAGE_SHAPES = {"mnist": (1, 28), "cifar10": (3, 32)}
+
+
+def encode_seconds(model, images: torch.Tensor, repeats: int) -> list[float]:
+    """Wall time of `model.encode(images)` (uint8 in, packed-ready ±1 codes out), after one warm-up call."""
+    model.encode(images)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model.encode(images)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def bench_cnn(
+    bits: int = typer.Option(64, help="Code length of the hashing head."),
+    dataset: str = typer.Option("cifar10", help=f"Image shape to time: one of {sorted(IMAGE_SHAPES)}."),
+    repeats: int = typer.Option(50, help="Timed calls per batch size; the median is reported."),
+    threads: int = typer.Option(0, help="torch CPU threads (0: torch's default)."),
+) -> None:
+    """Time CPU encoding per image at batch 1 and batch 64 for each CNN encoder, at its default width."""
+    from vdsh.training.encoders.cnn import CNN_KINDS
+    from vdsh.training.encoders.model import HashingModel, InputSpec
+    from vdsh.training.encoders.registry import ENCODERS
+
+    if dataset not in IMAGE_SHAPES:
+        raise ValueError(f"dataset must be one of {sorted(IMAGE_SHAPES)}, got {dataset!r}")
+    if threads > 0:
+        torch.set_num_threads(threads)
+    channels, size = IMAGE_SHAPES[dataset]
+    torch.manual_seed(0)
+    rows = []
+    for kind in CNN_KINDS:
+        encoder = ENCODERS[kind](channels, size, bits)
+        model = HashingModel(encoder, InputSpec(channels, size, "image", [0.5] * channels, [0.25] * channels)).eval()
+        params = sum(p.numel() for p in encoder.parameters())
+        row = [kind, encoder.width, f"{params / 1e6:.2f}"]
+        for batch in (1, 64):
+            images = torch.randint(0, 256, (batch, channels, size, size), dtype=torch.uint8)
+            per_image_ms = [1e3 * t / batch for t in encode_seconds(model, images, repeats)]
+            row += [f"{statistics.median(per_image_ms):.3f}", f"{min(per_image_ms):.3f}"]
+        rows.append(row)
+        typer.echo(f"{kind}: median ms/image batch 1 {row[3]}, batch 64 {row[5]}")
+    write_section(
+        f"CNN encoding latency ({dataset})",
+        f"CPU time per image of `HashingModel.encode` (uint8 {channels}x{size}x{size} in, {bits}-bit codes out, "
+        f"eval mode, float32), median and best of {repeats} calls after a warm-up, {torch.get_num_threads()} torch threads "
+        "(best is the figure an idle machine approaches when others share its cores).\n\n"
+        + markdown_table(["encoder", "width", "params (M)", "batch 1 median ms/image", "batch 1 best",
+                        "batch 64 median ms/image", "batch 64 best"], rows),
+    )
+
+
+CNN_TRAINERS = ("backprop", "cnn-local", "hybrid")
+
+
+def fit_cnn(trainer: str, encoder: str, images, labels, bits: int, width: int | None, depth: int | None, device: str,
+            seed: int, epochs: int, extra: dict, augmentation, validation, classifier_baseline: bool,
+            show_progress: bool = True):
+    """One CNN training run on uint8 images: (HashingModel, history, the options used as a dict).
+
+    augmentation None: none (train_cnn's own default would crop and flip). A progress bar counts epochs
+    (the hybrid: trunk epochs, then head sweeps)."""
+    from dataclasses import asdict, replace
+
+    from vdsh.app.cli.train import epoch_reporter
+    from vdsh.progress import progress_bar
+    from vdsh.training.augment import NO_AUGMENTATION
+    from vdsh.training.trainers.cnn_backprop import CNN_OPTIONS, train_cnn
+
+    if classifier_baseline and trainer != "backprop":
+        raise typer.BadParameter(f"--classifier-baseline trains a back-prop classifier; it does not apply to --trainer {trainer}")
+    if trainer == "cnn-local":
+        from vdsh.training.trainers.cnn_local import CnnLocalOptions, train_cnn_local
+
+        options = CnnLocalOptions(**{"epochs": epochs, "device": device, "seed": seed, **extra})
+        steps = options.epochs
+        fit = lambda progress: train_cnn_local(encoder, images, labels, bits, width, options, augmentation,  # noqa: E731
+                                               validation, progress)
+    elif trainer == "hybrid":
+        from vdsh.training.trainers.hybrid import HybridOptions, hybrid_options, train_hybrid
+
+        options = hybrid_options(epochs, depth or HybridOptions.mlp_depth, device, seed, extra)
+        steps = options.trunk.epochs + options.head.sweeps
+        fit = lambda progress: train_hybrid(encoder, images, labels, bits, width, options,  # noqa: E731
+                                            augmentation or NO_AUGMENTATION, validation, progress)
+    else:
+        options = replace(CNN_OPTIONS, device=device, seed=seed, epochs=epochs,
+                          dtype="bfloat16" if device.startswith("cuda") else "float32", **extra)
+        steps = options.epochs
+        fit = lambda progress: train_cnn(encoder, images, labels, bits, width, options,  # noqa: E731
+                                         augmentation or NO_AUGMENTATION, classifier_baseline, progress=progress)
+    unit = "trunk epochs + head sweeps" if trainer == "hybrid" else "epochs"
+    with progress_bar(f"{trainer} {encoder}, {unit}", steps, show_progress) as advance:
+        model, history = fit(epoch_reporter(advance))
+    return model, history, asdict(options)
+
+
+def run_cnn_training(protocol: str, bits: int, encoder: str, width: int | None, device: str, seed: int, epochs: int,
+                     out, data_root: str | None, extra: dict | None = None, classifier_baseline: bool = False,
+                     trainer: str = "backprop", depth: int | None = None, augment: bool | None = None,
+                     protocol_options: dict | None = None, show_progress: bool = True) -> dict:
+    """`vdsh train --encoder small_cnn|resnet9|dwsep [--trainer backprop|cnn-local|hybrid]`: train on the protocol's
+    images, save like the MLP path. cnn-local and hybrid keep the epoch / sweep with the best mAP on a validation
+    slice (`validation_slice`: never a query); back-prop keeps its last epoch.
+
+    augment: the dataset's augmentation (None: where it names one; True: the photos recipe where it names none).
+    protocol_options: keyword arguments of `load_protocol`."""
+    from vdsh.app.cli.train import (describe_run, final_query_map, mark_validation, protocol_facts, save_run,
+                                         validation_slice, validation_source)
+    from vdsh.data.protocols import load_protocol
+    from vdsh.training.augment import chosen_augmentation
+
+    if trainer not in CNN_TRAINERS:
+        raise typer.BadParameter(f"CNN encoders train with --trainer {', '.join(CNN_TRAINERS)}, got {trainer!r}")
+    images, split = load_protocol(protocol, data_root, seed, **(protocol_options or {}))
+    augmentation = chosen_augmentation(split.spec.dataset, augment)
+    labels = torch.as_tensor(images.labels).float()
+    validation = None if trainer == "backprop" else validation_slice(split, labels, lambda idx: images.images[idx], seed)
+    source = None if validation is None else validation_source(split)
+    if show_progress:
+        describe_run(split, images, augmentation, source)
+    torch.manual_seed(seed)
+    model, history, options = fit_cnn(trainer, encoder, images.images[split.train], images.labels[split.train], bits,
+                                      width, depth, device, seed, epochs, extra or {}, augmentation,
+                                      validation, classifier_baseline, show_progress)
+    summary = {"protocol": split.protocol, "seed": split.seed, "trainer": trainer, "encoder": encoder,
+               "encoder_config": model.encoder.config(), "bits": bits, "classifier_baseline": classifier_baseline,
+               "options": options, "augmentation": augmentation.config() if augmentation else None,
+               "validation": source, **protocol_facts(split, images),
+               "metrics": {"map_all": final_query_map(model, images, split, "cpu"), "val_map": history[-1].get("val_map"),
+                           "train_time_s": history[-1]["time"]}}
+    if out is not None:
+        save_run(out, model, summary, mark_validation(history, source), split, images.images.shape)
+    return summary
+
+
+# (row name, trainer, classifier baseline) of `vdsh bench cnn-train`
+CNN_BENCH_ROWS = {
+    "backprop": ("back-prop CNN", "backprop", False),
+    "classifier": ("classifier baseline", "backprop", True),
+    "cnn-local": ("CNN block-wise local updates", "cnn-local", False),
+    "hybrid": ("hybrid: back-prop trunk + ProxProp MLP head", "hybrid", False),
+}
+
+
+def bench_cnn_train(
+    protocol: str = typer.Option(None, "--protocol", help="a protocol, as `vdsh train --protocol` (default mnist-5k)"),
+    dataset: str = DEPRECATED_DATASET,
+    bits: int = typer.Option(48),
+    encoder: str = typer.Option("small_cnn", help="small_cnn, resnet9 or dwsep"),
+    width: int = typer.Option(None, help="CNN base channels (default per encoder)"),
+    epochs: int = typer.Option(10, help="epochs of back-prop, the classifier, cnn-local and the hybrid's trunk"),
+    rows: str = typer.Option(",".join(CNN_BENCH_ROWS), help=f"comma-separated subset of {', '.join(CNN_BENCH_ROWS)}"),
+    options: str = typer.Option("{}", help='per-row options as JSON, e.g. \'{"hybrid": {"head": {"sweeps": 5}}}\''),
+    device: str = typer.Option("cuda" if torch.cuda.is_available() else "cpu"),
+    seed: int = typer.Option(0),
+    data_root: str = typer.Option(None, envvar="VDSH_DATA"),
+) -> None:
+    """Back-prop CNN vs its classifier baseline vs block-wise local updates (cnn-local) vs the hybrid, one protocol; a BENCHMARKS.md section."""
+    import json
+
+    protocol = chosen_protocol(protocol, dataset, "mnist-5k")
+    chosen = [r.strip() for r in rows.split(",") if r.strip()]
+    unknown = sorted(set(chosen) - set(CNN_BENCH_ROWS))
+    if unknown:
+        raise typer.BadParameter(f"unknown rows {unknown}; known: {', '.join(CNN_BENCH_ROWS)}")
+    per_row = json.loads(options)
+    table, source = [], None  # where the validation slice came from (the same split for every row)
+    for row in chosen:
+        name, trainer, classifier = CNN_BENCH_ROWS[row]
+        summary = run_cnn_training(protocol, bits, encoder, width, device, seed, epochs, None, data_root,
+                                   per_row.get(row, {}), classifier, trainer)
+        m = summary["metrics"]
+        source = summary["validation"] or source
+        table.append([name, f"{m['map_all']:.4f}", f"{m['train_time_s']:.1f}"])
+        typer.echo(f"{name}: mAP@all {m['map_all']:.4f}, train {m['train_time_s']:.1f} s")
+        write_section(
+            f"CNN trainers: {protocol}, {bits} bits, {encoder}",
+            f"Protocol {protocol}, {bits} bits, seed {seed}, {encoder} (width {width or 'default'}), {epochs} epochs "
+            "(the hybrid: trunk epochs, then ProxProp sweeps of its MLP head); mAP@all of the protocol's queries against its "
+            "database, forward-pass codes. Train time: the trainer's own wall clock, its mAP evaluations excluded (the "
+            "hybrid's includes extracting the training features). cnn-local and the hybrid keep the "
+            f"epoch / sweep with the best mAP on a validation slice of {source or 'no images'}.\n\n"
+            + markdown_table(["trainer", "mAP@all", "train s"], table),
+            device=device,
+        )

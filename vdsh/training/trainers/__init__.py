@@ -1,0 +1,1 @@
+"""The training methods, one module per method; `registry.py` names them."""

@@ -1,0 +1,201 @@
+"""Semantic hashing (Salakhutdinov & Hinton, 2009): stacked RBMs, unrolled into a deep autoencoder.
+
+Unsupervised: labels are only used to score validation codes.
+  1. pretraining, layer by layer, by contrastive divergence (CD-1): a Gaussian–Bernoulli RBM on the
+     real-valued input (unit-variance visibles: the input is standardised), then Bernoulli–Bernoulli
+     RBMs on the hidden probabilities of the layer below, the last one with `bits` hidden units;
+  2. unrolling: encoder = the RBMs' up-passes, decoder = their transposes, sigmoid everywhere except
+     the Gaussian (linear) reconstruction of the input;
+  3. fine-tuning the autoencoder on reconstruction error by back-propagation, with Gaussian noise
+     added to the code layer's input so that its logistic units are pushed to 0 or 1 (the paper's
+     "deterministic noise");
+  4. codes: the code layer thresholded at ½, i.e. the sign of its pre-activation. With `balance`,
+     the threshold is moved to each unit's training median (every bit splits the data in half), a
+     common fix for codes whose units are mostly on or mostly off.
+The result is a `SigmoidEncoder` (registered kind "sigmoid-mlp"): sigmoid hidden layers, a linear top.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from vdsh.training.encoders.sigmoid_mlp import SigmoidEncoder
+from vdsh.training.validation import Validation, evaluate_encoder
+
+
+@dataclass
+class SemanticHashingOptions:
+    rbm_epochs: int = 10
+    rbm_lr: float = 0.05  # Bernoulli–Bernoulli layers
+    gaussian_lr: float = 0.01  # the Gaussian–Bernoulli first layer needs a smaller step (unbounded visibles)
+    momentum: float = 0.9
+    weight_decay: float = 2e-4
+    batch_size: int = 100
+    finetune_epochs: int = 10
+    finetune_lr: float = 1e-3  # Adam
+    code_noise: float = 4.0  # std of the noise added to the code layer's input during fine-tuning (paper: 4)
+    balance: bool = True
+    device: str = "cpu"
+    eval_every: int = 1
+    eval_size: int = 1000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if min(self.rbm_epochs, self.finetune_epochs) < 0 or self.batch_size < 1:
+            raise ValueError("epochs must be >= 0 and batch_size >= 1")
+
+
+@dataclass
+class Rbm:
+    """weight (visible, hidden), visible bias, hidden bias; `gaussian`: real-valued, unit-variance visibles."""
+
+    weight: torch.Tensor
+    visible_bias: torch.Tensor
+    hidden_bias: torch.Tensor
+    gaussian: bool
+
+    @classmethod
+    def initial(cls, visible: torch.Tensor, hidden: int, gaussian: bool, generator: torch.Generator) -> "Rbm":
+        weight = 0.01 * torch.randn(visible.shape[1], hidden, generator=generator).to(visible)
+        # Visible biases at the data's mean (log-odds for Bernoulli units): Hinton's practical guide.
+        mean = visible.mean(0)
+        vbias = mean if gaussian else torch.logit(mean.clamp(1e-3, 1 - 1e-3))
+        return cls(weight, vbias, torch.zeros(hidden, dtype=visible.dtype, device=visible.device), gaussian)
+
+    def hidden_probabilities(self, v: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(v @ self.weight + self.hidden_bias)
+
+    def visible_mean(self, h: torch.Tensor) -> torch.Tensor:
+        pre = h @ self.weight.T + self.visible_bias
+        return pre if self.gaussian else torch.sigmoid(pre)
+
+
+def cd1_gradients(rbm: Rbm, v: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """CD-1 estimates of the log-likelihood gradient (weight, visible bias, hidden bias) and the reconstruction error.
+
+    Positive phase on the data, one Gibbs step (sampled hiddens, mean-field visibles, hidden
+    probabilities) for the negative phase.
+    """
+    h_prob = rbm.hidden_probabilities(v)
+    h_sample = (torch.rand(h_prob.shape, generator=generator).to(h_prob) < h_prob).to(v.dtype)
+    v_model = rbm.visible_mean(h_sample)
+    h_model = rbm.hidden_probabilities(v_model)
+    n = v.shape[0]
+    grad_w = (v.T @ h_prob - v_model.T @ h_model) / n
+    return grad_w, (v - v_model).mean(0), (h_prob - h_model).mean(0), float((v - v_model).pow(2).sum(1).mean())
+
+
+def train_rbm(rbm: Rbm, data: torch.Tensor, epochs: int, lr: float, momentum: float, weight_decay: float,
+              batch_size: int, generator: torch.Generator) -> list[float]:
+    """Momentum SGD on CD-1 gradients; returns the reconstruction error of each epoch."""
+    velocity = [torch.zeros_like(t) for t in (rbm.weight, rbm.visible_bias, rbm.hidden_bias)]
+    errors = []
+    for _ in range(epochs):
+        order = torch.randperm(len(data), generator=generator).to(data.device)
+        total = 0.0
+        for idx in order.split(batch_size):
+            grad_w, grad_v, grad_h, error = cd1_gradients(rbm, data[idx], generator)
+            grads = (grad_w - weight_decay * rbm.weight, grad_v, grad_h)
+            for vel, grad, param in zip(velocity, grads, (rbm.weight, rbm.visible_bias, rbm.hidden_bias)):
+                vel.mul_(momentum).add_(grad, alpha=lr)
+                param.add_(vel)
+            total += error * len(idx)
+        errors.append(total / len(data))
+    return errors
+
+
+class UnrolledAutoencoder(nn.Module):
+    """Encoder layers (the RBMs' up-passes) and decoder layers (their transposes, untied), code noise between."""
+
+    def __init__(self, rbms: list[Rbm]) -> None:
+        super().__init__()
+        self.encoder = SigmoidEncoder([rbms[0].weight.shape[0]] + [r.weight.shape[1] for r in rbms])
+        self.decoder = nn.ModuleList(nn.Linear(r.weight.shape[1], r.weight.shape[0]) for r in reversed(rbms))
+        with torch.no_grad():
+            for linear, rbm in zip(self.encoder.linears, rbms):
+                linear.weight.copy_(rbm.weight.T)
+                linear.bias.copy_(rbm.hidden_bias)
+            for linear, rbm in zip(self.decoder, reversed(rbms)):
+                linear.weight.copy_(rbm.weight)
+                linear.bias.copy_(rbm.visible_bias)
+
+    def reconstruct(self, x: torch.Tensor, code_noise: float) -> torch.Tensor:
+        pre = self.encoder(x)
+        h = torch.sigmoid(pre + code_noise * torch.randn_like(pre)) if code_noise else torch.sigmoid(pre)
+        for linear in self.decoder[:-1]:
+            h = torch.sigmoid(linear(h))
+        return self.decoder[-1](h)  # Gaussian visibles: linear reconstruction
+
+
+class SemanticHashingTrainer:
+    """Pretrains stacked RBMs of the encoder's sizes, fine-tunes the unrolled autoencoder; `fit` -> (encoder, history)."""
+
+    def __init__(self, options: SemanticHashingOptions | None = None, progress: Callable[[dict], None] | None = None) -> None:
+        self.options = options or SemanticHashingOptions()
+        self.progress = progress
+
+    def fit(self, encoder: SigmoidEncoder, features: torch.Tensor, labels: torch.Tensor,
+            validation: Validation | None = None) -> tuple[SigmoidEncoder, list[dict]]:
+        """labels only score the validation codes; the encoder gives the layer sizes and receives the weights."""
+        opt = self.options
+        if not isinstance(encoder, SigmoidEncoder):
+            raise ValueError("SemanticHashingTrainer trains a SigmoidEncoder; got " + type(encoder).__name__)
+        if features.ndim != 2 or features.shape[1] != encoder.sizes[0] or len(features) != len(labels):
+            raise ValueError(f"features must be (N, {encoder.sizes[0]}) with N labels, got {tuple(features.shape)}, {tuple(labels.shape)}")
+        torch.manual_seed(opt.seed)
+        generator = torch.Generator().manual_seed(opt.seed)
+        device = torch.device(opt.device)
+        x, y = features.to(device).float(), labels.to(device).float()
+        history: list[dict] = []
+        start = time.perf_counter()
+        rbms, visible = [], x
+        for layer, hidden in enumerate(encoder.sizes[1:]):
+            rbm = Rbm.initial(visible, hidden, gaussian=layer == 0, generator=generator)
+            lr = opt.gaussian_lr if layer == 0 else opt.rbm_lr
+            errors = train_rbm(rbm, visible, opt.rbm_epochs, lr, opt.momentum, opt.weight_decay, opt.batch_size, generator)
+            for epoch, error in enumerate(errors, 1):
+                self.record(history, {"phase": f"rbm{layer + 1}", "epoch": epoch, "loss": error, "time": time.perf_counter() - start})
+            rbms.append(rbm)
+            visible = rbm.hidden_probabilities(visible)
+        autoencoder = UnrolledAutoencoder(rbms).to(device)
+        optimizer = torch.optim.Adam(autoencoder.parameters(), lr=opt.finetune_lr)
+        for epoch in range(1, opt.finetune_epochs + 1):
+            total = 0.0
+            for idx in torch.randperm(len(x), device=device).split(opt.batch_size):
+                loss = (autoencoder.reconstruct(x[idx], opt.code_noise) - x[idx]).pow(2).sum(1).mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += float(loss.detach()) * len(idx)
+            record = {"phase": "finetune", "epoch": epoch, "loss": total / len(x), "time": time.perf_counter() - start}
+            if (opt.eval_every and epoch % opt.eval_every == 0) or epoch == opt.finetune_epochs:
+                record.update(self.scored(autoencoder.encoder, x, y, validation))
+            self.record(history, record)
+        encoder.to(device).load_state_dict(autoencoder.encoder.state_dict())
+        encoder.eval()
+        if opt.balance:
+            balance_codes(encoder, x)
+        if opt.finetune_epochs == 0 or opt.balance:
+            history[-1].update(self.scored(encoder, x, y, validation))
+        return encoder, history
+
+    def scored(self, encoder: SigmoidEncoder, x: torch.Tensor, y: torch.Tensor, validation: Validation | None) -> dict:
+        out = evaluate_encoder(encoder, x, y, validation, self.options.eval_size, self.options.seed)
+        encoder.train()
+        return out
+
+    def record(self, history: list[dict], record: dict) -> None:
+        history.append({"sweep": len(history) + 1, **record})
+        if self.progress:
+            self.progress(history[-1])
+
+
+@torch.no_grad()
+def balance_codes(encoder: SigmoidEncoder, x: torch.Tensor) -> None:
+    """Shift the top bias so that every code unit's threshold is its training median."""
+    encoder.linears[-1].bias.sub_(encoder(x).median(0).values)
