@@ -10,7 +10,7 @@ import safetensors.torch
 import torch
 
 from vdsh.index.codes import as_multi_hot, sign_codes
-from vdsh.training.trainers.shallow import BASELINES
+from vdsh.training.trainers.registry import SHALLOW_HASHERS as BASELINES
 from vdsh.training.trainers.shallow.itq import fit_itq, quantisation_loss
 from vdsh.training.trainers.shallow.lsh import fit_lsh
 from vdsh.training.trainers.shallow.sdh import discrete_code_step, fit_sdh, ridge_regression, solve_sdh
@@ -289,8 +289,8 @@ def test_bench_baselines_writes_its_measured_table_into_benchmarks_md(tmp_path, 
     assert all(0 < float(row.split("|")[3]) <= 1 for row in rows)  # an mAP, as measured
 
 
-def test_evaluating_an_unknown_baseline_names_the_known_ones():
-    from vdsh.training.trainers.shallow.evaluate import evaluate_baselines
+def test_an_unknown_trainer_names_the_known_ones():
+    from vdsh.training.run import RunConfig
 
-    with pytest.raises(ValueError, match="known: \\['itq', 'lsh', 'sdh', 'spectral'\\]"):
-        evaluate_baselines("mnist-sample", [8], ["pca-sign"])
+    with pytest.raises(ValueError, match="lsh, itq, spectral, sdh"):
+        RunConfig("mnist-sample", "pca-sign")

@@ -7,12 +7,14 @@ import torch
 from vdsh.training.validation import Validation
 from vdsh.training.encoders.cnn import CNN_KINDS
 from vdsh.training.trainers.cnn_local import (
-    BatchState, CnnLocalOptions, CnnLocalTrainer, auxiliary_update, block_outputs, frozen_running_stats, train_cnn_local,
+    BatchState, CnnLocalOptions, CnnLocalTrainer, auxiliary_update, block_outputs, frozen_running_stats,
 )
 from vdsh.training.encoders.cnn_mlp import CnnMlpEncoder
 from vdsh.training.encoders.mlp import DeepMLP
 from vdsh.training.encoders.registry import ENCODERS
 from vdsh.training.encoders.model import HashingModel, InputSpec, load_model, save_model
+from vdsh.training.protocol_inputs import image_spec, prepare_images
+from vdsh.training.run import RunConfig
 
 CHANCE_MAP = 0.10  # ten balanced classes
 
@@ -116,8 +118,8 @@ def test_cnn_local_rejects_bad_input():
         trainer.fit(encoder, x, y[:5])
     with pytest.raises(ValueError, match="fit_inputs"):
         CnnLocalOptions(fit_inputs="both")
-    with pytest.raises(ValueError, match="not a CNN encoder"):
-        train_cnn_local("mlp", np.zeros((4, 1, 28, 28), np.uint8), np.eye(4, dtype=np.uint8), 8)
+    with pytest.raises(ValueError, match="a CNN encoder trains with"):
+        RunConfig("mnist-sample", "cnn-local", encoder="mlp")
 
 
 def sample_slice(n_train: int):
@@ -128,8 +130,11 @@ def sample_slice(n_train: int):
     train = np.sort(np.random.default_rng(0).permutation(split.train)[:n_train])
     held_out = np.random.default_rng(1).permutation(np.setdiff1d(split.database, split.train))
     vq, vdb = np.sort(held_out[:300]), np.sort(held_out[300:1500])
-    validation = Validation(pool.images[vq], pool.labels[vq], pool.images[vdb], pool.labels[vdb])
-    return pool, split, train, validation
+    spec = image_spec(pool.images[train])
+    prepared = lambda idx: prepare_images(spec, pool.images[idx])  # noqa: E731
+    labels = torch.as_tensor(pool.labels).float()
+    validation = Validation(prepared(vq), labels[vq], prepared(vdb), labels[vdb])
+    return pool, split, spec, (prepared(train), labels[train]), validation
 
 
 def query_map(model: HashingModel, pool, split) -> float:
@@ -140,12 +145,13 @@ def query_map(model: HashingModel, pool, split) -> float:
 
 
 def test_cnn_local_learns_on_the_embedded_sample(one_thread):
-    from vdsh.training.trainers.cnn_backprop import default_augmentation
+    from vdsh.training.augment import default_augmentation
 
-    pool, split, train, validation = sample_slice(2000)
-    model, history = train_cnn_local("small_cnn", pool.images[train], pool.labels[train], bits=48, width=8,
-                                    options=CnnLocalOptions(epochs=3), augmentation=default_augmentation("mnist-sample"),
-                                    validation=validation)
+    pool, split, spec, (x, y), validation = sample_slice(2000)
+    torch.manual_seed(0)
+    trainer = CnnLocalTrainer(CnnLocalOptions(epochs=3), augment=default_augmentation("mnist-sample"))
+    encoder, history = trainer.fit(ENCODERS["small_cnn"](1, 28, 48, width=8), x, y, validation)
+    model = HashingModel(encoder.cpu().eval(), spec)
     assert len(history) == 3 and all("val_map" in r and not r.get("diverged") for r in history)
     assert history[-1]["val_map"] > history[0]["val_map"]
     # Chance 0.10; measured 0.89 on the 1,000 queries vs the 9,000-image database (validation 0.61, 0.82, 0.89 by epoch).
@@ -153,14 +159,16 @@ def test_cnn_local_learns_on_the_embedded_sample(one_thread):
 
 
 def test_hybrid_learns_and_saves_as_one_model_with_identical_codes(tmp_path, one_thread):
-    from vdsh.training.trainers.cnn_backprop import default_augmentation
-    from vdsh.training.trainers.hybrid import hybrid_options, train_hybrid
+    from vdsh.training.augment import default_augmentation
+    from vdsh.training.trainers.hybrid import HybridTrainer, hybrid_options
 
-    pool, split, train, validation = sample_slice(2000)
-    options = hybrid_options(trunk_epochs=4, mlp_depth=4, device="cpu", seed=0,
-                             extra={"mlp_width": 128, "trunk": {"batch_size": 128}, "head": {"sweeps": 4}})
-    model, history = train_hybrid("small_cnn", pool.images[train], pool.labels[train], bits=48, width=8, options=options,
-                                  augmentation=default_augmentation("mnist-sample"), validation=validation)
+    pool, split, spec, (x, y), validation = sample_slice(2000)
+    options = hybrid_options({"epochs": 4, "mlp_depth": 4, "bits": 48, "mlp_width": 128, "trunk": {"batch_size": 128},
+                              "head": {"sweeps": 4}})
+    torch.manual_seed(0)
+    trainer = HybridTrainer(options, augment=default_augmentation("mnist-sample"))
+    encoder, history = trainer.fit(ENCODERS["small_cnn"](1, 28, 10, width=8), x, y, validation)
+    model = HashingModel(encoder, spec)
     assert [r["stage"] for r in history] == ["trunk"] * 4 + ["head"] * 4
     assert all(a["time"] <= b["time"] for a, b in zip(history, history[1:]))
     assert isinstance(model.encoder, CnnMlpEncoder) and model.bits == 48
@@ -233,7 +241,7 @@ def test_train_command_saves_a_model_that_eval_and_index_build_use_unchanged(tra
 @pytest.mark.parametrize("args, message", [
     (["--encoder", "small_cnn", "--trainer", "admm"], "a CNN encoder trains with"),
     (["--encoder", "mlp", "--trainer", "hybrid"], "a CNN encoder trains with"),
-    (["--trainer", "cnn-local", "--classifier-baseline"], "classifier-baseline"),
+    (["--trainer", "cnn-local", "--classifier-baseline"], "classifier baseline trains by back-prop"),
 ])
 def test_train_command_refuses_trainer_and_encoder_that_do_not_fit(args, message):
     from typer.testing import CliRunner
@@ -264,7 +272,7 @@ def test_bench_cnn_train_writes_one_row_per_trainer(tmp_path, monkeypatch, one_t
 def test_validation_slices_avoid_training_images_unless_the_protocol_trains_on_its_whole_database():
     from types import SimpleNamespace
 
-    from vdsh.app.cli.train import validation_pool, validation_source
+    from vdsh.training.protocol_inputs import validation_pool, validation_source
 
     held_out = SimpleNamespace(train=np.arange(0, 50), database=np.arange(0, 100))
     assert np.array_equal(validation_pool(held_out), np.arange(50, 100))

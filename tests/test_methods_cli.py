@@ -10,16 +10,25 @@ from vdsh.training.encoders.model import load_model
 
 
 def test_every_method_has_a_trainer_behind_the_command():
-    from vdsh.app.cli.train import build_encoder, build_trainer
+    from vdsh.training.encoders.sigmoid_mlp import SigmoidEncoder
+    from vdsh.training.run import RunConfig, build_encoder
     from vdsh.training.trainers.altmin import AltMinTrainer
+    from vdsh.training.trainers.base import Trainer
     from vdsh.training.trainers.features_replay import FeaturesReplayTrainer
-    from vdsh.training.trainers.semantic_hashing import SemanticHashingTrainer, SigmoidEncoder
+    from vdsh.training.trainers.registry import CNN_METHODS, MLP_METHODS
+    from vdsh.training.trainers.semantic_hashing import SemanticHashingTrainer
     from vdsh.training.trainers.taylor_admm import TaylorAdmmTrainer
 
     expected = {"altmin": AltMinTrainer, "taylor": TaylorAdmmTrainer, "replay": FeaturesReplayTrainer, "semantic": SemanticHashingTrainer}
     for name, cls in expected.items():
-        assert isinstance(build_trainer(name, {"seed": 1}, None), cls)
-    assert isinstance(build_encoder("semantic", 784, 3, 32, 16, False, False), SigmoidEncoder)
+        method = MLP_METHODS[name]
+        trainer = method.trainer(method.options({"seed": 1}))
+        assert isinstance(trainer, cls) and trainer.options.seed == 1
+    for method in [*MLP_METHODS.values(), *CNN_METHODS.values()]:
+        options = method.options({})  # what the progress bar counts: the iterations field, or the hybrid's steps
+        assert issubclass(method.trainer, Trainer) and (hasattr(options, "steps") or hasattr(options, method.iterations))
+    config = RunConfig("mnist-sample", "semantic", 16, depth=3, width=32)
+    assert isinstance(build_encoder(config, MLP_METHODS["semantic"], None, (784,), 10), SigmoidEncoder)
 
 
 # The ReLU-network trainers share one code path in the command; semantic hashing builds another encoder.
@@ -56,12 +65,19 @@ def test_bench_methods_writes_a_table_and_plots(tmp_path, monkeypatch):
 
 
 def test_augmentation_applies_to_the_trainers_that_take_it_shifts_on_pixels_noise_on_gist():
-    import typer
+    from types import SimpleNamespace
 
-    from vdsh.app.cli.train import INPUT_SPECS, mlp_augmentation
     from vdsh.training.encoders.model import InputSpec
+    from vdsh.training.run import RunConfig, input_augmentation
+    from vdsh.training.trainers.registry import MLP_METHODS
 
-    pixels, gist = INPUT_SPECS["mnist"], InputSpec(3, 32, "gist")
+    def inputs(protocol: str, spec: InputSpec):
+        return SimpleNamespace(spec=spec, split=SimpleNamespace(spec=SimpleNamespace(dataset=protocol.split("-")[0])))
+
+    def mlp_augmentation(protocol: str, spec: InputSpec, trainer: str, augment: bool | None):
+        return input_augmentation(RunConfig(protocol, trainer, augment=augment), MLP_METHODS[trainer], inputs(protocol, spec))
+
+    pixels, gist = InputSpec(1, 28, "pixels", [0.1307], [0.3081]), InputSpec(3, 32, "gist")
     shifts = mlp_augmentation("mnist-5k", pixels, "proxprop", None)
     assert shifts.config() == {"crop_padding": 2, "flip": False} and (shifts.channels, shifts.size) == (1, 28)
     assert mlp_augmentation("mnist-5k", pixels, "backprop", True) is not None
@@ -70,5 +86,5 @@ def test_augmentation_applies_to_the_trainers_that_take_it_shifts_on_pixels_nois
     assert mlp_augmentation("mnist-5k", pixels, "admm", True) is not None
     assert mlp_augmentation("cifar10-5k", gist, "backprop", None).config() == {"feature_noise": 0.5}
     assert mlp_augmentation("mnist-5k", pixels, "altmin", None) is None  # where it does not apply, auto means none
-    with pytest.raises(typer.BadParameter, match="trainer"):
+    with pytest.raises(ValueError, match="trainer"):
         mlp_augmentation("cifar10-5k", gist, "altmin", True)

@@ -168,14 +168,20 @@ def test_hybrid_reports_every_trunk_epoch_and_head_sweep():
 
     from vdsh.training.trainers.proxprop import ProxPropOptions
     from vdsh.training.trainers.cnn_backprop import CNN_OPTIONS
-    from vdsh.training.trainers.hybrid import HybridOptions, train_hybrid
+    import torch
+
+    from vdsh.training.encoders.registry import ENCODERS
+    from vdsh.training.protocol_inputs import image_spec, prepare_images
+    from vdsh.training.trainers.hybrid import HybridOptions, HybridTrainer
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (40, 1, 12, 12), dtype=np.uint8)
     labels = np.eye(2, dtype=np.uint8)[rng.integers(0, 2, 40)]
-    options = HybridOptions(trunk=replace(CNN_OPTIONS, epochs=2, batch_size=16), head=ProxPropOptions(sweeps=3), mlp_width=16)
+    options = HybridOptions(trunk=replace(CNN_OPTIONS, epochs=2, batch_size=16), head=ProxPropOptions(sweeps=3), mlp_width=16,
+                            bits=8)
     records = []
-    train_hybrid("small_cnn", images, labels, 8, 4, options, progress=records.append)
+    x, y = prepare_images(image_spec(images), images), torch.as_tensor(labels).float()
+    HybridTrainer(options, records.append).fit(ENCODERS["small_cnn"](1, 12, 2, width=4), x, y)
     assert len(records) == 2 + 3, "one report per trunk epoch and per head sweep"
 
 

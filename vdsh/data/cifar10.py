@@ -21,7 +21,7 @@ TEST_BATCHES = ["test_batch"]
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 INFO = DatasetInfo("cifar10", 3, 32, CLASSES, "photos",
                    "60,000 colour photos (50,000 training then 10,000 test); an item's source cifar10:N is its "
-                   "position N in that order")
+                   "position N in that order", features="gist")  # GIST: the input of VDSH's and SDH's CIFAR-10 figures
 
 
 def _unpickle(path: Path) -> dict:

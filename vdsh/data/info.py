@@ -14,8 +14,10 @@ AUGMENTATIONS = {
 @dataclass(frozen=True)
 class DatasetInfo:
     """A dataset's facts: image shape (None where it varies: folders, NUS-WIDE, decoded at a chosen size),
-    class names (None where they are read from the files), and the augmentation that suits its images
-    (None: none unless asked)."""
+    class names (None where they are read from the files), the augmentation that suits its images (None:
+    none unless asked), the input features MLPs and shallow hashers get by default (a kind of
+    `vdsh.training.features`), and the fixed per-channel pixel mean and std where the literature uses one
+    (None: the training images' own statistics)."""
 
     name: str
     channels: int | None
@@ -23,6 +25,8 @@ class DatasetInfo:
     class_names: tuple[str, ...] | None
     augmentation: str | None
     description: str
+    features: str = "pixels"
+    pixel_stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     def __post_init__(self) -> None:
         if self.augmentation is not None and self.augmentation not in AUGMENTATIONS:

@@ -14,7 +14,7 @@ from vdsh.data.paths import DatasetNotFoundError
 CLASSES = [str(d) for d in range(10)]
 INFO = DatasetInfo("mnist", 1, 28, tuple(CLASSES), "digits",
                    "70,000 handwritten digits (60,000 training then 10,000 test); an item's source mnist:N is its "
-                   "position N in that order")
+                   "position N in that order", pixel_stats=((0.1307,), (0.3081,)))  # the usual MNIST mean and std
 _PREFIX = {"train": "train", "test": "t10k"}
 
 

@@ -1,5 +1,5 @@
-"""CNN commands: `vdsh bench cnn` (CPU encoding latency of each CNN encoder: it sets the server's query latency),
-`vdsh bench cnn-train` (the CNN trainers side by side) and the CNN path of `vdsh train`."""
+"""`vdsh bench cnn` (CPU encoding latency of each CNN encoder: it sets the server's query latency) and
+`vdsh bench cnn-train` (the CNN trainers side by side)."""
 
 from __future__ import annotations
 
@@ -65,90 +65,6 @@ def bench_cnn(
     )
 
 
-CNN_TRAINERS = ("backprop", "cnn-local", "hybrid")
-
-
-def fit_cnn(trainer: str, encoder: str, images, labels, bits: int, width: int | None, depth: int | None, device: str,
-            seed: int, epochs: int, extra: dict, augmentation, validation, classifier_baseline: bool,
-            show_progress: bool = True):
-    """One CNN training run on uint8 images: (HashingModel, history, the options used as a dict).
-
-    augmentation None: none (train_cnn's own default would crop and flip). A progress bar counts epochs
-    (the hybrid: trunk epochs, then head sweeps)."""
-    from dataclasses import asdict, replace
-
-    from vdsh.app.cli.train import epoch_reporter
-    from vdsh.progress import progress_bar
-    from vdsh.training.augment import NO_AUGMENTATION
-    from vdsh.training.trainers.cnn_backprop import CNN_OPTIONS, train_cnn
-
-    if classifier_baseline and trainer != "backprop":
-        raise typer.BadParameter(f"--classifier-baseline trains a back-prop classifier; it does not apply to --trainer {trainer}")
-    if trainer == "cnn-local":
-        from vdsh.training.trainers.cnn_local import CnnLocalOptions, train_cnn_local
-
-        options = CnnLocalOptions(**{"epochs": epochs, "device": device, "seed": seed, **extra})
-        steps = options.epochs
-        fit = lambda progress: train_cnn_local(encoder, images, labels, bits, width, options, augmentation,  # noqa: E731
-                                               validation, progress)
-    elif trainer == "hybrid":
-        from vdsh.training.trainers.hybrid import HybridOptions, hybrid_options, train_hybrid
-
-        options = hybrid_options(epochs, depth or HybridOptions.mlp_depth, device, seed, extra)
-        steps = options.trunk.epochs + options.head.sweeps
-        fit = lambda progress: train_hybrid(encoder, images, labels, bits, width, options,  # noqa: E731
-                                            augmentation or NO_AUGMENTATION, validation, progress)
-    else:
-        options = replace(CNN_OPTIONS, device=device, seed=seed, epochs=epochs,
-                          dtype="bfloat16" if device.startswith("cuda") else "float32", **extra)
-        steps = options.epochs
-        fit = lambda progress: train_cnn(encoder, images, labels, bits, width, options,  # noqa: E731
-                                         augmentation or NO_AUGMENTATION, classifier_baseline, progress=progress)
-    unit = "trunk epochs + head sweeps" if trainer == "hybrid" else "epochs"
-    with progress_bar(f"{trainer} {encoder}, {unit}", steps, show_progress) as advance:
-        model, history = fit(epoch_reporter(advance))
-    return model, history, asdict(options)
-
-
-def run_cnn_training(protocol: str, bits: int, encoder: str, width: int | None, device: str, seed: int, epochs: int,
-                     out, data_root: str | None, extra: dict | None = None, classifier_baseline: bool = False,
-                     trainer: str = "backprop", depth: int | None = None, augment: bool | None = None,
-                     protocol_options: dict | None = None, show_progress: bool = True) -> dict:
-    """`vdsh train --encoder small_cnn|resnet9|dwsep [--trainer backprop|cnn-local|hybrid]`: train on the protocol's
-    images, save like the MLP path. cnn-local and hybrid keep the epoch / sweep with the best mAP on a validation
-    slice (`validation_slice`: never a query); back-prop keeps its last epoch.
-
-    augment: the dataset's augmentation (None: where it names one; True: the photos recipe where it names none).
-    protocol_options: keyword arguments of `load_protocol`."""
-    from vdsh.app.cli.train import (describe_run, final_query_map, mark_validation, protocol_facts, save_run,
-                                         validation_slice, validation_source)
-    from vdsh.data.protocols import load_protocol
-    from vdsh.training.augment import chosen_augmentation
-
-    if trainer not in CNN_TRAINERS:
-        raise typer.BadParameter(f"CNN encoders train with --trainer {', '.join(CNN_TRAINERS)}, got {trainer!r}")
-    images, split = load_protocol(protocol, data_root, seed, **(protocol_options or {}))
-    augmentation = chosen_augmentation(split.spec.dataset, augment)
-    labels = torch.as_tensor(images.labels).float()
-    validation = None if trainer == "backprop" else validation_slice(split, labels, lambda idx: images.images[idx], seed)
-    source = None if validation is None else validation_source(split)
-    if show_progress:
-        describe_run(split, images, augmentation, source)
-    torch.manual_seed(seed)
-    model, history, options = fit_cnn(trainer, encoder, images.images[split.train], images.labels[split.train], bits,
-                                      width, depth, device, seed, epochs, extra or {}, augmentation,
-                                      validation, classifier_baseline, show_progress)
-    summary = {"protocol": split.protocol, "seed": split.seed, "trainer": trainer, "encoder": encoder,
-               "encoder_config": model.encoder.config(), "bits": bits, "classifier_baseline": classifier_baseline,
-               "options": options, "augmentation": augmentation.config() if augmentation else None,
-               "validation": source, **protocol_facts(split, images),
-               "metrics": {"map_all": final_query_map(model, images, split, "cpu"), "val_map": history[-1].get("val_map"),
-                           "train_time_s": history[-1]["time"]}}
-    if out is not None:
-        save_run(out, model, summary, mark_validation(history, source), split, images.images.shape)
-    return summary
-
-
 # (row name, trainer, classifier baseline) of `vdsh bench cnn-train`
 CNN_BENCH_ROWS = {
     "backprop": ("back-prop CNN", "backprop", False),
@@ -174,6 +90,8 @@ def bench_cnn_train(
     """Back-prop CNN vs its classifier baseline vs block-wise local updates (cnn-local) vs the hybrid, one protocol; a BENCHMARKS.md section."""
     import json
 
+    from vdsh.training.run import RunConfig, run
+
     protocol = chosen_protocol(protocol, dataset, "mnist-5k")
     chosen = [r.strip() for r in rows.split(",") if r.strip()]
     unknown = sorted(set(chosen) - set(CNN_BENCH_ROWS))
@@ -183,8 +101,9 @@ def bench_cnn_train(
     table, source = [], None  # where the validation slice came from (the same split for every row)
     for row in chosen:
         name, trainer, classifier = CNN_BENCH_ROWS[row]
-        summary = run_cnn_training(protocol, bits, encoder, width, device, seed, epochs, None, data_root,
-                                   per_row.get(row, {}), classifier, trainer)
+        summary = run(RunConfig(protocol, trainer, bits, encoder=encoder, width=width, classifier_baseline=classifier,
+                                iterations=epochs, options=per_row.get(row, {}), device=device, seed=seed,
+                                data_root=data_root)).summary
         m = summary["metrics"]
         source = summary["validation"] or source
         table.append([name, f"{m['map_all']:.4f}", f"{m['train_time_s']:.1f}"])

@@ -46,7 +46,7 @@ def bench_features(
     """Per input resolution: extraction images/s on this CPU, and mAP@all of SDH on the frozen features."""
     from vdsh.data.protocols import load_protocol
     from vdsh.training.features import cached_feature_vectors, load_backbone
-    from vdsh.training.trainers.shallow.evaluate import evaluate_baselines
+    from vdsh.training.run import RunConfig, run
 
     pool, _ = load_protocol(protocol, data_root, seed)
     images = np.asarray(pool.images)
@@ -58,8 +58,9 @@ def bench_features(
         full_minutes = len(images) / rate / 60
         if extract or cached_path_exists(images, pool.name, features, resolution):
             cached_feature_vectors(features, images, pool.name, resolution)
-            result = evaluate_baselines(protocol, [bits], ["sdh"], seed, features, resolution)[0]
-            score = f"{result.map_all:.4f}"
+            result = run(RunConfig(protocol, "sdh", bits, seed=seed, data_root=data_root, features=features,
+                                   resolution=resolution, show_progress=False))
+            score = f"{result.summary['metrics']['map_all']:.4f}"
         else:
             score = "not measured (features not extracted)"
         rows.append([resolution, f"{rate:.0f}", f"{full_minutes:.1f}", score])

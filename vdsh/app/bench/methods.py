@@ -23,10 +23,13 @@ import torch
 import typer
 
 from vdsh.app.bench.report import markdown_table, write_section
+from vdsh.training.protocol_inputs import protocol_inputs, validation_slice
+from vdsh.training.run import RunConfig, build_encoder, protocol_codes
+from vdsh.training.trainers.registry import MLP_METHODS, SHALLOW_HASHERS
 
-BASELINE_METHODS = ("lsh", "itq", "sdh", "spectral")
-NETWORK_METHODS = ("admm", "proxprop", "backprop", "altmin", "taylor", "replay", "semantic")
-SWEEP_METHODS = ("admm", "proxprop", "altmin", "taylor")
+BASELINE_METHODS = tuple(SHALLOW_HASHERS)
+NETWORK_METHODS = tuple(MLP_METHODS)
+SWEEP_METHODS = tuple(name for name, method in MLP_METHODS.items() if method.iterations == "sweeps")
 # Published figures to stand beside ours (method, protocol, bits) -> (mAP@all, source).
 LITERATURE = {
     ("sdh", "cifar10-5k", 48): (0.479, "Shen et al. 2015 (SDH), GIST"),
@@ -87,24 +90,15 @@ def peak_memory(device: str):
 def fit_method(method: str, bits: int, x: torch.Tensor, y: torch.Tensor, validation, depth: int, width: int,
                iterations: dict[str, int], options: dict, device: str, seed: int) -> tuple[torch.nn.Module, list[dict]]:
     """Fit one method on the training features; (encoder on the CPU, history: [] for the baselines)."""
-    if method in BASELINE_METHODS:
-        from vdsh.training.trainers.shallow import BASELINES
-
-        return BASELINES[method](x, y.numpy(), bits=bits, seed=seed, **options), []
-    from vdsh.app.cli.train import TRAINERS, build_encoder, build_trainer
-
+    if method in SHALLOW_HASHERS:
+        return SHALLOW_HASHERS[method](x, y.numpy(), bits=bits, seed=seed, **options), []
+    entry = MLP_METHODS[method]
+    settings = {"device": device, "seed": seed, entry.iterations: iterations[method], **options}
     torch.manual_seed(seed)
-    encoder = build_encoder(method, x.shape[1], depth, width, bits, False, False)
-    settings = {"device": device, "seed": seed, TRAINERS[method][2]: iterations[method], **options}
-    encoder, history = build_trainer(method, settings, None).fit(encoder, x, y, validation)
+    config = RunConfig(trainer=method, bits=bits, depth=depth, width=width, show_progress=False)
+    encoder = build_encoder(config, entry, None, x.shape[1:], y.shape[1])
+    encoder, history = entry.trainer(entry.options(settings)).fit(encoder, x, y, validation)
     return encoder.cpu().eval(), history
-
-
-@torch.no_grad()
-def codes_of(encoder: torch.nn.Module, features: torch.Tensor, batch_size: int = 8192) -> torch.Tensor:
-    from vdsh.index.codes import sign_codes
-
-    return torch.cat([sign_codes(encoder(features[i : i + batch_size])) for i in range(0, len(features), batch_size)])
 
 
 def run_protocol(protocol: str, bits_list: list[int], methods: list[str], depth: int, width: int, iterations: dict[str, int],
@@ -113,15 +107,13 @@ def run_protocol(protocol: str, bits_list: list[int], methods: list[str], depth:
                  resolution: int | None = None) -> list[dict]:
     """Every (method, bits) on one protocol; writes the plots, and `publish`es the results after every code length
     (a long run that is stopped still leaves the finished code lengths in the table)."""
-    from vdsh.app.cli.train import protocol_features, validation_slice
     from vdsh.index.metrics import retrieval_metrics
 
-    _, prepare, images, split = protocol_features(protocol, data_root, seed, features=features, resolution=resolution)
-    labels = torch.as_tensor(np.asarray(images.labels)).float()
+    inputs = protocol_inputs(protocol, data_root, seed, features=features, resolution=resolution)
+    split, labels = inputs.split, inputs.labels
     train = split.train if train_limit is None else np.random.default_rng(seed).permutation(split.train)[:train_limit]
-    x, y = prepare(train), labels[train]
-    query, database = prepare(split.query), prepare(split.database)
-    validation = validation_slice(split, labels, prepare, seed)
+    x, y = inputs.prepare(train), labels[train]
+    validation = validation_slice(inputs, seed)
     results = []
     for bits in bits_list:
         pr_curves = {}
@@ -131,8 +123,8 @@ def run_protocol(protocol: str, bits_list: list[int], methods: list[str], depth:
                 encoder, history = fit_method(method, bits, x, y, validation, depth, width, iterations,
                                               method_options.get(method, {}), device, seed)
                 train_s = time.perf_counter() - start
-            report = retrieval_metrics(codes_of(encoder, query), labels[split.query], codes_of(encoder, database),
-                                       labels[split.database], precision_at=())
+            report = retrieval_metrics(protocol_codes(encoder, inputs, split.query), labels[split.query],
+                                       protocol_codes(encoder, inputs, split.database), labels[split.database], precision_at=())
             result = {"protocol": protocol, "method": method, "bits": bits, "map_all": report.map_all,
                       "p_h2": report.precision_within[2], "train_s": train_s, "peak_mib": memory["peak_mib"],
                       "n_train": len(train), "history": history, "pr_curve": report.to_dict()["pr_curve"]}

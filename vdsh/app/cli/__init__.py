@@ -12,17 +12,18 @@ from vdsh.app.bench.features import bench_features, bench_int8
 from vdsh.app.bench.methods import bench_methods
 from vdsh.app.bench.milvus import bench_milvus
 from vdsh.app.cli import index as index_commands
-from vdsh.app.cli import train as train_commands
+from vdsh.app.bench.train import bench_train
+from vdsh.app.cli.train import train
 from vdsh.app.cli.demo import demo
 from vdsh.app.cli.evaluate import encode_command, evaluate
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Supervised deep hashing for image retrieval.")
 app.command("demo")(demo)
-app.command("train")(train_commands.train)
+app.command("train")(train)
 app.command("eval")(evaluate)
 app.command("encode")(encode_command)
-bench.command("train")(train_commands.bench_train)
+bench.command("train")(bench_train)
 app.add_typer(bench, name="bench")
 bench.command("cnn")(bench_cnn)
 bench.command("cnn-train")(bench_cnn_train)

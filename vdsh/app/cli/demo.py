@@ -28,7 +28,8 @@ def demo(
     from vdsh.app.cli.evaluate import codes_from_model, print_report
     from vdsh.app.cli.index import build_index, load_items
     from vdsh.app.plots import plot_pr_curves
-    from vdsh.app.cli.train import run_training
+    from vdsh.app.cli.train import save_run
+    from vdsh.training.run import RunConfig, run
     from vdsh.index.codes import pack_codes
     from vdsh.index.metrics import retrieval_metrics
     from vdsh.training.encoders.model import load_model
@@ -37,7 +38,7 @@ def demo(
     model_path = out / "model.safetensors"
     typer.echo(f"1/4 training a plain {depth} x {width} ReLU MLP with {trainer} on {PROTOCOL} (5,000 images)")
     default_iterations = {"admm": 10, "proxprop": 10, "backprop": 10}[trainer]
-    run_training(PROTOCOL, bits, trainer, depth, width, False, False, "cpu", 0, iterations or default_iterations, out, None)
+    save_run(out, run(RunConfig(PROTOCOL, trainer, bits, depth=depth, width=width, iterations=iterations or default_iterations)))
 
     typer.echo("2/4 evaluating: 1,000 queries against the 9,000-image database")
     query_part, db_part, _ = codes_from_model(model_path, PROTOCOL, None, 0)

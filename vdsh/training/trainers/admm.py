@@ -43,11 +43,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
 from vdsh.index.metrics import mean_average_precision
+from vdsh.training.trainers.base import Trainer
 from vdsh.training.code_head import CODE_TARGETS, binary_codes, class_codewords, ridge_classifier, target_codes
 from vdsh.training.distributed import global_sum, rank_and_world, rank_zero_value
 from vdsh.training.encoders.mlp import DeepMLP
@@ -250,20 +250,11 @@ def squared_norm(weights: LayerWeights, layer_scale: torch.Tensor | None = None)
     return float(layer_scale[0] * weights.first.pow(2).sum() + hidden + layer_scale[-1] * weights.top.pow(2).sum())
 
 
-class AdmmTrainer:
+class AdmmTrainer(Trainer):
     """Trains a plain DeepMLP by VDSH's ADMM; `fit` returns the encoder (consensus weights θ) and its history."""
 
-    def __init__(self, options: AdmmOptions | None = None, progress: Callable[[dict], None] | None = None,
-                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
-        """augment: applied afresh to a chunk's inputs x in every z-step (e.g. `augment.FlatImageAugmentation`): the
-        first layer's constraint z_1 = f_1(x) then holds for shifted copies of each sample, not for one fixed image."""
-        self.options = options or AdmmOptions()
-        self.progress = progress
-        self.augment = augment
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.options.dtype == "bfloat16" else torch.float32
+    options_class = AdmmOptions
+    takes_augmentation = True  # fresh each z-step: z_1 = f_1(x) then holds for shifted copies of a sample
 
     def fit(self, encoder: DeepMLP, features: torch.Tensor, labels: torch.Tensor, validation: Validation | None = None) -> tuple[DeepMLP, list[dict]]:
         opt = self.options

@@ -34,6 +34,7 @@ from typing import Callable
 
 import torch
 
+from vdsh.training.trainers.base import Trainer
 from vdsh.training.validation import Validation, evaluate_encoder
 from vdsh.training.code_head import LinearCodeHead, binary_codes, ridge_classifier
 from vdsh.training.encoders.mlp import DeepMLP, check_plain_mlp_problem
@@ -192,12 +193,10 @@ def layer_inputs(x: torch.Tensor, zs: list[torch.Tensor]) -> list[torch.Tensor]:
     return [x] + [torch.relu(z) for z in zs[:-1]]
 
 
-class AltMinTrainer:
+class AltMinTrainer(Trainer):
     """Trains a plain DeepMLP by alternating W-steps (closed form) and z-steps (damped Newton); `fit` -> (encoder, history)."""
 
-    def __init__(self, options: AltMinOptions | None = None, progress: Callable[[dict], None] | None = None) -> None:
-        self.options = options or AltMinOptions()
-        self.progress = progress
+    options_class = AltMinOptions
 
     def fit(self, encoder: DeepMLP, features: torch.Tensor, labels: torch.Tensor,
             validation: Validation | None = None) -> tuple[DeepMLP, list[dict]]:

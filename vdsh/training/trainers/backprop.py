@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from vdsh.training.trainers.base import Trainer
 from vdsh.training.validation import Validation, evaluate_encoder
 from vdsh.training.encoders.mlp import DeepMLP, identity_hidden_layers
 
@@ -86,15 +87,11 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str, s
     return nn.functional.binary_cross_entropy_with_logits(logits, labels * (1 - smoothing) + smoothing / 2)
 
 
-class BackpropTrainer:
+class BackpropTrainer(Trainer):
     """SGD/Adam on tanh-relaxed codes + linear classifier; `fit` returns (encoder, history)."""
 
-    def __init__(self, options: BackpropOptions | None = None, progress: Callable[[dict], None] | None = None,
-                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
-        """augment: applied to each mini-batch of prepared input on the device (e.g. `augment.Augmentation`)."""
-        self.options = options or BackpropOptions()
-        self.progress = progress
-        self.augment = augment
+    options_class = BackpropOptions
+    takes_augmentation = True  # applied to each mini-batch on the device
 
     def fit(self, encoder: nn.Module, features: torch.Tensor, labels: torch.Tensor, validation: Validation | None = None) -> tuple[nn.Module, list[dict]]:
         opt = self.options

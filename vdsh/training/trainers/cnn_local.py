@@ -58,20 +58,16 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
 
-import numpy as np
 import torch
 from torch import nn
 
+from vdsh.training.trainers.base import Trainer
 from vdsh.training.code_head import target_codes, top_preactivation
 from vdsh.training.validation import Validation, evaluate_encoder
-from vdsh.training.augment import Augmentation
 from vdsh.training.trainers.backprop import BackpropOptions, make_schedule
 from vdsh.training.encoders.cnn import ImageEncoder
-from vdsh.training.trainers.cnn_backprop import cnn_problem, prepared_validation
 from vdsh.training.code_head import LinearCodeHead, ridge_classifier, squared_loss
-from vdsh.training.encoders.model import HashingModel
 
 
 @dataclass
@@ -203,16 +199,12 @@ class BatchState:
         return self.x if m == 0 else self.z[m - 1]
 
 
-class CnnLocalTrainer:
+class CnnLocalTrainer(Trainer):
     """Trains an `ImageEncoder` (small_cnn, resnet9, dwsep) by block-wise local updates; `fit` -> (encoder, history)."""
 
-    def __init__(self, options: CnnLocalOptions | None = None, progress: Callable[[dict], None] | None = None,
-                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
-        """augment: applied to each mini-batch of prepared images (e.g. `augment.Augmentation`)."""
-        self.options = options or CnnLocalOptions()
-        self.progress = progress
-        self.augment = augment
-        self.classifier: torch.Tensor | None = None
+    options_class = CnnLocalOptions
+    takes_augmentation = True  # applied to each mini-batch on the device
+    classifier: torch.Tensor | None = None  # the code step's classifier C, set by the first mini-batch of a fit
 
     def fit(self, encoder: ImageEncoder, images: torch.Tensor, labels: torch.Tensor,
             validation: Validation | None = None) -> tuple[ImageEncoder, list[dict]]:
@@ -349,18 +341,3 @@ def check_image_problem(encoder: nn.Module, images: torch.Tensor, labels: torch.
     if labels.ndim != 2 or len(labels) != len(images):
         raise ValueError(f"labels must be multi-hot (N, L) with one row per image, got {tuple(labels.shape)} for {len(images)} images")
 
-
-def train_cnn_local(kind: str, images: np.ndarray, labels: np.ndarray, bits: int, width: int | None = None,
-                   options: CnnLocalOptions | None = None, augmentation: Augmentation | None = None,
-                   validation: Validation | None = None, progress: Callable[[dict], None] | None = None,
-                   ) -> tuple[HashingModel, list[dict]]:
-    """uint8 images (N, C, H, H), multi-hot labels (N, L) -> (HashingModel, history), as `cnn_training.train_cnn`.
-
-    validation: held-out uint8 images and labels (prepared here like the training images) that pick the epoch kept.
-    """
-    options = options or CnnLocalOptions()
-    torch.manual_seed(options.seed)  # the encoder's initial weights
-    encoder, spec, x = cnn_problem(kind, images, labels, bits, width, options.device)
-    trainer = CnnLocalTrainer(options, progress, augmentation)
-    encoder, history = trainer.fit(encoder, x, torch.as_tensor(labels).float(), prepared_validation(spec, validation))
-    return HashingModel(encoder.cpu().eval(), spec), history

@@ -23,11 +23,11 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
 
+from vdsh.training.trainers.base import Trainer
 from vdsh.training.validation import Validation
 from vdsh.training.trainers.backprop import BackpropOptions, classification_loss, close_epoch, make_optimizer, make_schedule
 from vdsh.training.encoders.mlp import DeepMLP
@@ -123,12 +123,10 @@ class _null_context:
         return None
 
 
-class FeaturesReplayTrainer:
+class FeaturesReplayTrainer(Trainer):
     """Trains a DeepMLP by features replay over K modules; `fit` -> (encoder, history), as `BackpropTrainer`."""
 
-    def __init__(self, options: FeaturesReplayOptions | None = None, progress: Callable[[dict], None] | None = None) -> None:
-        self.options = options or FeaturesReplayOptions()
-        self.progress = progress
+    options_class = FeaturesReplayOptions
 
     def fit(self, encoder: DeepMLP, features: torch.Tensor, labels: torch.Tensor,
             validation: Validation | None = None) -> tuple[DeepMLP, list[dict]]:

@@ -25,10 +25,10 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
+from vdsh.training.trainers.base import Trainer
 from vdsh.training.code_head import CODE_TARGETS, binary_codes, class_codewords, ridge_classifier, squared_loss, target_codes
 from vdsh.training.distributed import global_mean, global_min, global_sum, rank_zero_value
 from vdsh.training.encoders.mlp import DeepMLP
@@ -199,19 +199,11 @@ def target_residuals(weights: LayerWeights, x: torch.Tensor, targets: Targets) -
     return torch.cat([hidden_res, top_res[None]])
 
 
-class ProxPropTrainer:
+class ProxPropTrainer(Trainer):
     """Trains a plain DeepMLP by ProxProp; `fit` returns the encoder (weights for a plain forward pass) and its history."""
 
-    def __init__(self, options: ProxPropOptions | None = None, progress: Callable[[dict], None] | None = None,
-                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
-        """augment: applied afresh to each mini-batch of input (e.g. `augment.FlatImageAugmentation`)."""
-        self.options = options or ProxPropOptions()
-        self.progress = progress
-        self.augment = augment
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.options.dtype == "bfloat16" else torch.float32
+    options_class = ProxPropOptions
+    takes_augmentation = True  # applied afresh to each mini-batch
 
     def fit(self, encoder: DeepMLP, features: torch.Tensor, labels: torch.Tensor, validation: Validation | None = None) -> tuple[DeepMLP, list[dict]]:
         opt = self.options

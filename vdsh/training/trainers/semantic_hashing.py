@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
 
+from vdsh.training.trainers.base import Trainer
 from vdsh.training.encoders.sigmoid_mlp import SigmoidEncoder
 from vdsh.training.validation import Validation, evaluate_encoder
 
@@ -132,12 +132,10 @@ class UnrolledAutoencoder(nn.Module):
         return self.decoder[-1](h)  # Gaussian visibles: linear reconstruction
 
 
-class SemanticHashingTrainer:
+class SemanticHashingTrainer(Trainer):
     """Pretrains stacked RBMs of the encoder's sizes, fine-tunes the unrolled autoencoder; `fit` -> (encoder, history)."""
 
-    def __init__(self, options: SemanticHashingOptions | None = None, progress: Callable[[dict], None] | None = None) -> None:
-        self.options = options or SemanticHashingOptions()
-        self.progress = progress
+    options_class = SemanticHashingOptions
 
     def fit(self, encoder: SigmoidEncoder, features: torch.Tensor, labels: torch.Tensor,
             validation: Validation | None = None) -> tuple[SigmoidEncoder, list[dict]]:

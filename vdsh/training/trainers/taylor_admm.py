@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
+from vdsh.training.trainers.base import Trainer
 from vdsh.training.validation import Validation, evaluate_encoder
 from vdsh.training.trainers.altmin import affine, forward_preactivations, layer_statistics, solve_layer, weights_of, write_weights
 from vdsh.training.code_head import LinearCodeHead
@@ -91,12 +91,10 @@ def output_step(target: torch.Tensor, labels: torch.Tensor, classifier: torch.Te
     return torch.linalg.solve(system, (labels @ classifier.T + beta * target - multiplier / 2).T).T
 
 
-class TaylorAdmmTrainer:
+class TaylorAdmmTrainer(Trainer):
     """Trains a plain DeepMLP by Taylor et al.'s ADMM; `fit` -> (encoder, history with per-layer residuals)."""
 
-    def __init__(self, options: TaylorAdmmOptions | None = None, progress: Callable[[dict], None] | None = None) -> None:
-        self.options = options or TaylorAdmmOptions()
-        self.progress = progress
+    options_class = TaylorAdmmOptions
 
     def fit(self, encoder: DeepMLP, features: torch.Tensor, labels: torch.Tensor,
             validation: Validation | None = None) -> tuple[DeepMLP, list[dict]]:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from vdsh.training.trainers.shallow.inputs import check_bits, feature_matrix, label_matrix
-from vdsh.training.encoders.shallow import SdhEncoder, rbf_features, squared_distances
+from vdsh.training.encoders.shallow import SdhEncoder, squared_distances
 
 
 def ridge_factor(x: torch.Tensor, lam: float) -> torch.Tensor:
