@@ -55,7 +55,7 @@ def train_ridge_hashing_model(images: np.ndarray, classes: np.ndarray, bits: int
 
 
 def make_serving_setup(root: Path, index_items: int = 1500, train_items: int = 3000, kind: str = "flat") -> ServingSetup:
-    from vdsh.app.cli.index import build_index
+    from vdsh.app.items import build_index
 
     pool, split = load_protocol("mnist-sample")
     train = pool.subset(split.train[:train_items])

@@ -108,7 +108,7 @@ def test_a_saved_backbone_model_encodes_png_and_jpeg_photos_end_to_end(tmp_path)
     assert int8.int8 and int8.encode(pixels).shape == (2, 16)
 
     # indexed (codes from the feature cache), then queried with the JPEG: the PNG's item comes back at its distance
-    from vdsh.app.cli.index import build_index
+    from vdsh.app.items import build_index
     from vdsh.data.imageset import ImageSet
     from vdsh.index.codes import pack_codes
 

@@ -25,10 +25,9 @@ def demo(
     iterations: int = typer.Option(None, help="ADMM/ProxProp sweeps or back-prop epochs (default: the trainer's own)."),
 ) -> None:
     """Train, evaluate, index and query on the embedded MNIST sample (no data root, no GPU, no download)."""
-    from vdsh.app.cli.evaluate import codes_from_model, print_report
-    from vdsh.app.cli.index import build_index, load_items
+    from vdsh.app.items import build_index, codes_from_model, load_items
+    from vdsh.app.runs import print_report, save_run
     from vdsh.app.plots import plot_pr_curves
-    from vdsh.app.cli.train import save_run
     from vdsh.training.run import RunConfig, run
     from vdsh.index.codes import pack_codes
     from vdsh.index.metrics import retrieval_metrics

@@ -3,52 +3,26 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import typer
 from rich.console import Console
-from rich.table import Table
 
+from vdsh.app.items import ScoredPart, codes_from_model
+from vdsh.app.runs import print_report
 from vdsh.app.cli.protocol_options import (CHANNELS, IMAGE_SIZE, PROTOCOL_HELP, QUERIES_PER_CLASS, TRAIN_PER_CLASS,
                                        model_shape, protocol_options, run_protocol)
 from vdsh.files import atomic_write_text
-from vdsh.index.codes import CodeSet, load_codes, save_codes
-from vdsh.index.metrics import RetrievalReport, retrieval_metrics
+from vdsh.index.codes import load_codes, save_codes
+from vdsh.index.metrics import retrieval_metrics
 from vdsh.progress import note
 
 console = Console()
 
 
-@dataclass
-class ScoredPart:
-    """Codes of one side of an evaluation (queries or database) with the pool positions they came from."""
-
-    codes: CodeSet
-    ids: np.ndarray
 
 
-def codes_from_model(model_path: Path, protocol: str, data_root: Path | None, seed: int, data: dict | None = None,
-                     exclude: list[str] = ()) -> tuple[ScoredPart, ScoredPart, list[str]]:
-    """Encode the protocol's queries and database with a trained model, images decoded at the model's input.
-
-    exclude: 'SPLIT:PART' references (e.g. runs/x/split.npz:train) whose items leave the database."""
-    from vdsh.app.cli.index import encode_in_batches, excluded
-    from vdsh.data import load_protocol
-    from vdsh.training.encoders.model import load_model
-
-    model = load_model(model_path)
-    pool, split = load_protocol(protocol, data_root, seed, **(data or {}))
-    database = split.database[~np.isin(split.database, excluded(exclude, len(pool)))]
-    if not len(database):
-        raise typer.BadParameter("--exclude leaves an empty database")
-
-    def encode(ids: np.ndarray, part: str) -> ScoredPart:
-        packed = encode_in_batches(model, pool.images[ids], 1024, f"encoding {len(ids)} {part}")
-        return ScoredPart(CodeSet(packed, model.bits, pool.labels[ids]), ids)
-
-    return encode(split.query, "queries"), encode(database, "database items"), list(pool.class_names)
 
 
 def save_scored_codes(folder: Path, query: ScoredPart, database: ScoredPart, class_names: list[str], suffix: str) -> list[Path]:
@@ -59,13 +33,6 @@ def save_scored_codes(folder: Path, query: ScoredPart, database: ScoredPart, cla
     return paths
 
 
-def print_report(report: RetrievalReport, title: str) -> None:
-    table = Table(title=title)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for name, value in report.rows():
-        table.add_row(name, f"{value:.4f}")
-    console.print(table)
 
 
 def evaluate(
@@ -98,7 +65,10 @@ def evaluate(
             protocol, seed = recorded_protocol(model)
         protocol = protocol or run_protocol(model)
         data = {**protocol_options(queries_per_class, train_per_class, None, None), **model_shape(model, channels, image_size)}
-        query_part, db_part, class_names = codes_from_model(model, protocol, data_root, seed, data, exclude)
+        try:
+            query_part, db_part, class_names = codes_from_model(model, protocol, data_root, seed, data, exclude)
+        except ValueError as exc:  # e.g. --exclude leaves nothing: a usage error
+            raise typer.BadParameter(str(exc)) from None
         query_set, db_set = query_part.codes, db_part.codes
         title = f"{model.name} on {getattr(protocol, 'name', protocol)}"
         if save_codes_to is not None:

@@ -5,16 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 import typer
 
-if TYPE_CHECKING:  # torch, faiss and the model load only when a command runs, so `vdsh --help` stays quick
-    from vdsh.data.imageset import ImageSet
-    from vdsh.index.store import ItemIndex
-    from vdsh.training.encoders.model import HashingModel
-
+from vdsh.app.items import build_index, load_items
 from vdsh.app.cli.protocol_options import (CHANNELS, IMAGE_SIZE, PROTOCOL_HELP, QUERIES_PER_CLASS, TRAIN_PER_CLASS,
                                        model_shape, protocol_options)
 
@@ -22,103 +16,16 @@ DEFAULT_MEMORY_LIMIT_MB = 1536  # vdsh.app.server.app.DEFAULT_MEMORY_LIMIT_MB (n
 MAX_HEADER_BYTES = 16 * 1024  # request line + headers; larger gets 400 (uvicorn's h11 limit)
 KINDS_HELP = "flat | distinct | auto | hash | multihash | ivf"
 index_app = typer.Typer(no_args_is_help=True, help="Build Hamming indexes of a dataset's codes.")
-PARTS = ("train", "query", "database")
 
 
-def load_items(dataset: str | None, split: str, protocol: str | None, part: str, data_root: str | None,
-               seed: int = 0, data: dict | None = None, exclude: list[str] = ()) -> tuple[ImageSet, np.ndarray]:
-    """The images to index and their ids: a dataset split, or one part (train/query/database) of a protocol.
-
-    An item's id is its position in the dataset (in the protocol's pool: train followed by test for the
-    built-in datasets), the number its source `mnist:N` also shows. data: `load_protocol`'s shape and
-    per-class options; exclude: 'SPLIT:PART' references whose items are left out (e.g. the queries)."""
-    from vdsh.data import load
-    from vdsh.data.protocols import load_protocol
-
-    data = data or {}
-    if protocol:
-        if part not in PARTS:
-            raise typer.BadParameter(f"--part must be one of {', '.join(PARTS)}, got {part!r}")
-        pool, split_ = load_protocol(protocol, data_root, seed, **data)
-        ids = split_.part(part)
-    elif dataset:
-        pool = load(dataset, data_root, split, channels=data.get("channels"), size=data.get("size"))
-        ids = np.arange(len(pool), dtype=np.int64)
-    else:
-        raise typer.BadParameter("give --dataset NAME (with --split) or --protocol NAME (with --part)")
-    ids = ids[~np.isin(ids, excluded(exclude, len(pool)))]
-    return (pool if len(ids) == len(pool) else pool.subset(ids)), ids
 
 
-def excluded(references: list[str], pool_size: int) -> np.ndarray:
-    """Positions in a dataset of `pool_size` images named by 'SPLIT:PART' references (e.g. runs/x/split.npz:query)."""
-    from vdsh.data.protocols import split_part
-
-    return np.concatenate([split_part(r, pool_size) for r in references]) if references else np.empty(0, np.int64)
 
 
-def encode_in_batches(model: HashingModel, images: np.ndarray, batch_size: int, label: str = "encoding") -> np.ndarray:
-    """uint8 (N, C, H, W) -> packed codes (N, nbytes), with a progress bar."""
-    from vdsh.index.codes import pack_codes
-    from vdsh.progress import progress_bar
-
-    packed = []
-    with progress_bar(label, len(images)) as advance:
-        for start in range(0, len(images), batch_size):
-            batch = images[start : start + batch_size]
-            packed.append(pack_codes(model.encode(batch, batch_size=batch_size)))
-            advance(len(batch))
-    return np.concatenate(packed) if packed else np.empty((0, (model.bits + 7) // 8), np.uint8)
 
 
-def codes_from_cached_features(model: HashingModel, items: ImageSet) -> np.ndarray:
-    """Packed codes of a model on vector features (GIST, a backbone) from the feature cache: the features that
-    training computed are not computed again (the same codes as `model.encode`, which computes them)."""
-    import torch
-
-    from vdsh.index.codes import pack_codes, sign_codes
-    from vdsh.training.features import cached_feature_vectors
-
-    spec = model.input_spec
-    features = cached_feature_vectors(spec.features, np.asarray(items.images), items.name, spec.resolution)
-    with torch.no_grad():
-        outputs = [model.encoder(spec.standardise(features[i : i + 4096].to(model.device))) for i in range(0, len(features), 4096)]
-    return pack_codes(sign_codes(torch.cat(outputs)).cpu()) if outputs else np.empty((0, (model.bits + 7) // 8), np.uint8)
 
 
-def build_index(model_path: Path, items: ImageSet, kind: str, out: Path | None, batch_size: int = 1024,
-                device: str | None = None, ids: np.ndarray | None = None) -> ItemIndex:
-    """Encode every image, add codes + labels + sources + 64x64 thumbnails, save atomically to `out`.
-
-    ids: one per item (default 0..n-1); `load_items` gives dataset positions."""
-    import torch
-
-    from vdsh.app.server.catalog import item_thumbnail
-    from vdsh.index.hamming_index import HammingIndex
-    from vdsh.index.store import ItemIndex
-    from vdsh.training.encoders.model import load_model, model_id
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(model_path, device=device)
-    spec = model.input_spec
-    if items.images.shape[1:] != (spec.channels, spec.size, spec.size):
-        raise ValueError(f"{items.name} images are {items.images.shape[1:]}, the model takes "
-                         f"({spec.channels}, {spec.size}, {spec.size})")
-    if spec.features in ("pixels", "image"):
-        codes = encode_in_batches(model, items.images, batch_size, f"encoding {len(items)} images on {device}")
-    else:
-        codes = codes_from_cached_features(model, items)
-    index = ItemIndex(HammingIndex(model.bits, kind), model_id(model_path), items.class_names)
-    index.add(
-        codes,
-        np.arange(len(items), dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64),
-        labels=items.labels,
-        sources=[items.source(i) for i in range(len(items))],
-        thumbnails=[item_thumbnail(image) for image in items.images],
-    )
-    if out is not None:
-        index.save(out)
-    return index
 
 
 @index_app.command("build")
@@ -149,7 +56,10 @@ def build_command(
     if dataset and protocol:
         raise typer.BadParameter("give --dataset (raw images) or --protocol (one part of a split), not both")
     data = {**protocol_options(queries_per_class, train_per_class, None, None), **model_shape(model, channels, image_size)}
-    items, ids = load_items(dataset, split, protocol, part, data_root, seed, data, exclude)
+    try:
+        items, ids = load_items(dataset, split, protocol, part, data_root, seed, data, exclude)
+    except ValueError as exc:  # which images: a usage error, shown with the command's help line
+        raise typer.BadParameter(str(exc)) from None
     if limit is not None:
         items, ids = items.subset(np.arange(min(limit, len(items)))), ids[:limit]
     index = build_index(model, items, kind, out, batch_size, ids=ids)

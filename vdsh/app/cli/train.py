@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 import typer
 
 from vdsh.app.cli.protocol_options import (CHANNELS, DEPRECATED_DATASET, IMAGE_SIZE, PROTOCOL_HELP, QUERIES_PER_CLASS,
                                            TRAIN_PER_CLASS, chosen_protocol, protocol_options)
-from vdsh.app.plots import plot_admm_convergence, plot_code_picture, plot_history, plot_layer_statistics
-from vdsh.training.run import RunConfig, RunResult, run
+from vdsh.app.runs import save_run
+from vdsh.training.run import RunConfig, run
 
 
 def train(
@@ -56,14 +55,3 @@ def train(
         save_run(out, result)
         typer.echo(json.dumps(result.summary["metrics"]))
 
-
-def save_run(out: Path, result: RunResult) -> None:
-    """What every training run leaves: the model, history, split (`RunResult.save`), and its pictures: history.png,
-    codes.png (query codes sorted by class) and, for ADMM, admm_convergence.png and layers.png."""
-    result.save(out)
-    plot_history(result.history, out / "history.png")
-    labels = np.asarray(result.inputs.images.labels)[result.inputs.split.query]
-    plot_code_picture(result.query_codes.numpy(), labels, out / "codes.png")
-    if all("lagrangian" in r for r in result.history):
-        plot_admm_convergence(result.history, out / "admm_convergence.png")
-        plot_layer_statistics(result.history, out / "layers.png")
