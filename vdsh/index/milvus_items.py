@@ -403,7 +403,7 @@ def _encode_thumbnail(thumbnail) -> str:
     thumbnail = thumbnail[..., None] if thumbnail.ndim == 2 else thumbnail
     text = ",".join(map(str, thumbnail.shape)) + ":" + base64.b64encode(thumbnail.tobytes()).decode()
     if len(text) > THUMBNAIL_MAX:
-        raise ValueError(f"a thumbnail of shape {thumbnail.shape} is too large for Milvus (make_thumbnail)")
+        raise ValueError(f"a thumbnail of shape {thumbnail.shape} is too large for Milvus (vdsh.data.transforms.thumbnail)")
     return text
 
 

@@ -12,7 +12,7 @@ import typer
 
 if TYPE_CHECKING:  # torch, faiss and the model load only when a command runs, so `vdsh --help` stays quick
     from vdsh.data.imageset import ImageSet
-    from vdsh.index.store import ItemIndex
+    from vdsh.index.items import ItemIndex
     from vdsh.training.encoders.model import HashingModel
 
 from vdsh.app.cli.protocol_options import (CHANNELS, IMAGE_SIZE, PROTOCOL_HELP, QUERIES_PER_CLASS, TRAIN_PER_CLASS,
@@ -93,9 +93,10 @@ def build_index(model_path: Path, items: ImageSet, kind: str, out: Path | None, 
     ids: one per item (default 0..n-1); `load_items` gives dataset positions."""
     import torch
 
-    from vdsh.app.server.catalog import item_thumbnail
+    from vdsh.data.transforms import thumbnail
     from vdsh.index.hamming_index import HammingIndex
-    from vdsh.index.store import ItemIndex
+    from vdsh.index.items import ItemIndex
+    from vdsh.index.store import save_index
     from vdsh.training.encoders.model import load_model, model_id
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -114,10 +115,10 @@ def build_index(model_path: Path, items: ImageSet, kind: str, out: Path | None, 
         np.arange(len(items), dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64),
         labels=items.labels,
         sources=[items.source(i) for i in range(len(items))],
-        thumbnails=[item_thumbnail(image) for image in items.images],
+        thumbnails=[thumbnail(image) for image in items.images],
     )
     if out is not None:
-        index.save(out)
+        save_index(out, index)
     return index
 
 
