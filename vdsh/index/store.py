@@ -1,3 +1,5 @@
+# Over 400 lines on purpose: the directory format's writer and reader (full versions and delta files) are
+# one module, so that every field written has its reader beside it; the in-memory side is vdsh.index.items.
 """The on-disk format of an `ItemIndex` (`vdsh.index.items`): an index directory, saved atomically.
 
 Layout of a saved directory::
@@ -159,7 +161,7 @@ def _delta_payload(item_index: ItemIndex, added: np.ndarray, removed: np.ndarray
         "thumbnail_data": data,
     }
     buffer = io.BytesIO()
-    for name in _DELTA_FIELDS:  # .npy records back to back: a zip (np.savez) costs milliseconds a commit
+    for name in _DELTA_FIELDS:  # .npy records back to back: a zip (np.savez) costs far more a commit
         np.lib.format.write_array(buffer, np.ascontiguousarray(arrays[name]), allow_pickle=False)
     return buffer.getvalue()
 

@@ -8,15 +8,16 @@ and storage use FAISS. Every answer equals a brute-force scan's, ties by row.
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
 
 from vdsh.index.backends.base import Backend, SearchResult, in_parallel, joined
 from vdsh.index.codes import code_words, extended_code_words
 from vdsh.index.distinct_codes import DistinctCodes
 
-# `auto` answers through the distinct codes when there are at most this many per item: where distinct
-# codes are a third of the items flat is the faster, at a seventh distinct is (BENCHMARKS.md, "Search
-# latency", rows of 2 % flips at 59,000 and 1,000,000 items)
+# `auto` answers through the distinct codes when there are at most this many per item: between the
+# ratios of BENCHMARKS.md, "Search latency", 2 % flips: a third at 59,000 items (flat the faster there)
+# and a seventh at 1,000,000 (distinct the faster in batches)
 AUTO_DISTINCT_RATIO = 0.2
 
 
@@ -78,8 +79,8 @@ class Distinct(Backend):
     def new_faiss(self) -> None:
         return None
 
-    def empty_copy(self):
-        return Flat(self.d, {}).new_faiss()
+    def empty_copy(self) -> faiss.IndexBinary:
+        return faiss.IndexBinaryFlat(self.d)  # its file holds the codes in a flat index
 
     def add(self, codes: np.ndarray, added: np.ndarray) -> None:
         super().add(codes, added)
