@@ -23,8 +23,8 @@ SearchResult = tuple[np.ndarray, np.ndarray]
 # FAISS runs on one OpenMP thread here; batches that scan more than this many codes (queries x codes)
 # are split across Python threads instead (FAISS releases the GIL). Two OpenMP threads spin-wait for a
 # descheduled partner on a loaded machine (fine with OMP_WAIT_POLICY=PASSIVE, which a library cannot
-# set once OpenMP has started), which made one query over 1M codes two orders of magnitude slower;
-# Python threads just sleep when descheduled.
+# set once OpenMP has started), which makes a search far slower on a loaded machine; Python threads just
+# sleep when descheduled.
 PARALLEL_MIN_WORK = 1 << 22
 # os.cpu_count() reads /sys on every call: once is enough
 CORES = os.cpu_count() or 1
