@@ -9,7 +9,7 @@ import pytest
 from vdsh.index.bench import clustered_codes, search_latency
 from vdsh.index.codes import pack_codes
 from vdsh.index.gpu_search import TorchHammingSearcher, gpu_backend
-from vdsh.index import hamming_index
+from vdsh.index.backends import base as backends_base
 from vdsh.index.hamming_index import EXACT_KINDS, KINDS, HammingIndex
 
 EXHAUSTIVE = {
@@ -188,7 +188,7 @@ def test_auto_answers_through_distinct_codes_only_when_they_repeat_enough():
         database = clustered_codes(4000, 64, centres=4, flip=flip, seed=8)
         index = build("auto", database, ids)
         got = index.search(database[:6], 50)
-        assert index._distinct_pays() is through_distinct
+        assert index._backend.distinct_pays(index._codes) is through_distinct
         want = brute_force_knn(database[:6], database, ids, 50)
         np.testing.assert_array_equal(got[0], want[0])
         np.testing.assert_array_equal(got[1], want[1])
@@ -236,11 +236,11 @@ def test_adds_between_searches_extend_the_caches_and_answer_like_a_fresh_index(k
     index.search(queries, 5)
     index.range_search(queries, 3)
     index.rows_of(ids[:3])
-    grouping = index._distinct
+    grouping = getattr(index._backend, "distinct", None)
     for start in range(2000, 3000, 250):
         index.add(database[start : start + 250], ids[start : start + 250])
         if grouping is not None:
-            assert index._distinct is grouping  # extended, not rebuilt
+            assert index._backend.distinct is grouping  # extended, not rebuilt
         fresh = build(kind, database[: start + 250], ids[: start + 250], bits=bits)
         for got, want in zip(index.search(queries, 40), fresh.search(queries, 40)):
             np.testing.assert_array_equal(got, want)
@@ -401,7 +401,7 @@ def test_batches_split_across_threads_answer_like_one_call(tied_codes, kind, mon
     database, queries, ids = tied_codes
     index = build(kind, database, ids, **EXHAUSTIVE.get(kind, {}))
     whole_knn, whole_range = index.search(queries, 30), index.range_search(queries, 4)
-    monkeypatch.setattr(hamming_index, "PARALLEL_MIN_WORK", 0)  # every batch of 2+ queries is split
+    monkeypatch.setattr(backends_base, "PARALLEL_MIN_WORK", 0)  # every batch of 2+ queries is split
     split_knn, split_range = index.search(queries, 30), index.range_search(queries, 4)
     for a, b in zip(whole_knn, split_knn):
         np.testing.assert_array_equal(a, b)

@@ -15,10 +15,12 @@ import h5py
 import numpy as np
 import pytest
 
+from vdsh.data.transforms import thumbnail
 from vdsh.index import store
 from vdsh.index.bench import clustered_codes
 from vdsh.index.hamming_index import HammingIndex
-from vdsh.index.store import IndexMismatchError, ItemIndex, committed_version, load_index, make_thumbnail, save_index
+from vdsh.index.items import ItemIndex
+from vdsh.index.store import IndexMismatchError, committed_version, load_index, save_changes, save_index
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -207,7 +209,8 @@ CHILD = textwrap.dedent(
     sys.modules["torch"] = types.ModuleType("torch")  # saving never touches torch; skip its slow import
     import numpy as np
     from vdsh.index.hamming_index import HammingIndex
-    from vdsh.index.store import ItemIndex, save_index
+    from vdsh.index.items import ItemIndex
+    from vdsh.index.store import save_index
     directory = sys.argv[1]
     codes = np.random.default_rng(0).integers(0, 256, (60_000, 8), dtype=np.uint8)
     for state in range(1, 1000):
@@ -240,9 +243,13 @@ def test_killing_a_saving_process_never_leaves_a_broken_index(tmp_path):
 
 def test_thumbnails_are_checked_and_made_small():
     image = np.random.default_rng(0).integers(0, 256, (3, 200, 100), dtype=np.uint8)
-    thumb = make_thumbnail(image)
-    assert thumb.dtype == np.uint8 and thumb.shape == (64, 32, 3)
-    assert make_thumbnail(np.zeros((28, 28), np.uint8)).shape == (28, 28, 1)
+    thumb = thumbnail(image)
+    assert thumb.dtype == np.uint8 and thumb.shape == (64, 64, 3)
+    assert not thumb[:, :16].any() and not thumb[:, 48:].any() and thumb[:, 16:48].any()  # 64 x 32, centred
+    grey = np.random.default_rng(1).integers(0, 256, (1, 28, 28), dtype=np.uint8)
+    small = thumbnail(grey)  # one channel, never enlarged: the pixels as they were, centred
+    assert small.shape == (64, 64, 1)
+    np.testing.assert_array_equal(small[18:46, 18:46, 0], grey[0])
     items = ItemIndex(HammingIndex(8), class_names=["x"])
     with pytest.raises(ValueError, match="1 to 64 pixels"):
         items.add(np.zeros((1, 1), np.uint8), [1], thumbnails=[np.zeros((65, 10, 3), np.uint8)])
@@ -312,11 +319,11 @@ def test_changes_are_delta_files_replayed_on_load(tmp_path, kind):
     save_index(directory, make_items(kind=kind))
     items = load_index(directory)
     added = add_some(items, 10_000, 3, seed=1)
-    assert items.save_changes(directory, added=added).name == "d000001.delta"
+    assert save_changes(directory, items, added=added).name == "d000001.delta"
     items.remove([7, 14])
-    items.save_changes(directory, removed=[7, 14])
+    save_changes(directory, items, removed=[7, 14])
     added = add_some(items, 20_000, 1, seed=2)
-    items.save_changes(directory, added=added)
+    save_changes(directory, items, added=added)
     assert version_files(directory) == ["v000001/d000001.delta", "v000001/d000002.delta", "v000001/d000003.delta",
                                         "v000001/index.faiss", "v000001/meta.h5"]
     loaded = load_index(directory, model_id="model-a", bits=64)
@@ -325,7 +332,7 @@ def test_changes_are_delta_files_replayed_on_load(tmp_path, kind):
     for a, b in zip(items.search(items.index.codes[:10], 25), loaded.search(items.index.codes[:10], 25)):
         np.testing.assert_array_equal(a, b)
     added = add_some(loaded, 30_000, 2, seed=3)  # the loaded index goes on from the deltas it replayed
-    assert loaded.save_changes(directory, added=added).name == "d000004.delta"
+    assert save_changes(directory, loaded, added=added).name == "d000004.delta"
     assert_same_items(load_index(directory), loaded)
 
 
@@ -334,11 +341,11 @@ def test_every_compact_every_changes_a_full_save_starts_a_version_without_deltas
     directory = tmp_path / "idx"
     items = make_items(n=50)
     save_index(directory, items)
-    paths = [items.save_changes(directory, added=add_some(items, 1000 + 10 * i, 2, seed=i)) for i in range(5)]
+    paths = [save_changes(directory, items, added=add_some(items, 1000 + 10 * i, 2, seed=i)) for i in range(5)]
     assert [p.name for p in paths] == ["d000001.delta", "d000002.delta", "v000002", "d000001.delta", "d000002.delta"]
     assert committed_version(directory).name == "v000002" and len(version_files(directory)) == 4
     assert_same_items(load_index(directory), items)
-    items.save(directory)  # an explicit save compacts too
+    save_index(directory, items)  # an explicit save compacts too
     assert version_files(directory) == ["v000003/index.faiss", "v000003/meta.h5"]
     assert_same_items(load_index(directory), items)
 
@@ -348,7 +355,7 @@ def test_a_damaged_or_missing_delta_is_refused_with_its_name(tmp_path):
     items = make_items(n=40)
     save_index(directory, items)
     for i in range(2):
-        items.save_changes(directory, added=add_some(items, 500 + 10 * i, 2, seed=i))
+        save_changes(directory, items, added=add_some(items, 500 + 10 * i, 2, seed=i))
     second = committed_version(directory) / "d000002.delta"
     data = bytearray(second.read_bytes())
     data[-5] ^= 1
@@ -365,11 +372,11 @@ def test_a_change_on_top_of_another_writers_save_is_saved_in_full(tmp_path):
     directory = tmp_path / "idx"
     save_index(directory, make_items(n=40))
     first, second = load_index(directory), load_index(directory)
-    first.save_changes(directory, added=add_some(first, 900, 1, seed=1))
-    assert second.save_changes(directory, added=add_some(second, 950, 2, seed=2)).name == "v000002"
+    save_changes(directory, first, added=add_some(first, 900, 1, seed=1))
+    assert save_changes(directory, second, added=add_some(second, 950, 2, seed=2)).name == "v000002"
     assert_same_items(load_index(directory), second)
     fresh = make_items(n=10)  # never saved here: also a full save
-    assert fresh.save_changes(directory, added=[]).name == "v000003"
+    assert save_changes(directory, fresh, added=[]).name == "v000003"
 
 
 def test_a_crash_at_any_step_of_a_delta_leaves_the_change_whole_or_absent(tmp_path):
@@ -381,7 +388,7 @@ def test_a_crash_at_any_step_of_a_delta_leaves_the_change_whole_or_absent(tmp_pa
         before = load_index(directory)
         changed = load_index(directory)
         added = add_some(changed, 700, 2, seed=4)
-        crashed = crashes_at_step(step, lambda: changed.save_changes(directory, added=added))
+        crashed = crashes_at_step(step, lambda: save_changes(directory, changed, added=added))
         loaded = load_index(directory)
         assert_same_items(loaded, changed if loaded.index.contains(700) else before)
         if not crashed:
@@ -397,14 +404,15 @@ DELTA_CHILD = textwrap.dedent(
     import numpy as np
     from vdsh.index import store
     from vdsh.index.hamming_index import HammingIndex
-    from vdsh.index.store import ItemIndex, load_index, save_index
+    from vdsh.index.items import ItemIndex
+    from vdsh.index.store import load_index, save_changes, save_index
     store.COMPACT_EVERY = 7  # compactions happen during the run too
     directory = sys.argv[1]
     items = load_index(directory)
     codes = np.random.default_rng(1).integers(0, 256, (5000, 8), dtype=np.uint8)
     for i in range(len(items), 5000):
         items.add(codes[i : i + 1], [i], sources=[f"item-{i}"], thumbnails=[np.full((4, 4, 1), i % 256, np.uint8)])
-        items.save_changes(directory, added=[i])
+        save_changes(directory, items, added=[i])
         print(i, flush=True)
     """
 )
@@ -479,14 +487,14 @@ def test_the_next_id_outlives_deletes_deltas_and_full_saves(tmp_path):
     save_index(tmp_path, items)
     top = np.array([203], dtype=np.int64)
     items.remove(top)
-    items.save_changes(tmp_path, removed=top)
+    save_changes(tmp_path, items, removed=top)
     assert load_index(tmp_path).next_id() == 204  # the full save recorded it; the largest id is now 196
     items.add(items.index.get_codes([0]), np.array([204]))
-    items.save_changes(tmp_path, added=[204])
+    save_changes(tmp_path, items, added=[204])
     items.remove(np.array([204]))
-    items.save_changes(tmp_path, removed=[204])
+    save_changes(tmp_path, items, removed=[204])
     assert load_index(tmp_path).next_id() == 205  # replayed from the deltas alone
-    items.save(tmp_path)
+    save_index(tmp_path, items)
     assert load_index(tmp_path).next_id() == 205
 
 

@@ -18,7 +18,7 @@ from serving_fixtures import (BITS, encoded_bytes, png_bytes, shared_server, sha
                               train_ridge_hashing_model)
 from vdsh.app.server.catalog import ModelIndexMismatch, ReadOnlyCatalog
 from vdsh.app.server.app import create_app
-from vdsh.index.store import load_index
+from vdsh.index.store import load_index, save_index
 from vdsh.training.encoders.model import save_model
 
 KEY = "test-key"
@@ -310,7 +310,7 @@ def test_a_different_code_length_is_refused_at_start_up(setup, tmp_path):
 
     items = load(setup.index_dir)
     items.model_id = ""  # an index without a model id is still checked for its code length
-    items.save(tmp_path / "index")
+    save_index(tmp_path / "index", items)
     other = train_ridge_hashing_model(setup.query_images, setup.query_classes, bits=16)
     save_model(tmp_path / "m16.safetensors", other)
     with pytest.raises(ModelIndexMismatch, match="32-bit codes but the model makes 16-bit"):
@@ -394,14 +394,14 @@ def test_killed_mid_write_the_index_loads_with_items_whole_or_absent(setup, tmp_
 
 
 def test_a_failed_save_answers_503_and_serves_the_saved_state(writable, setup, monkeypatch):
-    from vdsh.index.store import ItemIndex
+    from vdsh.app.server import catalog
 
     before = writable.get("/stats").json()["items"]
 
-    def disk_full(self, directory, added=(), removed=()):
+    def disk_full(directory, items, added=(), removed=()):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ItemIndex, "save_changes", disk_full)
+    monkeypatch.setattr(catalog, "save_changes", disk_full)
     response = writable.post("/items", files=upload(setup.query_images[0]), headers={"X-API-Key": KEY})
     assert response.status_code == 503 and "nothing was added" in response.json()["detail"]
     assert writable.delete("/items/5", headers={"X-API-Key": KEY}).status_code == 503
@@ -471,7 +471,7 @@ def test_http_load_generator_is_bounded_and_counts_every_request(setup):
 def split_into_shards(index_dir, root, cut: int = 400) -> list:
     """The shared index cut into two shard directories: items [0, cut) and [cut, n), in order."""
     from vdsh.index.hamming_index import HammingIndex
-    from vdsh.index.store import ItemIndex
+    from vdsh.index.items import ItemIndex
 
     whole = load_index(index_dir)
     ids = whole.index.ids
@@ -480,7 +480,7 @@ def split_into_shards(index_dir, root, cut: int = 400) -> list:
         shard = ItemIndex(HammingIndex(whole.bits, whole.kind), whole.model_id, whole.class_names)
         shard.add(whole.codes_of(part), part, labels=whole.labels_of(part), sources=whole.sources_of(part),
                   thumbnails=[whole.thumbnail_of(int(j)) for j in part])
-        shard.save(root / f"shard{i}")
+        save_index(root / f"shard{i}", shard)
         dirs.append(root / f"shard{i}")
     return dirs
 

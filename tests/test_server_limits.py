@@ -20,7 +20,7 @@ from vdsh.app.server.catalog import Catalog
 from vdsh.app.server.decoding import ImageLimits, decode_for_model, default_max_pixels, read_header
 from vdsh.app.server.app import MemoryLimitTooLow, create_app
 from vdsh.data.transforms import ImageDecodeError, load_image
-from vdsh.index.store import load_index
+from vdsh.index.store import load_index, save_index
 
 KEY = "limits-key"
 BOMB_MESSAGE = "decoded pixels (decompression-bomb guard)"
@@ -187,7 +187,7 @@ def test_ids_are_never_reused_across_deletes_and_restarts(writable, setup):
     assert writable.delete(f"/items/{second}", headers=headers).status_code == 200
     reloaded = load_index(writable.index_dir)  # replays the deltas
     assert reloaded.next_id() == second + 1
-    reloaded.save(writable.index_dir)  # a full save keeps the counter too
+    save_index(writable.index_dir, reloaded)  # a full save keeps the counter too
     assert load_index(writable.index_dir).next_id() == second + 1
 
 

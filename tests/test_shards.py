@@ -8,7 +8,8 @@ import pytest
 from vdsh.index.bench import clustered_codes
 from vdsh.index.hamming_index import HammingIndex
 from vdsh.index.shards import ShardedItems, merge_knn
-from vdsh.index.store import IndexMismatchError, ItemIndex, save_index
+from vdsh.index.items import ItemIndex
+from vdsh.index.store import IndexMismatchError, save_index
 
 CLASSES = ["a", "b", "c"]
 

@@ -10,13 +10,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vdsh.app.server.catalog import item_thumbnail
 from vdsh.data import load
 from vdsh.data.imageset import ImageSet
 from vdsh.data.protocols import load_protocol, split_part
+from vdsh.data.transforms import thumbnail
 from vdsh.index.codes import CodeSet
 from vdsh.index.hamming_index import HammingIndex
-from vdsh.index.store import ItemIndex
+from vdsh.index.items import ItemIndex
+from vdsh.index.store import save_index
 from vdsh.training.encoders.model import load_model, model_id
 from vdsh.training.encoding import model_codes
 
@@ -94,8 +95,8 @@ def build_index(model_path: Path, items: ImageSet, kind: str, out: Path | None, 
         np.arange(len(items), dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64),
         labels=items.labels,
         sources=[items.source(i) for i in range(len(items))],
-        thumbnails=[item_thumbnail(image) for image in items.images],
+        thumbnails=[thumbnail(image) for image in items.images],
     )
     if out is not None:
-        index.save(out)
+        save_index(out, index)
     return index

@@ -55,10 +55,13 @@ def load_image(source: str | Path | bytes, channels: int, size: int) -> np.ndarr
 
 
 def thumbnail(image: np.ndarray, size: int = 64) -> np.ndarray:
-    """A (size, size, 3) uint8 RGB thumbnail of a (C, H, W) image, for index metadata and the web page."""
+    """A (size, size, C) uint8 thumbnail of a (C, H, W) image, for index metadata and the web page: the
+    image shrunk to fit (never enlarged) and centred on black; one channel for grey images (a third of
+    the bytes on disk), else RGB."""
     pil = Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0))
     pil = pil.convert("RGB")
     pil.thumbnail((size, size), Image.Resampling.BILINEAR)
     canvas = Image.new("RGB", (size, size))
     canvas.paste(pil, ((size - pil.width) // 2, (size - pil.height) // 2))
-    return np.asarray(canvas, dtype=np.uint8)
+    picture = np.asarray(canvas, dtype=np.uint8)
+    return picture[..., :1].copy() if image.shape[0] == 1 else picture

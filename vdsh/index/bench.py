@@ -18,7 +18,8 @@ import numpy as np
 from vdsh.index.codes import code_bytes
 from vdsh.index.distinct_codes import code_keys
 from vdsh.index.hamming_index import HammingIndex
-from vdsh.index.store import ItemIndex, load_index, save_index
+from vdsh.index.items import ItemIndex
+from vdsh.index.store import load_index, save_changes, save_index
 
 _CHUNK_ROWS = 1 << 18  # draw this many codes at a time: 10M codes never hold 10M x bits bytes at once
 
@@ -151,7 +152,7 @@ def add_latency(items: int, bits: int = 64, kind: str = "flat", adds: int = 50, 
     """Milliseconds to change a saved index of `items` items by one item and commit it to disk.
 
     Rows: `add, full save` (a new version per add: what the server did before, and what a compaction
-    costs), `add, delta` and `delete, delta` (`ItemIndex.save_changes`, one delta file each: what the
+    costs), `add, delta` and `delete, delta` (`vdsh.index.store.save_changes`, one delta file each: what the
     server does now), and `load` of the directory with those deltas to replay. Items carry a grey
     `thumbnail_side`-pixel square thumbnail, as the server stores for MNIST. Each row: median, p99,
     max, mean, count.
@@ -168,14 +169,14 @@ def add_latency(items: int, bits: int = 64, kind: str = "flat", adds: int = 50, 
             item_id, start = items + i, time.perf_counter()
             item_index.add(codes[i : i + 1], [item_id], sources=[f"bench:{item_id}"], thumbnails=[thumbnail])
             if i < full_saves:
-                item_index.save(path)
+                save_index(path, item_index)
             else:
-                item_index.save_changes(path, added=[item_id])
+                save_changes(path, item_index, added=[item_id])
             timings["add, full save" if i < full_saves else "add, delta"].append(time.perf_counter() - start)
         for item_id in range(deletes):
             start = time.perf_counter()
             item_index.remove([item_id])
-            item_index.save_changes(path, removed=[item_id])
+            save_changes(path, item_index, removed=[item_id])
             timings["delete, delta"].append(time.perf_counter() - start)
         start = time.perf_counter()
         loaded = load_index(path)

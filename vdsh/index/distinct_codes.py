@@ -54,7 +54,7 @@ class DistinctCodes:
         self.index = faiss.IndexBinaryFlat(8 * nbytes)
         self.index.add(self.codes)
         # FAISS's counting k-NN (one counter per distance) costs about one scan whatever k is, while
-        # its heap grows with k: ranking k codes by counting costs ~ a 16-code heap search
+        # its heap's upkeep grows with k
         self.index.use_heap = False
         self.words = code_words(self.codes)  # for the compiled scan (flat_scan)
 
@@ -121,7 +121,7 @@ class DistinctCodes:
 
     def _nearest_codes(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(q, k) indices and distances of the nearest distinct codes, by (distance, index)."""
-        from vdsh.index import flat_scan  # here, not at the top: numba takes 0.3 s to import
+        from vdsh.index import flat_scan  # here, not at the top: numba is slow to import
 
         if flat_scan.supports(8 * self.codes.shape[1], k):
             return flat_scan.knn(self.words, queries, k)

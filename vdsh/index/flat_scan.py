@@ -1,12 +1,10 @@
 """Exact Hamming k-NN by a compiled full scan: the CPU path of the exact flat search.
 
-Why not FAISS's ``IndexBinaryFlat.search``: it computes one distance at a time and keeps a k-heap, about
-1.7 ns per code: 0.10 ms for one query over 59,000 64-bit codes, k=100, on one OpenMP thread, of
-which ~0.035 ms is the heap (k=1 takes 0.06 ms) and ~0.01 ms the call. Here the distances of `CHUNK`
-codes are one loop that LLVM vectorises (AVX2 popcount), and the k best are kept by counting per
-distance (the scheme of FAISS's ``hammings_knn_mc``) behind a byte-parallel test that skips 8 codes
-at once when none of them can enter: 0.024 ms for the same query (`knn` timed alone, p50 of 2,000 calls), 0.028 ms
-through `HammingIndex.search` (`vdsh bench query`, p50, 15 % flips); 2-core machine, nothing else running, 2026-11-29.
+Why not FAISS's ``IndexBinaryFlat.search``: it computes one distance at a time and keeps a k-heap, whose
+upkeep is a large share of a k=100 query. Here the distances of `CHUNK` codes are one loop that LLVM
+vectorises (AVX2 popcount), and the k best are kept by counting per distance (the scheme of FAISS's
+``hammings_knn_mc``) behind a byte-parallel test that skips 8 codes at once when none of them can
+enter. Its latency through `HammingIndex.search`: BENCHMARKS.md, "Search latency" (the flat rows).
 
 Answers equal IndexBinaryFlat's exactly: ordered by (distance, row), earliest rows first on ties.
 Distances are bytes, so codes up to `MAX_BITS` bits; `supports` says when to use FAISS instead.
@@ -52,7 +50,7 @@ def knn(words: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.
     rows = np.empty((len(queries), k), dtype=np.int64)
     dists = np.empty((len(queries), k), dtype=np.int32)
     group = max(1, min(QUERY_GROUP, MAX_LEVEL_SLOTS // (_levels(64 * words.shape[0]) * k)))
-    if len(queries) <= group:  # the interactive case, one query: no slices (each costs ~1 us)
+    if len(queries) <= group:  # the interactive case, one query: no slices (each costs a numpy call)
         _knn_group(words, query_words, k, rows, dists)
         return rows, dists
     for first in range(0, len(queries), group):

@@ -16,7 +16,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-STOP_WAIT_S = 10  # an idle server exits in under a second; one holding collections can hang in its shutdown
+STOP_WAIT_S = 10  # an idle server exits at once; one holding collections can hang in its shutdown
 START_WAIT_S = 180
 _ETCD_CONFIG = """name: default
 listen-client-urls: http://127.0.0.1:{client}

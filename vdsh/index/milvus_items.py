@@ -1,3 +1,5 @@
+# Over 400 lines on purpose: the collection's schema, its writer and its reader stay in one module, so that
+# every field written has its reader beside it (as vdsh.index.store does for index directories).
 """The item index kept in a Milvus collection: the same read and write surface as `ItemIndex`, served by
 Milvus, so that several `vdsh serve` processes (on several machines) share one collection.
 
@@ -49,12 +51,12 @@ FORMAT = "vdsh-milvus"
 FORMAT_VERSION = 1
 IVF_FROM = 1_000_000  # items from which export builds BIN_IVF_FLAT instead of exact BIN_FLAT
 # Milvus builds one IVF per sealed segment (hundreds of thousands of rows here): more lists than ~4 sqrt(rows)
-# of a segment only slow the k-means down (4,000 lists on one 1 M-code run had built 16 % after 10 minutes)
+# of a segment only slow its k-means down, to impractical build times at 1 M codes
 NLIST_MAX = 1024
 MAX_TOPK = 16_384  # Milvus's limit on k (and on offset + limit of a query)
 SOURCE_MAX = 4096
 LABELS_MAX = 4096
-THUMBNAIL_MAX = 65_535  # VARCHAR's limit; a 64 x 64 x 3 thumbnail takes 16,390 characters
+THUMBNAIL_MAX = 65_535  # VARCHAR's limit; a 64 x 64 x 3 thumbnail takes 16,392 characters
 INSERT_BATCH = 1000  # rows a request with thumbnails (~16 MB, under gRPC's 64 MB message limit)
 INSERT_BATCH_BARE = 10_000  # rows a request without thumbnails
 CONSISTENCY = "Strong"
@@ -403,7 +405,7 @@ def _encode_thumbnail(thumbnail) -> str:
     thumbnail = thumbnail[..., None] if thumbnail.ndim == 2 else thumbnail
     text = ",".join(map(str, thumbnail.shape)) + ":" + base64.b64encode(thumbnail.tobytes()).decode()
     if len(text) > THUMBNAIL_MAX:
-        raise ValueError(f"a thumbnail of shape {thumbnail.shape} is too large for Milvus (make_thumbnail)")
+        raise ValueError(f"a thumbnail of shape {thumbnail.shape} is too large for Milvus (vdsh.data.transforms.thumbnail)")
     return text
 
 

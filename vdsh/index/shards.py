@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from vdsh.index.hamming_index import SearchResult
-from vdsh.index.store import IndexMismatchError, ItemIndex, load_index
+from vdsh.index.items import ItemIndex
+from vdsh.index.store import IndexMismatchError, load_index
 
 
 def merge_knn(parts: Sequence[SearchResult], k: int) -> SearchResult:

@@ -1,4 +1,6 @@
-"""An index directory: a `HammingIndex` plus each item's labels, source and thumbnail, saved atomically.
+# Over 400 lines on purpose: the directory format's writer and reader (full versions and delta files) are
+# one module, so that every field written has its reader beside it; the in-memory side is vdsh.index.items.
+"""The on-disk format of an `ItemIndex` (`vdsh.index.items`): an index directory, saved atomically.
 
 Layout of a saved directory::
 
@@ -21,9 +23,9 @@ the next.
 A small change (`save_changes`: the server's POST /items and DELETE /items) is one delta file instead
 of a full save: written to a temporary name, fsynced, renamed to the next sequence number, and the
 directory fsynced. The rename is the commit: a crash leaves the change wholly there or wholly absent.
-Every `COMPACT_EVERY` deltas (and at any explicit `save`) the state is saved in full again, which
+Every `COMPACT_EVERY` deltas (and at any explicit `save_index`) the state is saved in full again, which
 starts a version with no deltas, so loading never replays more than that many; that one change waits
-for the full save (about a second at 59k items), searches meanwhile go on.
+for the full save, searches meanwhile go on (both costs: BENCHMARKS.md, "Index changes").
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import os
 import re
 import shutil
 import tempfile
-import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,8 +45,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from vdsh.index.codes import as_multi_hot
+from vdsh.files import file_sha256, fsync_dir, fsync_file
 from vdsh.index.hamming_index import KINDS, HammingIndex
+from vdsh.index.items import ItemIndex
 
 FORMAT = "vdsh-index"
 FORMAT_VERSION = 1
@@ -52,10 +55,9 @@ FAISS_FILE = "index.faiss"
 META_FILE = "meta.h5"
 POINTER_FILE = "CURRENT"
 LOCK_FILE = ".lock"
-THUMBNAIL_MAX_SIDE = 64
-# deltas on top of a full save before the next change is saved in full. At 59k MNIST items a full save
-# writes ~240 MB (thumbnails) in ~1 s and a delta ~5 KB in ~13 ms (two fsyncs), so 256 keeps the
-# compaction's share of an add near 4 ms; loading replays at most 256 files of a few KB, as one add
+# deltas on top of a full save before the next change is saved in full: spread over this many changes, a
+# full save (thumbnails and all) costs each about what writing its own delta does (BENCHMARKS.md, "Index
+# changes"); loading replays at most this many small files, as one add
 COMPACT_EVERY = 256
 DELTA_MAGIC = b"VDSH-DELTA-1\n"
 _VERSION = re.compile(r"^v(\d{6,})$")
@@ -69,139 +71,6 @@ class IndexMismatchError(ValueError):
     """The FAISS file, the metadata, or what the caller expects disagree."""
 
 
-class ItemIndex:
-    """A `HammingIndex` and, per item, multi-hot labels, a source string and an optional thumbnail.
-
-    `model_id` names the model whose codes the index holds; loading checks it against the caller's model.
-    Metadata rows follow the index's insertion order and are removed with their items; one lock keeps
-    them aligned with the index when threads add, remove and read at once.
-    """
-
-    def __init__(self, index: HammingIndex, model_id: str = "", class_names: list[str] | None = None):
-        if len(index):
-            raise ValueError("ItemIndex starts from an empty HammingIndex; add items through ItemIndex.add")
-        self.index = index
-        self.model_id = model_id
-        self.class_names = list(class_names or [])
-        self.labels = np.zeros((0, len(self.class_names)), dtype=np.uint8)
-        self.sources: list[str] = []
-        self.thumbnails: list[np.ndarray | None] = []
-        self._id_counter = 0  # above every id this index has ever held, deleted ones included (`next_id`)
-        self._lock = threading.RLock()
-        self._on_disk: _DiskState | None = None  # the saved state this one extends, for save_changes
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    @property
-    def bits(self) -> int:
-        return self.index.bits
-
-    @property
-    def kind(self) -> str:
-        return self.index.kind
-
-    def add(self, codes, ids, labels=None, sources=None, thumbnails=None) -> None:
-        """Add items: packed codes, unique ids, labels (class indices or multi-hot), sources, thumbnails."""
-        n = len(codes)
-        labels = self._check_labels(labels, n)
-        sources = [""] * n if sources is None else [str(s) for s in sources]
-        thumbnails = [None] * n if thumbnails is None else [_check_thumbnail(t) for t in thumbnails]
-        for name, values in (("sources", sources), ("thumbnails", thumbnails)):
-            if len(values) != n:
-                raise ValueError(f"{n} codes but {len(values)} {name}")
-        with self._lock:
-            self.index.add(codes, ids)
-            if n:
-                self._id_counter = max(self._id_counter, int(np.max(ids)) + 1)
-            self.labels = labels if len(self.labels) == 0 else np.concatenate([self.labels, labels])
-            self.sources.extend(sources)  # in place: a copy of every source per add is what a server cannot afford
-            self.thumbnails.extend(thumbnails)
-
-    def remove(self, ids) -> int:
-        """Delete items and their metadata; KeyError naming unknown ids."""
-        with self._lock:
-            rows = self.index.rows_of(np.unique(np.asarray(ids, dtype=np.int64)))
-            keep = np.ones(len(self), dtype=bool)
-            keep[rows] = False
-            removed = self.index.remove(ids)
-            self.labels = self.labels[keep]
-            self.sources = [s for s, k in zip(self.sources, keep) if k]
-            self.thumbnails = [t for t, k in zip(self.thumbnails, keep) if k]
-            return removed
-
-    def search(self, queries: np.ndarray, k: int, device: str = "auto"):
-        return self.index.search(queries, k, device=device)
-
-    def range_search(self, queries: np.ndarray, radius: int):
-        return self.index.range_search(queries, radius)
-
-    def codes_of(self, ids) -> np.ndarray:
-        return self.index.get_codes(ids)
-
-    def contains(self, item_id: int) -> bool:
-        return self.index.contains(item_id)
-
-    def next_id(self) -> int:
-        """The id of an item added without one: above every id this index has ever held, deleted ones
-        included, so an id is never given to two items (saved with the index; for an index saved before
-        the counter existed, one more than its largest id)."""
-        ids = self.index.ids
-        return max(self._id_counter, int(ids.max()) + 1 if len(ids) else 0)
-
-    def labels_of(self, ids) -> np.ndarray:
-        with self._lock:
-            return self.labels[self.index.rows_of(ids)]
-
-    def sources_of(self, ids) -> list[str]:
-        with self._lock:
-            return [self.sources[r] for r in self.index.rows_of(ids)]
-
-    def thumbnail_of(self, item_id: int) -> np.ndarray | None:
-        with self._lock:
-            return self.thumbnails[int(self.index.rows_of(np.array([item_id]))[0])]
-
-    def save(self, directory: str | Path) -> Path:
-        """A full save as a new version (compacts any deltas)."""
-        return save_index(directory, self)
-
-    def save_changes(self, directory: str | Path, added: Sequence[int] = (), removed: Sequence[int] = ()) -> Path:
-        """Persist items just added and removed in memory, as one delta file where possible (`save_changes`)."""
-        return save_changes(directory, self, added, removed)
-
-    @classmethod
-    def load(cls, directory: str | Path, model_id: str | None = None, bits: int | None = None) -> "ItemIndex":
-        return load_index(directory, model_id=model_id, bits=bits)
-
-    def _check_labels(self, labels, n: int) -> np.ndarray:
-        # the label width is fixed by class_names, else by the first labelled add
-        width = len(self.class_names) or (self.labels.shape[1] if len(self) else None)
-        if labels is None:
-            return np.zeros((n, width or 0), dtype=np.uint8)
-        labels = np.asarray(labels)
-        if labels.ndim == 1 and width is not None and labels.size and not 0 <= labels.min() <= labels.max() < width:
-            raise ValueError(f"class indices must be in [0, {width}), got {labels.min()}..{labels.max()}")
-        labels = as_multi_hot(labels, n_classes=width) if labels.ndim == 1 else as_multi_hot(labels)
-        if len(labels) != n:
-            raise ValueError(f"{n} codes but {len(labels)} label rows")
-        if width is not None and labels.shape[1] != width:
-            raise ValueError(f"labels have {labels.shape[1]} classes, the index has {width}")
-        return labels
-
-
-def make_thumbnail(image: np.ndarray, side: int = THUMBNAIL_MAX_SIDE) -> np.ndarray:
-    """A uint8 (H, W, C) thumbnail that fits in side x side, from (C, H, W), (H, W, C) or (H, W) uint8."""
-    from PIL import Image
-
-    image = np.asarray(image, dtype=np.uint8)
-    if image.ndim == 3 and image.shape[0] in (1, 3) and image.shape[2] not in (1, 3):
-        image = image.transpose(1, 2, 0)
-    picture = Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image)
-    picture.thumbnail((side, side))
-    out = np.asarray(picture, dtype=np.uint8)
-    return out[..., None] if out.ndim == 2 else out
-
-
 # ------------------------------------------------------------------ saving
 
 
@@ -212,6 +81,11 @@ class _DiskState:
     directory: Path
     version: str
     deltas: int
+
+
+# the saved state each ItemIndex extends (what `save_changes` appends a delta to), kept here so that the
+# in-memory ItemIndex knows nothing of files; an entry goes with its ItemIndex
+_SAVED: weakref.WeakKeyDictionary[ItemIndex, _DiskState] = weakref.WeakKeyDictionary()
 
 
 def save_index(directory: str | Path, item_index: ItemIndex) -> Path:
@@ -233,12 +107,12 @@ def save_changes(directory: str | Path, item_index: ItemIndex, added: Sequence[i
     added, removed = np.asarray(added, dtype=np.int64), np.asarray(removed, dtype=np.int64)
     if directory.is_dir():
         with _writer_lock(directory):
-            state = item_index._on_disk
+            state = _SAVED.get(item_index)
             if _extends(directory, state) and state.deltas < COMPACT_EVERY:
-                with item_index._lock:
+                with item_index.lock:
                     payload = _delta_payload(item_index, added, removed)
                 path = _write_delta(directory / state.version, state.deltas + 1, payload)
-                item_index._on_disk = _DiskState(state.directory, state.version, state.deltas + 1)
+                _SAVED[item_index] = _DiskState(state.directory, state.version, state.deltas + 1)
                 return path
     return save_index(directory, item_index)
 
@@ -254,10 +128,10 @@ def _save_version(directory: Path, item_index: ItemIndex) -> Path:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _fsync_dir(directory)
+    fsync_dir(directory)
     _write_pointer(directory, version)
     _remove_stale(directory, keep={version, previous})
-    item_index._on_disk = _DiskState(directory.resolve(), version, 0)
+    _SAVED[item_index] = _DiskState(directory.resolve(), version, 0)
     return directory / version
 
 
@@ -287,7 +161,7 @@ def _delta_payload(item_index: ItemIndex, added: np.ndarray, removed: np.ndarray
         "thumbnail_data": data,
     }
     buffer = io.BytesIO()
-    for name in _DELTA_FIELDS:  # .npy records back to back: a zip (np.savez) costs milliseconds a commit
+    for name in _DELTA_FIELDS:  # .npy records back to back: a zip (np.savez) costs far more a commit
         np.lib.format.write_array(buffer, np.ascontiguousarray(arrays[name]), allow_pickle=False)
     return buffer.getvalue()
 
@@ -304,14 +178,14 @@ def _write_delta(version_dir: Path, number: int, payload: bytes) -> Path:
         f.flush()
         os.fsync(f.fileno())
     os.rename(tmp, path)
-    _fsync_dir(version_dir)
+    fsync_dir(version_dir)
     return path
 
 
 @dataclass(frozen=True)
 class _Snapshot:
-    """What a full save writes, copied under the ItemIndex's lock (milliseconds) so that the writing
-    (a second or more for 59k thumbnails) runs without it and searches, which read labels, go on."""
+    """What a full save writes, copied under the ItemIndex's lock (array copies) so that the writing
+    (every thumbnail, far slower) runs without it and searches, which read labels, go on."""
 
     faiss_index: faiss.IndexBinary  # `HammingIndex.to_faiss`: a copy
     bits: int
@@ -328,7 +202,7 @@ class _Snapshot:
 
     @classmethod
     def of(cls, item_index: ItemIndex) -> "_Snapshot":
-        with item_index._lock:
+        with item_index.lock:
             index = item_index.index
             return cls(index.to_faiss(), index.bits, index.kind, index.params, item_index.model_id,
                        list(item_index.class_names), item_index.next_id(), index.ids, index.codes, item_index.labels,
@@ -338,10 +212,10 @@ class _Snapshot:
 def _write_version(staging: Path, snapshot: _Snapshot) -> None:
     faiss_path = staging / FAISS_FILE
     faiss.write_index_binary(snapshot.faiss_index, str(faiss_path))
-    _fsync_file(faiss_path)
-    _write_meta(staging / META_FILE, snapshot, _sha256(faiss_path))
-    _fsync_file(staging / META_FILE)
-    _fsync_dir(staging)
+    fsync_file(faiss_path)
+    _write_meta(staging / META_FILE, snapshot, file_sha256(faiss_path))
+    fsync_file(staging / META_FILE)
+    fsync_dir(staging)
 
 
 def _write_meta(path: Path, snapshot: _Snapshot, faiss_sha256: str) -> None:
@@ -389,7 +263,7 @@ def _write_pointer(directory: Path, version: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, directory / POINTER_FILE)  # the commit point
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
 
 def _read_pointer(directory: Path) -> str | None:
@@ -441,30 +315,6 @@ def _writer_lock(directory: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # platforms that cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # ----------------------------------------------------------------- loading
 
 
@@ -492,7 +342,7 @@ def load_index(directory: str | Path, model_id: str | None = None, bits: int | N
             item_index = _load_version(version_dir, model_id, bits)
             deltas = _replay_deltas(version_dir, item_index)
             if version_dir != Path(directory):  # a bare version directory has no CURRENT to extend
-                item_index._on_disk = _DiskState(Path(directory).resolve(), version_dir.name, deltas)
+                _SAVED[item_index] = _DiskState(Path(directory).resolve(), version_dir.name, deltas)
             return item_index
         except FileNotFoundError:
             # a writer may have committed and pruned this version since CURRENT was read: read it again
@@ -515,7 +365,7 @@ def _load_version(version_dir: Path, model_id: str | None, bits: int | None) -> 
         class_names = [s.decode() if isinstance(s, bytes) else s for s in f["class_names"][()]]
         sources = [s.decode() if isinstance(s, bytes) else s for s in f["sources"][()]]
         thumbnails = _unpack_thumbnails(f["thumbnails/shapes"][()], f["thumbnails/offsets"][()], f["thumbnails/data"][()])
-    if _sha256(faiss_path) != attrs["faiss_sha256"]:
+    if file_sha256(faiss_path) != attrs["faiss_sha256"]:
         raise IndexMismatchError(f"{faiss_path} is not the FAISS file {meta_path} was saved with (checksum differs)")
     count = int(attrs["count"])
     for name, n in (("ids", len(arrays["ids"])), ("codes", len(arrays["codes"])), ("labels", len(arrays["labels"])),
@@ -528,13 +378,8 @@ def _load_version(version_dir: Path, model_id: str | None, bits: int | None) -> 
         raise IndexMismatchError(f"{faiss_path} disagrees with {meta_path}: {error}") from error
     if not np.array_equal(index.ids, arrays["ids"]):
         raise IndexMismatchError(f"the ids in {faiss_path} differ from those in {meta_path}")
-    item_index = ItemIndex(HammingIndex(index.bits, index.kind), str(attrs["model_id"]), class_names)
-    item_index.index = index  # ItemIndex starts empty; the loaded index and its metadata replace that
-    item_index.labels = arrays["labels"].astype(np.uint8)
-    item_index.sources = sources
-    item_index.thumbnails = thumbnails
-    item_index._id_counter = int(attrs.get("next_id", 0))
-    return item_index
+    return ItemIndex.restore(index, str(attrs["model_id"]), class_names, arrays["labels"], sources, thumbnails,
+                             int(attrs.get("next_id", 0)))
 
 
 def _delta_numbers(version_dir: Path) -> list[int]:
@@ -610,16 +455,3 @@ def _unpack_thumbnails(shapes: np.ndarray, offsets: np.ndarray, data: np.ndarray
         data[offsets[i] : offsets[i + 1]].reshape(shape) if shape[0] else None
         for i, shape in enumerate(shapes)
     ]
-
-
-def _check_thumbnail(thumbnail) -> np.ndarray | None:
-    if thumbnail is None:
-        return None
-    thumbnail = np.asarray(thumbnail)
-    if thumbnail.ndim == 2:
-        thumbnail = thumbnail[..., None]
-    if thumbnail.dtype != np.uint8 or thumbnail.ndim != 3 or thumbnail.shape[2] not in (1, 3):
-        raise ValueError(f"a thumbnail must be uint8 (H, W), (H, W, 1) or (H, W, 3), got {thumbnail.dtype} {thumbnail.shape}")
-    if max(thumbnail.shape[:2]) > THUMBNAIL_MAX_SIDE or min(thumbnail.shape[:2]) < 1:
-        raise ValueError(f"a thumbnail must be 1 to {THUMBNAIL_MAX_SIDE} pixels a side (make_thumbnail), got {thumbnail.shape}")
-    return np.ascontiguousarray(thumbnail)

@@ -22,18 +22,13 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from vdsh.app.server.decoding import ImageLimits, decode_for_model, default_max_pixels
-from vdsh.data.transforms import thumbnail
+from vdsh.data import transforms
 from vdsh.index.codes import code_bytes, pack_codes
 from vdsh.index.milvus_items import MilvusItems, is_milvus_uri
 from vdsh.index.shards import ShardedItems
-from vdsh.index.store import ItemIndex, load_index
+from vdsh.index.items import ItemIndex
+from vdsh.index.store import load_index, save_changes
 from vdsh.training.encoders.model import HashingModel, load_model, model_id
-
-
-def item_thumbnail(image: np.ndarray) -> np.ndarray:
-    """64x64 thumbnail of a (C, H, W) image; one channel for grey images (a third of the bytes on disk)."""
-    picture = thumbnail(image)
-    return picture[..., :1].copy() if image.shape[0] == 1 else picture
 
 
 FAR_SAMPLE = 512
@@ -84,14 +79,6 @@ class ReadWriteLock:
             with self._cond:
                 self._writer = False
                 self._cond.notify_all()
-
-
-@dataclass
-class Neighbour:
-    id: int
-    distance: int
-    labels: list[str]
-    source: str
 
 
 @dataclass
@@ -209,14 +196,15 @@ class Catalog:
 
     # ------------------------------------------------------------- reading
 
-    def knn(self, packed: np.ndarray, k: int) -> list[Neighbour]:
+    def knn(self, packed: np.ndarray, k: int) -> list[dict]:
+        """The k nearest items, nearest first: the fields of `schemas.Neighbour` but its URL."""
         with self._rw.reading():
             ids, dists = self.items.search(packed, k, device="cpu")
             keep = ids[0] >= 0
             return self._neighbours(ids[0][keep], dists[0][keep])
 
-    def within(self, packed: np.ndarray, radius: int, limit: int) -> tuple[list[Neighbour], int]:
-        """Items within `radius`, nearest first, at most `limit` of them; also the total count."""
+    def within(self, packed: np.ndarray, radius: int, limit: int) -> tuple[list[dict], int]:
+        """Items within `radius` as `knn` gives them, at most `limit` of them; also the total count."""
         with self._rw.reading():
             ids, dists = self.items.range_search(packed, radius)[0]
             return self._neighbours(ids[:limit], dists[:limit]), len(ids)
@@ -237,10 +225,10 @@ class Catalog:
         with self._rw.reading():
             return self.items.thumbnail_of(item_id)
 
-    def _neighbours(self, ids: np.ndarray, dists: np.ndarray) -> list[Neighbour]:
+    def _neighbours(self, ids: np.ndarray, dists: np.ndarray) -> list[dict]:
         labels, sources = self.items.labels_of(ids), self.items.sources_of(ids)
         return [
-            Neighbour(int(i), int(d), self._label_names(row), source)
+            {"id": int(i), "distance": int(d), "labels": self._label_names(row), "source": source}
             for i, d, row, source in zip(ids, dists, labels, sources)
         ]
 
@@ -265,7 +253,7 @@ class Catalog:
                 raise FileExistsError(f"id {item_id} may have belonged to a deleted item and ids are never reused: "
                                       f"omit the id, or give one from {next_id} up")
             with self._rw.writing():
-                self.items.add(code, np.array([item_id]), labels=labels[None], sources=[source], thumbnails=[item_thumbnail(image)])
+                self.items.add(code, np.array([item_id]), labels=labels[None], sources=[source], thumbnails=[transforms.thumbnail(image)])
             self._persist(added=[item_id])
         return self.item(item_id)
 
@@ -297,7 +285,7 @@ class Catalog:
         if self.directory is None:
             return
         try:
-            self.items.save_changes(self.directory, added=added, removed=removed)
+            save_changes(self.directory, self.items, added=added, removed=removed)
             self.saved_at = time.time()
         except BaseException:
             # the file still holds the last committed state: serve exactly that again

@@ -144,9 +144,9 @@ def _answer(catalog: Catalog, packed: np.ndarray, params: SearchParams, started:
         k=k,
         radius=params.radius,
         total_within_radius=total_within,
-        close_match=bool(found) and found[0].distance <= catalog.far_distance,
+        close_match=bool(found) and found[0]["distance"] <= catalog.far_distance,
         far_distance=catalog.far_distance,
-        results=[Neighbour(**vars(n), thumbnail_url=f"/items/{n.id}/thumbnail") for n in found],
+        results=[Neighbour(**n, thumbnail_url=f"/items/{n['id']}/thumbnail") for n in found],
         timings=Timings(
             decode_ms=_ms(decoded - started),
             encode_ms=_ms(encoded - decoded),
