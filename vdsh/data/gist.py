@@ -9,7 +9,6 @@ energy at 4 scales × 8 orientations in the frequency domain, averaged on a 4×4
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import torch

@@ -12,7 +12,6 @@ import typer
 from vdsh.app.bench.report import markdown_table, write_section
 from vdsh.app.cli.protocol_options import DEPRECATED_DATASET, chosen_protocol
 
-IMAGE_SHAPES = {"mnist": (1, 28), "cifar10": (3, 32)}
 
 
 def encode_seconds(model, images: torch.Tensor, repeats: int) -> list[float]:
@@ -28,20 +27,22 @@ def encode_seconds(model, images: torch.Tensor, repeats: int) -> list[float]:
 
 def bench_cnn(
     bits: int = typer.Option(64, help="Code length of the hashing head."),
-    dataset: str = typer.Option("cifar10", help=f"Image shape to time: one of {sorted(IMAGE_SHAPES)}."),
+    dataset: str = typer.Option("cifar10", help="Image shape to time: that of a dataset of fixed shape (mnist, cifar10)."),
     repeats: int = typer.Option(50, help="Timed calls per batch size; the median is reported."),
     threads: int = typer.Option(0, help="torch CPU threads (0: torch's default)."),
 ) -> None:
     """Time CPU encoding per image at batch 1 and batch 64 for each CNN encoder, at its default width."""
     from vdsh.training.encoders.cnn import CNN_KINDS
     from vdsh.training.encoders.model import HashingModel, InputSpec
+    from vdsh.data.datasets import dataset_info
     from vdsh.training.encoders.registry import ENCODERS
 
-    if dataset not in IMAGE_SHAPES:
-        raise ValueError(f"dataset must be one of {sorted(IMAGE_SHAPES)}, got {dataset!r}")
+    info = dataset_info(dataset)
+    if info.channels is None:
+        raise ValueError(f"{dataset} images have no fixed shape: time a dataset that has one (mnist, cifar10)")
     if threads > 0:
         torch.set_num_threads(threads)
-    channels, size = IMAGE_SHAPES[dataset]
+    channels, size = info.channels, info.size
     torch.manual_seed(0)
     rows = []
     for kind in CNN_KINDS:

@@ -274,9 +274,7 @@ class AdmmTrainer(Trainer):
                 score = rank_zero_value(record.get("val_map", record["train_map"]), device)  # ranks keep the same sweep
                 if score > best[0]:
                     best = (score, self.state["theta"].clone())
-            history.append(record)
-            if self.progress:
-                self.progress(record)
+            self.report(history, record)
         final = best[1] if opt.keep_best and best[1] is not None else self.state["theta"]
         final.write_to(encoder)
         return encoder, history

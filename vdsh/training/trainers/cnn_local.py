@@ -236,9 +236,7 @@ class CnnLocalTrainer(Trainer):
                 if score > best[0]:
                     best, best_epoch = (score, copy.deepcopy(encoder.state_dict())), epoch
                 record["best_epoch"] = best_epoch
-            history.append(record)
-            if self.progress:
-                self.progress(record)
+            self.report(history, record)
         if opt.keep_best and best[1] is not None:
             encoder.load_state_dict(best[1])
         return encoder.eval(), history

@@ -229,9 +229,7 @@ class ProxPropTrainer(Trainer):
                 else:
                     since_best += 1
                 record["best_sweep"] = best_sweep
-            history.append(record)
-            if self.progress:
-                self.progress(record)
+            self.report(history, record)
             if opt.patience and since_best >= opt.patience:
                 break
         if opt.keep_best and best[1] is not None:

@@ -118,9 +118,7 @@ class TaylorAdmmTrainer(Trainer):
             if (opt.eval_every and sweep % opt.eval_every == 0) or sweep == opt.sweeps:
                 write_weights(encoder, weights)
                 record.update(evaluate_encoder(encoder, x, y, validation, opt.eval_size, opt.seed))
-            history.append(record)
-            if self.progress:
-                self.progress(record)
+            self.report(history, record)
         write_weights(encoder, weights)
         return encoder, history
 
