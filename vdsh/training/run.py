@@ -113,16 +113,11 @@ def run(config: RunConfig) -> RunResult:
         return finish(config, inputs, encoder, history, None, None, {"seed": config.seed, **config.options})
     method = (CNN_METHODS if config.on_images else MLP_METHODS)[config.trainer]
     augmentation = input_augmentation(config, method, inputs)
-    validation_on = validation_source(inputs.split) if method.network != "cnn" or config.trainer != "backprop" else None
+    validation_on = validation_source(inputs.split) if method.validates else None
     validation = validation_slice(inputs, config.seed) if validation_on else None
     if config.show_progress:
         describe_run(inputs, augmentation, validation_on)
-    settings = {"device": config.device, "seed": config.seed, method.iterations: config.iterations, **config.options}
-    if config.trainer == "hybrid":
-        settings = {"bits": config.bits, "mlp_depth": config.depth, **settings}
-    if config.classifier_baseline:
-        settings["plain_classifier"] = True
-    options = method.options(settings)
+    options = method_options(config, method)
     rank, world = init_from_env(config.device)  # under torchrun: every process trains on its shard of the samples
     if world > 1 and not method.data_parallel:
         raise ValueError(f"several processes (torchrun) train with trainer "
@@ -141,6 +136,16 @@ def run(config: RunConfig) -> RunResult:
     if rank > 0:  # the weights are identical on every rank: rank 0 scores and saves them
         return RunResult(None, {"protocol": config.protocol, "trainer": config.trainer, "rank": rank}, history, inputs)
     return finish(config, inputs, encoder, history, augmentation, validation_on, asdict(options))
+
+
+def method_options(config: RunConfig, method: Method):
+    """The trainer's options: the run's device, seed and iterations, then the extra options of --options."""
+    settings = {"device": config.device, "seed": config.seed, method.iterations: config.iterations, **config.options}
+    if config.trainer == "hybrid":  # its head: the code length and --depth
+        settings = {"bits": config.bits, "mlp_depth": config.depth, **settings}
+    if config.classifier_baseline:
+        settings["plain_classifier"] = True
+    return method.options(settings)
 
 
 def fit_shallow(config: RunConfig, inputs: ProtocolInputs) -> tuple[nn.Module, list[dict]]:

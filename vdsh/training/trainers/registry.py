@@ -34,6 +34,7 @@ class Method:
     network: str  # what it trains: "mlp", "sigmoid-mlp" (on vectors); "cnn" (an ImageEncoder on images)
     augmented_by_default: bool = False  # gets the dataset's augmentation unless --no-augment (needs takes_augmentation)
     data_parallel: bool = False  # trains under torchrun, every rank on its shard of the samples
+    validates: bool = True  # scored on a validation slice while it trains (which may pick the sweep or epoch kept)
     make_options: Callable[[dict], Any] | None = None  # settings -> options (default: the trainer's options class)
 
     def options(self, settings: dict) -> Any:
@@ -51,7 +52,8 @@ MLP_METHODS: dict[str, Method] = {
     "semantic": Method(SemanticHashingTrainer, "finetune_epochs", "sigmoid-mlp"),
 }
 CNN_METHODS: dict[str, Method] = {
-    "backprop": Method(BackpropTrainer, "epochs", "cnn", augmented_by_default=True, make_options=cnn_options),
+    "backprop": Method(BackpropTrainer, "epochs", "cnn", augmented_by_default=True, validates=False,  # keeps its last epoch
+                       make_options=cnn_options),
     "cnn-local": Method(CnnLocalTrainer, "epochs", "cnn", augmented_by_default=True),
     "hybrid": Method(HybridTrainer, "epochs", "cnn", augmented_by_default=True, make_options=hybrid_options),
 }
