@@ -66,6 +66,11 @@ def global_min(value: int, device: torch.device | str = "cpu") -> int:
 
 def rank_zero_value(value: float, device: torch.device | str = "cpu") -> float:
     """Rank 0's value on every rank (a scalar decision all ranks must take alike, e.g. the best sweep)."""
-    t = torch.tensor([value], device=device)
-    broadcast_([t])
+    return rank_value(value, 0, device)
+
+
+def rank_value(value: float, source: int, device: torch.device | str = "cpu") -> float:
+    """The source rank's value on every rank (e.g. a loss that only the pipeline's top rank computes)."""
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    broadcast_([t], source)
     return float(t[0])
