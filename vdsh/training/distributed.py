@@ -11,9 +11,14 @@ group every function here is the identity, so single-process code pays nothing.
 from __future__ import annotations
 
 import os
+import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -31,13 +36,25 @@ def init_from_env(device: str) -> tuple[int, int]:
 
 
 def global_sum(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Every rank's tensors summed over all ranks, in one collective call."""
+    """Every rank's tensors summed over all ranks, in one collective call (its time is added to `SUM_CLOCK`)."""
     if rank_and_world()[1] == 1:
         return tensors
     flat = torch.cat([t.reshape(-1).float() for t in tensors])
+    start = time.perf_counter()
     dist.all_reduce(flat)
+    SUM_CLOCK.seconds += time.perf_counter() - start
     sizes = [t.numel() for t in tensors]
     return [part.reshape(t.shape).to(t.dtype) for part, t in zip(flat.split(sizes), tensors)]
+
+
+@dataclass
+class CommClock:
+    """Seconds that collective communication was in flight (it may overlap computation)."""
+
+    seconds: float = 0.0
+
+
+SUM_CLOCK = CommClock()  # this process's time in `global_sum` all-reduces (what a benchmark reads after a fit)
 
 
 def global_mean(tensors: list[torch.Tensor], count: int) -> list[torch.Tensor]:
@@ -74,3 +91,23 @@ def rank_value(value: float, source: int, device: torch.device | str = "cpu") ->
     t = torch.tensor([value], dtype=torch.float64, device=device)
     broadcast_([t], source)
     return float(t[0])
+
+
+def data_parallel(module: nn.Module, clock: CommClock) -> nn.Module:
+    """`module` under DistributedDataParallel (gradients averaged over ranks, rank 0's weights broadcast at
+    the start), its all-reduces timed into `clock`; a module without parameters is returned as it is."""
+    if not any(p.requires_grad for p in module.parameters()):
+        return module
+    wrapped = DistributedDataParallel(module)
+
+    def timed_allreduce(state, bucket):  # unannotated: DDP checks annotations, which this module keeps as strings
+        start = time.perf_counter()
+
+        def done(future):
+            state.seconds += time.perf_counter() - start
+            return future.value()
+
+        return default_hooks.allreduce_hook(None, bucket).then(done)
+
+    wrapped.register_comm_hook(clock, timed_allreduce)
+    return wrapped
