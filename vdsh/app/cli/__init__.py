@@ -11,6 +11,7 @@ from vdsh.app.bench.cnn import bench_cnn, bench_cnn_train
 from vdsh.app.bench.features import bench_features, bench_int8
 from vdsh.app.bench.methods import bench_methods
 from vdsh.app.bench.milvus import bench_milvus
+from vdsh.app.bench.parallel import bench_parallel
 from vdsh.app.cli import index as index_commands
 from vdsh.app.cli import train as train_commands
 from vdsh.app.cli.demo import demo
@@ -33,6 +34,7 @@ bench.command("methods")(bench_methods)
 bench.command("features")(bench_features)
 bench.command("int8")(bench_int8)
 bench.command("milvus")(bench_milvus)
+bench.command("parallel")(bench_parallel)
 
 
 @app.callback()
