@@ -10,11 +10,23 @@ classifier). At iteration t:
             sent at the previous iteration (which belongs to that same earlier batch). Each module
             sends the gradient w.r.t. its input down, to be used at iteration t+1;
   update    every module steps its own weights.
-No module waits for another within an iteration: the K backward passes are independent (on CUDA they
-run on K streams; on the CPU one after another, the same arithmetic). K = 1 is plain back-propagation
-— step for step, identical to `BackpropTrainer` (tests/test_features_replay.py checks it).
+No module waits for another's backward pass: the K backward passes are independent. Where they run:
+  K ranks   under a torch.distributed group of K processes (torchrun, or spawned workers; gloo on CPU, NCCL
+            on GPUs) rank k holds module k (`Pipeline`): it receives h_{k−1}^t from rank k−1, sends h_k^t up,
+            receives δ_k^{t−1} from rank k+1 and runs its replay and backward pass while the other ranks run
+            theirs; only the no-grad forward chain is sequential. Every rank holds the whole DeepMLP but trains
+            only its module; the modules' weights are broadcast from their owners when an epoch is evaluated.
+  1 process the reference: the K backward passes one after another (on CUDA on K streams of one device),
+            the same arithmetic, the same weights (tests/test_features_replay_distributed.py checks both).
+K = 1 is plain back-propagation — step for step, identical to `BackpropTrainer` (tests/test_features_replay.py).
 Loss, optimiser and schedule are the back-prop trainer's (`BackpropOptions`): tanh-relaxed codes, a
 linear classifier, cross-entropy. The first K−1 iterations update only the modules that have a δ.
+`split='work'` cuts the layers so that the modules' work per iteration is even (`balanced_bounds`: a lower
+module also pays the no-grad forward), which bounds the K-rank speed-up; 'depth' cuts them evenly by depth.
+Deviations from the paper: the modules are DeepMLP layer ranges (the paper splits ResNets); the loss is the
+hashing head's, not a classifier network's; the paper's learning-rate schedule is replaced by back-prop's
+(`BackpropOptions`); history's `time` is training time alone (no evaluation) and `comm_time` is the time a
+rank spent blocked in receives and waiting for its sends. Measured speed-ups: BENCHMARKS.md, "Parallel training".
 """
 
 from __future__ import annotations
@@ -290,13 +302,13 @@ class FeaturesReplayTrainer:
         elapsed = 0.0
         for epoch in range(1, opt.epochs + 1):
             total, seen, start = 0.0, 0, time.perf_counter()
-            order = torch.randperm(len(x), device=device)
-            for idx in order.split(opt.batch_size):
+            batches = torch.randperm(len(x), device=device).split(opt.batch_size)
+            for b, idx in enumerate(batches):
                 optimizer.zero_grad(set_to_none=True)
                 if pipe is None:
                     loss = replay_step(blocks, classifier, state, x[idx], y[idx], opt.loss, opt.quantisation, streams)
                 else:
-                    last = epoch == opt.epochs and int(idx[-1]) == int(order[-1])
+                    last = epoch == opt.epochs and b == len(batches) - 1
                     loss = pipe.step(classifier, x[idx], y[idx], opt.loss, opt.quantisation, last)
                 optimizer.step()
                 schedule.step()
