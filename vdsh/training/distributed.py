@@ -1,11 +1,14 @@
-"""Data-parallel training across processes with torch.distributed: samples are sharded, sums are all-reduced.
+"""Parallel training across processes with torch.distributed: the collectives every parallel trainer shares.
 
-In the layer-local trainers every per-sample step (forward pass, codes, targets, auxiliaries) is local to the
-rank holding the sample; ProxProp's weight and classifier solves read only sums over samples, and ADMM's
-consensus step only the sum of every block's weight copy, so each rank contributes its share, all ranks
-solve the same systems and their weights stay identical without ever being sent. Any backend
-torchrun sets up works: gloo on CPU (what the tests use), NCCL on GPUs. Without an initialised process
-group every function here is the identity, so single-process code pays nothing.
+Data parallel: samples are sharded, sums are all-reduced. In the layer-local trainers every per-sample step
+(forward pass, codes, targets, auxiliaries) is local to the rank holding the sample; ProxProp's and
+alternating minimisation's weight and classifier solves read only sums over samples, and ADMM's consensus
+step only the sum of every block's weight copy, so each rank contributes its share, all ranks solve the
+same systems and their weights stay identical without ever being sent. Back-prop uses PyTorch's
+DistributedDataParallel (`data_parallel`). Model parallel: features replay sends activations and deltas
+between the ranks that hold its modules (its own point-to-point messages, features_replay.Pipeline).
+Any backend torchrun sets up works: gloo on CPU (what the tests use), NCCL on GPUs. Without an
+initialised process group every function here is the identity, so single-process code pays nothing.
 """
 
 from __future__ import annotations
