@@ -38,6 +38,16 @@ def init_from_env(device: str) -> tuple[int, int]:
     return rank_and_world()
 
 
+def rank_device(device: str) -> torch.device:
+    """The device this rank computes on: under a process group, 'cuda' means this rank's own GPU (LOCAL_RANK)."""
+    rank, world = rank_and_world()
+    if world > 1 and device == "cuda":
+        index = int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device(device)
+
+
 def global_sum(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Every rank's tensors summed over all ranks, in one collective call (its time is added to `SUM_CLOCK`)."""
     if rank_and_world()[1] == 1:

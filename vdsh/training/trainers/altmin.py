@@ -47,7 +47,7 @@ from typing import Callable
 import torch
 
 from vdsh.training.code_head import binary_codes, ridge_classifier
-from vdsh.training.distributed import broadcast_, global_sum, rank_and_world
+from vdsh.training.distributed import broadcast_, global_sum, rank_and_world, rank_device
 from vdsh.training.encoders.mlp import DeepMLP, check_plain_mlp_problem
 from vdsh.training.validation import Validation, evaluate_encoder
 
@@ -257,7 +257,7 @@ class AltMinTrainer:
             validation: Validation | None = None) -> tuple[DeepMLP, list[dict]]:
         check_plain_mlp_problem(encoder, features, labels, "AltMinTrainer")
         opt = self.options
-        device = torch.device(opt.device)
+        device = rank_device(opt.device)
         torch.manual_seed(opt.seed)
         encoder.to(device)
         rank, world = rank_and_world()

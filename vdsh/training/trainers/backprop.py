@@ -4,8 +4,9 @@ Loss per mini-batch: the hashing layer relaxed by tanh, h = tanh(F(x)), a linear
 cross-entropy (single-label), binary cross-entropy (multi-label) or the squared loss of the code head,
 plus an optional quantisation term μ·||h − sgn(h)||². Codes are sgn(F(x)) as for every encoder.
 Under a torch.distributed group (torchrun, or spawned workers) it runs data-parallel with PyTorch's
-DistributedDataParallel: every rank takes its strided share of each global mini-batch, DDP averages the
-gradients (the time its all-reduces are in flight is recorded as `comm_time`).
+DistributedDataParallel: every rank is given the whole training set and takes its strided share of each
+global mini-batch (the same mini-batches as one process), DDP averages the gradients (the time its
+all-reduces are in flight is recorded as `comm_time`); 'cuda' means each rank's own GPU.
 The input is whatever `InputSpec.prepare` produced, so CNN encoders reuse this trainer unchanged.
 """
 
@@ -19,7 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from vdsh.training.distributed import CommClock, data_parallel, rank_and_world
+from vdsh.training.distributed import CommClock, data_parallel, rank_and_world, rank_device
 from vdsh.training.validation import Validation, evaluate_encoder
 from vdsh.training.encoders.mlp import DeepMLP, identity_hidden_layers
 
@@ -109,7 +110,7 @@ class BackpropTrainer:
             if not isinstance(encoder, DeepMLP):
                 raise ValueError("init='identity' applies to a DeepMLP's square hidden layers only")
             identity_hidden_layers(encoder)
-        device = torch.device(opt.device)
+        device = rank_device(opt.device)
         memory_format = torch.channels_last if opt.channels_last else torch.preserve_format
         encoder.to(device, memory_format=memory_format).train()
         x, y = features.to(device).float(), labels.to(device).float()

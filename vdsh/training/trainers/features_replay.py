@@ -14,8 +14,9 @@ No module waits for another's backward pass: the K backward passes are independe
   K ranks   under a torch.distributed group of K processes (torchrun, or spawned workers; gloo on CPU, NCCL
             on GPUs) rank k holds module k (`Pipeline`): it receives h_{k−1}^t from rank k−1, sends h_k^t up,
             receives δ_k^{t−1} from rank k+1 and runs its replay and backward pass while the other ranks run
-            theirs; only the no-grad forward chain is sequential. Every rank holds the whole DeepMLP but trains
-            only its module; the modules' weights are broadcast from their owners when an epoch is evaluated.
+            theirs; only the no-grad forward chain is sequential. Every rank is given the whole training set
+            (rank 0 reads the inputs, the top rank the labels) and holds the whole DeepMLP, but trains only its
+            module; the modules' weights are broadcast from their owners when an epoch is evaluated.
   1 process the reference: the K backward passes one after another (on CUDA on K streams of one device),
             the same arithmetic, the same weights (tests/test_features_replay_distributed.py checks both).
 K = 1 is plain back-propagation — step for step, identical to `BackpropTrainer` (tests/test_features_replay.py).
@@ -41,7 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from vdsh.training.distributed import broadcast_, rank_and_world, rank_value
+from vdsh.training.distributed import broadcast_, rank_and_world, rank_device, rank_value
 from vdsh.training.validation import Validation
 from vdsh.training.trainers.backprop import BackpropOptions, classification_loss, close_epoch, make_optimizer, make_schedule
 from vdsh.training.encoders.mlp import DeepMLP
@@ -286,7 +287,7 @@ class FeaturesReplayTrainer:
             raise ValueError(f"features replay runs one module per rank: {world} ranks for {len(blocks)} modules")
         # Same order of random draws as BackpropTrainer, so that K = 1 reproduces it exactly.
         torch.manual_seed(opt.seed)
-        device = torch.device(opt.device)
+        device = rank_device(opt.device)
         encoder.to(device).train()
         broadcast_([p.data for p in encoder.parameters()])  # every rank starts from rank 0's weights
         x, y = features.to(device).float(), labels.to(device).float()
