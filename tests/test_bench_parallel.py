@@ -26,3 +26,9 @@ def test_bad_method_is_a_clear_error():
 
     with pytest.raises(ValueError, match="--methods"):
         bench_parallel(methods="replay,sgd")
+
+
+def test_epoch_time_is_the_median_epoch_of_the_cumulative_history():
+    from vdsh.app.bench.parallel import median_epoch
+
+    assert median_epoch([{"time": 5.0}, {"time": 7.0}, {"time": 9.5}]) == 2.5  # epochs of 5, 2 and 2.5 s

@@ -7,8 +7,8 @@ Three methods, each in three layouts, every run in freshly spawned processes (gl
   thread each, so that a speed-up is measured against the best serial use of the same cores, not a handicapped one.
 The same algorithm runs in every layout: features replay always has K = W modules (one process runs them one
 after another), ADMM always has W data blocks (one process holds them all), back-prop's global mini-batch is
-the same (each of W ranks takes 1/W of it). Reported per epoch (ADMM: per sweep) of training alone: wall time,
-the time spent communicating (replay: blocked in send/recv; back-prop: all-reduces in flight, which overlap the
+the same (each of W ranks takes 1/W of it). Reported per epoch (ADMM: per sweep) of training alone: the median
+epoch's wall time, the mean time spent communicating (replay: blocked in send/recv; back-prop: all-reduces in flight, which overlap the
 backward pass; ADMM: in its all-reduces), the speed-ups and mAP@all on the protocol's queries.
 """
 
@@ -63,13 +63,18 @@ def worker(rank: int, processes: int, threads: int, workers: int, method: str, s
         encoder = DeepMLP(x.shape[1], settings["depth"], settings["width"], settings["bits"])
         encoder, history = trainer_for(method, processes, workers, settings).fit(encoder, x, y)
         if rank == 0:
-            epochs = len(history)
             comm = history[-1].get("comm_time", distributed.SUM_CLOCK.seconds) if processes > 1 else 0.0
-            torch.save({"state": encoder.state_dict(), "epoch_s": history[-1]["time"] / epochs, "comm_s": comm / epochs},
+            torch.save({"state": encoder.state_dict(), "epoch_s": median_epoch(history), "comm_s": comm / len(history)},
                        Path(scratch) / "result.pt")
     finally:
         if processes > 1:
             dist.destroy_process_group()
+
+
+def median_epoch(history: list[dict]) -> float:
+    """The median epoch's training time (history's `time` is cumulative): robust to a slow first epoch or a spike."""
+    times = [r["time"] for r in history]
+    return float(np.median(np.diff([0.0] + times)))
 
 
 def run(method: str, processes: int, threads: int, workers: int, settings: dict, x: torch.Tensor, y: torch.Tensor) -> dict:

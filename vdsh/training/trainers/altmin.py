@@ -15,7 +15,8 @@ constraint by much rather than all by a little). It alternates two steps, each p
           [W_l, b_l] = (Σ_k z_l^k a_kᵀ)(Σ_k a_k a_kᵀ + (λ/μ_l) I)⁻¹,  a_k = [φ(z_{l−1}^k); 1].
           The two sums are `LayerStatistics`: exactly what a data-parallel all-reduce has to add.
   z-step  every sample alone (parallel over samples): all even hidden layers of all samples as one batched
-          step, then all odd ones (each layer's local objective touches only its two neighbours), by damped
+          step (layers stacked; the last hidden one, whose upper weight has another shape, in a call of its own),
+          then all odd ones (each layer's local objective touches only its two neighbours), by damped
           Newton steps with the Hessian's diagonal (elementwise φ makes it one number per unit; ReLU's
           φ'' = 0 almost everywhere), backtracking per sample until the local objective decreases. The top
           z_L is quadratic: its Newton step is exact (one bits×bits system shared by all samples).
