@@ -61,6 +61,8 @@ def worker(rank: int, processes: int, threads: int, workers: int, method: str, s
     try:
         torch.manual_seed(settings["seed"])
         encoder = DeepMLP(x.shape[1], settings["depth"], settings["width"], settings["bits"])
+        if method == "admm":  # ADMM's ranks are given their shards (the others their share of each mini-batch)
+            x, y = x[rank::processes], y[rank::processes]
         encoder, history = trainer_for(method, processes, workers, settings).fit(encoder, x, y)
         if rank == 0:
             comm = history[-1].get("comm_time", distributed.SUM_CLOCK.seconds) if processes > 1 else 0.0
