@@ -258,6 +258,7 @@ def balanced_bounds(sizes: list[int], modules: int) -> list[tuple[int, int]]:
 
 
 def blocks_of(encoder: DeepMLP, opt: FeaturesReplayOptions) -> list[MlpModule]:
+    """The K modules of the encoder, cut as `opt.split` says."""
     sizes = [encoder.in_features] + [l.out_features for l in encoder.linears]
     cut = balanced_bounds(sizes, opt.modules) if opt.split == "work" else module_bounds(encoder.depth, opt.modules)
     return [MlpModule(encoder, a, b) for a, b in cut]
@@ -267,7 +268,7 @@ class FeaturesReplayTrainer:
     """Trains a DeepMLP by features replay over K modules; `fit` -> (encoder, history), as `BackpropTrainer`.
 
     In one process the modules run one after another; when a torch.distributed group of K ranks is running
-    (torchrun, or spawned workers), rank k holds module k and the modules run at the same time (`pipeline`).
+    (torchrun, or spawned workers), rank k holds module k and the modules run at the same time (`Pipeline`).
     """
 
     def __init__(self, options: FeaturesReplayOptions | None = None, progress: Callable[[dict], None] | None = None) -> None:
@@ -331,4 +332,5 @@ class FeaturesReplayTrainer:
 
 
 def evaluates(opt: FeaturesReplayOptions, epoch: int) -> bool:
+    """Whether `close_epoch` scores this epoch (then every rank needs every module's weights)."""
     return bool(opt.eval_every and epoch % opt.eval_every == 0) or epoch == opt.epochs
