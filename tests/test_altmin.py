@@ -92,3 +92,63 @@ def test_altmin_refuses_a_batchnorm_network():
     problem = sample_problem()
     with pytest.raises(ValueError, match="plain DeepMLP"):
         AltMinTrainer().fit(DeepMLP(784, 3, 8, 8, batchnorm=True), problem.train_x, problem.train_y)
+
+
+def test_one_batched_step_equals_the_layer_by_layer_z_steps():
+    """Layers of one parity are independent given the others: stacking them changes nothing."""
+    torch.manual_seed(4)
+    weights = [torch.randn(8, 6), torch.randn(8, 9), torch.randn(8, 9), torch.randn(8, 9), torch.randn(5, 9)]
+    x, y = torch.randn(40, 5), torch.eye(3)[torch.randint(0, 3, (40,))]
+    from vdsh.training.trainers.altmin import affine, forward_preactivations
+    zs = [z + 0.3 * torch.randn_like(z) for z in forward_preactivations(weights, x)]
+    classifier = torch.randn(5, 3)
+    options = AltMinOptions(l1=0.05)
+    batched = list(zs)
+    AltMinTrainer(options).z_step(weights, batched, x, y, classifier, [0.7] * 5)
+    reference = list(zs)
+    for parity in (0, 1):
+        for l in range(parity, 4, 2):
+            target = affine(x if l == 0 else torch.relu(reference[l - 1]), weights[l])
+            objective = lambda z: hidden_local_objective(z, target, reference[l + 1], weights[l + 1], 0.7, 0.7, 0.05)  # noqa: E731
+            for _ in range(options.newton_steps):
+                step = hidden_newton_step(reference[l], target, reference[l + 1], weights[l + 1], 0.7, 0.7, 0.05, options.damping)
+                reference[l] = damped(objective, reference[l], step, options.backtracking)
+    reference[-1] = top_step(affine(torch.relu(reference[-2]), weights[-1]), y, classifier, 0.7, 0.0)
+    for got, want in zip(batched, reference):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert any(not torch.allclose(a, b) for a, b in zip(batched, zs))  # the step did move the z's
+
+
+def test_weighted_w_step_is_weighted_least_squares():
+    gen = torch.Generator().manual_seed(5)
+    inputs, targets = torch.randn(60, 4, generator=gen, dtype=torch.float64), torch.randn(60, 3, generator=gen, dtype=torch.float64)
+    weights = torch.rand(60, 1, generator=gen, dtype=torch.float64) + 0.1
+    got = solve_layer(layer_statistics(inputs, targets, weights), 2.0, 1.0)
+    a = torch.cat([inputs, torch.ones(60, 1, dtype=torch.float64)], 1)
+    a_aug = torch.cat([weights.sqrt() * a, 2.0 ** 0.5 * torch.eye(5, dtype=torch.float64)])
+    z_aug = torch.cat([weights.sqrt() * targets, torch.zeros(5, 3, dtype=torch.float64)])
+    torch.testing.assert_close(got, torch.linalg.lstsq(a_aug, z_aug).solution.T, rtol=1e-10, atol=1e-10)
+
+
+def test_l1_penalties_majorise_the_residual_norms_and_touch_them_at_the_current_point():
+    from vdsh.training.trainers.altmin import affine, constraint_penalties, forward_preactivations
+    torch.manual_seed(6)
+    weights = [torch.randn(8, 6), torch.randn(4, 9)]
+    x = torch.randn(30, 5)
+    zs = [z + torch.randn_like(z) for z in forward_preactivations(weights, x)]
+    options = AltMinOptions(residual="l1", residual_floor=1e-6)
+    penalties = constraint_penalties(weights, zs, x, 0.5, options)
+    r0 = (zs[0] - affine(x, weights[0])).norm(dim=1, keepdim=True)
+    for r in (r0, r0 * 0.3, r0 + 1.0):  # μ||r|| <= ω||r||² + μ||r₀||/2, with equality at r = r₀
+        majoriser = penalties[0] * r.pow(2) + 0.5 * r0 / 2
+        assert bool((majoriser >= 0.5 * r - 1e-6).all())
+    torch.testing.assert_close(penalties[0] * r0.pow(2) + 0.5 * r0 / 2, 0.5 * r0)
+
+
+def test_l1_residual_relaxation_learns_on_the_mnist_sample():
+    problem = sample_problem()
+    torch.manual_seed(0)
+    options = AltMinOptions(sweeps=6, residual="l1", eval_every=0)
+    encoder, history = AltMinTrainer(options).fit(DeepMLP(784, 3, 32, 16), problem.train_x, problem.train_y, problem.validation)
+    final = history[-1]["val_map"]
+    assert final > 2 * CHANCE_MAP and final > lsh_map(problem, 16) + 0.05, (final, lsh_map(problem, 16))

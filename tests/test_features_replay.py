@@ -6,7 +6,7 @@ from torch import nn
 
 from sample_problem import CHANCE_MAP, assert_round_trip, lsh_map, sample_problem
 from vdsh.training.trainers.backprop import BackpropOptions, BackpropTrainer
-from vdsh.training.trainers.features_replay import (FeaturesReplayOptions, FeaturesReplayTrainer, MlpModule, ReplayState,
+from vdsh.training.trainers.features_replay import (FeaturesReplayOptions, FeaturesReplayTrainer, MlpModule, ReplayState, balanced_bounds, module_work,
                                            module_bounds, replay_step)
 from vdsh.training.encoders.mlp import DeepMLP
 
@@ -65,3 +65,18 @@ def test_features_replay_learns_on_the_mnist_sample(modules, tmp_path):
     assert history[-1]["modules"] == modules and history[-1]["loss"] < history[0]["loss"]
     assert final > 2 * CHANCE_MAP and final > lsh_map(problem, 16) + 0.05, (final, lsh_map(problem, 16))
     assert_round_trip(encoder, problem, tmp_path)
+
+
+def test_work_split_evens_out_the_modules_work():
+    sizes = [784] + [1024] * 7 + [32]  # the 8 × 1024 MLP of the parallel benchmark
+    assert module_bounds(8, 2) == [(0, 4), (4, 8)]
+    bounds = balanced_bounds(sizes, 2)
+    assert bounds == [(0, 3), (3, 8)]
+    works = [module_work(sizes, a, b, top=k == 1) for k, (a, b) in enumerate(bounds)]
+    by_depth = [module_work(sizes, a, b, top=k == 1) for k, (a, b) in enumerate(module_bounds(8, 2))]
+    assert max(works) < max(by_depth)
+    for k in (1, 3, 8):  # the dynamic programme's answer is the best of every contiguous cut
+        import itertools
+        best = min(max(module_work(sizes, a, b, top=b == 8) for a, b in zip((0,) + cuts, cuts + (8,)))
+                   for cuts in itertools.combinations(range(1, 8), k - 1))
+        assert max(module_work(sizes, a, b, top=b == 8) for a, b in balanced_bounds(sizes, k)) == best

@@ -54,3 +54,26 @@ def test_semantic_hashing_learns_balanced_codes_without_labels(tmp_path):
         on = (encoder(problem.train_x) >= 0).float().mean(0)
     assert bool(((on - 0.5).abs() <= 0.01).all())  # balanced: each bit splits the training set in half
     assert_round_trip(encoder, problem, tmp_path)
+
+
+def test_standardisation_gives_unit_variance_pixels_and_folds_into_the_first_layer():
+    from vdsh.training.trainers.semantic_hashing import Standardisation
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 5, generator=gen, dtype=torch.float64) * torch.tensor([0.5, 2.0, 3.0, 1.0, 1e-9], dtype=torch.float64) + 4.0
+    pixels = Standardisation.of(x, floor=0.1)
+    standardised = pixels(x)
+    torch.testing.assert_close(standardised.mean(0), torch.zeros(5, dtype=torch.float64), atol=1e-9, rtol=0)
+    torch.testing.assert_close(standardised.std(0)[:4], torch.ones(4, dtype=torch.float64))  # each pixel on its own scale
+    assert float(pixels.std[4]) == pytest.approx(0.1 * float(x.std(0).mean()))  # the near-constant pixel is floored
+    encoder = SigmoidEncoder([5, 4, 3]).double()
+    torch.testing.assert_close(pixels.folded(encoder)(x), encoder(standardised))
+
+
+def test_lbfgs_fine_tuning_lowers_the_reconstruction_error_and_retrieves():
+    problem = sample_problem()
+    options = SemanticHashingOptions(rbm_epochs=2, finetune_epochs=2, finetune="lbfgs", eval_every=0, balance=False, code_noise=0.0)
+    encoder, history = SemanticHashingTrainer(options).fit(SigmoidEncoder([784, 64, 16]), problem.train_x, problem.train_y, problem.validation)
+    finetune = [r["loss"] for r in history if r["phase"] == "finetune"]
+    assert len(finetune) == 2 and finetune[1] < finetune[0]
+    assert history[-1]["val_map"] > 2 * CHANCE_MAP

@@ -119,10 +119,10 @@ def run(config: RunConfig) -> RunResult:
         describe_run(inputs, augmentation, validation_on)
     options = method_options(config, method)
     rank, world = init_from_env(config.device)  # under torchrun: every process trains on its shard of the samples
-    if world > 1 and not method.data_parallel:
+    if world > 1 and not method.distributed:
         raise ValueError(f"several processes (torchrun) train with trainer "
-                         f"{' or '.join(n for n, m in MLP_METHODS.items() if m.data_parallel)} only, not {config.trainer}")
-    train = inputs.split.train[rank::world]
+                         f"{', '.join(n for n, m in MLP_METHODS.items() if m.distributed)} only, not {config.trainer}")
+    train = inputs.split.train[rank::world] if method.distributed == "shards" else inputs.split.train
     x, y = inputs.prepare(train), inputs.labels[train]
     torch.manual_seed(config.seed)  # the encoder's initial weights
     encoder = build_encoder(config, method, options, x.shape[1:], y.shape[1])

@@ -11,6 +11,7 @@ from vdsh.app.bench.cnn import bench_cnn, bench_cnn_train
 from vdsh.app.bench.features import bench_features, bench_int8
 from vdsh.app.bench.methods import bench_methods
 from vdsh.app.bench.milvus import bench_milvus
+from vdsh.app.bench.parallel import bench_parallel
 from vdsh.app.cli import index as index_commands
 from vdsh.app.bench.train import bench_train
 from vdsh.app.cli.train import train
@@ -34,6 +35,7 @@ bench.command("methods")(bench_methods)
 bench.command("features")(bench_features)
 bench.command("int8")(bench_int8)
 bench.command("milvus")(bench_milvus)
+bench.command("parallel")(bench_parallel)
 
 
 @app.callback()

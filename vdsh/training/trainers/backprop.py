@@ -3,6 +3,10 @@
 Loss per mini-batch: the hashing layer relaxed by tanh, h = tanh(F(x)), a linear classifier on h with
 cross-entropy (single-label), binary cross-entropy (multi-label) or the squared loss of the code head,
 plus an optional quantisation term μ·||h − sgn(h)||². Codes are sgn(F(x)) as for every encoder.
+Under a torch.distributed group (torchrun, or spawned workers) it runs data-parallel with PyTorch's
+DistributedDataParallel: every rank is given the whole training set and takes its strided share of each
+global mini-batch (the same mini-batches as one process), DDP averages the gradients (the time its
+all-reduces are in flight is recorded as `comm_time`); 'cuda' means each rank's own GPU.
 The input is whatever `InputSpec.prepare` produced, so CNN encoders reuse this trainer unchanged.
 """
 
@@ -16,6 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from vdsh.training.distributed import CommClock, data_parallel, rank_and_world, rank_device
 from vdsh.training.trainers.base import Trainer
 from vdsh.training.validation import Validation, evaluate_encoder
 from vdsh.training.encoders.mlp import DeepMLP, identity_hidden_layers
@@ -102,7 +107,7 @@ class BackpropTrainer(Trainer):
             if not isinstance(encoder, DeepMLP):
                 raise ValueError("init='identity' applies to a DeepMLP's square hidden layers only")
             identity_hidden_layers(encoder)
-        device = torch.device(opt.device)
+        device = rank_device(opt.device)
         memory_format = torch.channels_last if opt.channels_last else torch.preserve_format
         encoder.to(device, memory_format=memory_format).train()
         x, y = features.to(device).float(), labels.to(device).float()
@@ -111,6 +116,9 @@ class BackpropTrainer(Trainer):
             raise ValueError(f"a plain classifier needs one encoder output per class ({y.shape[1]}), has {bits}")
         classifier = nn.Identity() if opt.plain_classifier else nn.Linear(bits, y.shape[1]).to(device)
         params = list(encoder.parameters()) + list(classifier.parameters())
+        rank, world = rank_and_world()
+        clock = CommClock()
+        model, head = (data_parallel(encoder, clock), data_parallel(classifier, clock)) if world > 1 else (encoder, classifier)
         optimizer = make_optimizer(params, opt)
         steps = math.ceil(len(x) / opt.batch_size)
         schedule = make_schedule(optimizer, opt, steps)
@@ -120,11 +128,12 @@ class BackpropTrainer(Trainer):
         for epoch in range(1, opt.epochs + 1):
             total, seen = 0.0, 0
             for idx in torch.randperm(len(x), device=device).split(opt.batch_size):
+                idx = idx[rank::world]  # this rank's share of the global mini-batch (all of it in one process)
                 inputs = self.augment(x[idx]) if self.augment else x[idx]
                 with autocast:
-                    out = encoder(inputs.contiguous(memory_format=memory_format))
+                    out = model(inputs.contiguous(memory_format=memory_format))
                     h = out if opt.plain_classifier else torch.tanh(out)
-                    loss = classification_loss(classifier(h).float(), y[idx], opt.loss, opt.label_smoothing)
+                    loss = classification_loss(head(h).float(), y[idx], opt.loss, opt.label_smoothing)
                     if opt.quantisation > 0 and not opt.plain_classifier:
                         loss = loss + opt.quantisation * (h.float() - torch.sign(h.float())).pow(2).sum(1).mean()
                 optimizer.zero_grad(set_to_none=True)
@@ -135,6 +144,8 @@ class BackpropTrainer(Trainer):
                 seen += len(idx)
             record = {"epoch": epoch, "sweep": epoch, "time": time.perf_counter() - start, "loss": total / seen,
                       "lr": optimizer.param_groups[0]["lr"]}
+            if world > 1:
+                record["comm_time"] = clock.seconds
             history.append(close_epoch(record, encoder, x, y, validation, opt, self.progress))
         return encoder.eval(), history
 

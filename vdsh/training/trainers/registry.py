@@ -33,7 +33,9 @@ class Method:
     iterations: str  # the options field that --sweeps / --epochs sets
     network: str  # what it trains: "mlp", "sigmoid-mlp" (on vectors); "cnn" (an ImageEncoder on images)
     augmented_by_default: bool = False  # gets the dataset's augmentation unless --no-augment (needs takes_augmentation)
-    data_parallel: bool = False  # trains under torchrun, every rank on its shard of the samples
+    distributed: str | None = None  # under torchrun: "shards" (every rank its strided shard of the samples) or
+    # "whole" (every rank the whole training set; the trainer splits the work: DDP's share of each batch, features
+    # replay's modules); None: one process only
     validates: bool = True  # scored on a validation slice while it trains (which may pick the sweep or epoch kept)
     make_options: Callable[[dict], Any] | None = None  # settings -> options (default: the trainer's options class)
 
@@ -43,12 +45,12 @@ class Method:
 
 
 MLP_METHODS: dict[str, Method] = {
-    "admm": Method(AdmmTrainer, "sweeps", "mlp", data_parallel=True),
-    "proxprop": Method(ProxPropTrainer, "sweeps", "mlp", augmented_by_default=True, data_parallel=True),
-    "backprop": Method(BackpropTrainer, "epochs", "mlp", augmented_by_default=True),
-    "altmin": Method(AltMinTrainer, "sweeps", "mlp"),
+    "admm": Method(AdmmTrainer, "sweeps", "mlp", distributed="shards"),
+    "proxprop": Method(ProxPropTrainer, "sweeps", "mlp", augmented_by_default=True, distributed="shards"),
+    "backprop": Method(BackpropTrainer, "epochs", "mlp", augmented_by_default=True, distributed="whole"),
+    "altmin": Method(AltMinTrainer, "sweeps", "mlp", distributed="whole"),
     "taylor": Method(TaylorAdmmTrainer, "sweeps", "mlp"),
-    "replay": Method(FeaturesReplayTrainer, "epochs", "mlp"),
+    "replay": Method(FeaturesReplayTrainer, "epochs", "mlp", distributed="whole"),
     "semantic": Method(SemanticHashingTrainer, "finetune_epochs", "sigmoid-mlp"),
 }
 CNN_METHODS: dict[str, Method] = {
