@@ -48,7 +48,8 @@ from typing import Callable
 import torch
 
 from vdsh.index.metrics import mean_average_precision
-from vdsh.training.code_head import CODE_TARGETS, binary_codes, class_codewords, ridge_classifier, target_codes
+from vdsh.index.codes import sign_codes
+from vdsh.training.code_head import CODE_TARGETS, class_codewords, ridge_classifier, target_codes
 from vdsh.training.distributed import global_sum, rank_and_world, rank_zero_value
 from vdsh.training.encoders.mlp import DeepMLP
 from vdsh.training.stacked_mlp import LayerWeights, affine, start_plain_mlp, with_ones
@@ -199,7 +200,7 @@ class CopyStatistics:
     count: int = 0
 
     def add(self, x: torch.Tensor, z: torch.Tensor, targets: torch.Tensor, top_target: torch.Tensor) -> None:
-        x1, z1 = with_ones(x), with_ones(z)
+        x1, z1 = with_ones(x.float()), with_ones(z.float())
         self.gram_first += x1.T @ x1
         self.rhs_first += x1.T @ targets[0]
         self.gram_rest += torch.bmm(z1.transpose(1, 2), z1)
@@ -232,7 +233,7 @@ def solve_copy(stats: CopyStatistics, anchor: LayerWeights, beta: float, gamma: 
 def auxiliary_map(z_top: torch.Tensor, y: torch.Tensor, eval_size: int, seed: int) -> float:
     """Train mAP of the auxiliary codes sgn(z_M), scored like the forward codes: the two agree when ADMM has converged."""
     generator = torch.Generator().manual_seed(seed)
-    codes = binary_codes(z_top)
+    codes = sign_codes(z_top, z_top.dtype)
     pick = torch.randperm(len(codes), generator=generator)[: min(eval_size, len(codes))].to(codes.device)
     return mean_average_precision(codes[pick], y[pick], codes, y)
 

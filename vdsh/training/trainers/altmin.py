@@ -35,8 +35,10 @@ from typing import Callable
 import torch
 
 from vdsh.training.validation import Validation, evaluate_encoder
-from vdsh.training.code_head import LinearCodeHead, binary_codes, ridge_classifier
+from vdsh.index.codes import sign_codes
+from vdsh.training.code_head import LinearCodeHead, ridge_classifier
 from vdsh.training.encoders.mlp import DeepMLP, check_plain_mlp_problem
+from vdsh.training.stacked_mlp import affine, with_ones
 
 
 @dataclass
@@ -70,11 +72,6 @@ class AltMinOptions:
 # ---------------------------------------------------------------- the W-step: per layer, closed form
 
 
-def with_ones(a: torch.Tensor) -> torch.Tensor:
-    """[a; 1] for every sample: the bias is the last column of the augmented weight [W | b]."""
-    return torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype, device=a.device)], 1)
-
-
 @dataclass
 class LayerStatistics:
     """Σ_k a_k a_kᵀ (gram, (in+1, in+1)) and Σ_k z_k a_kᵀ (cross, (out, in+1)) of one layer.
@@ -104,11 +101,6 @@ def solve_layer(stats: LayerStatistics, ridge: float, mu: float) -> torch.Tensor
 
 
 # ---------------------------------------------------------------- the z-step: per sample, damped Newton
-
-
-def affine(inputs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """inputs Wᵀ + b for the augmented weight [W | b]."""
-    return torch.addmm(weight[:, -1], inputs, weight[:, :-1].T)
 
 
 def hidden_local_objective(z: torch.Tensor, target: torch.Tensor, above: torch.Tensor, weight_above: torch.Tensor,
@@ -159,7 +151,7 @@ def top_step(target: torch.Tensor, labels: torch.Tensor, classifier: torch.Tenso
     system = classifier @ classifier.T + (mu + quantisation) * torch.eye(classifier.shape[0], dtype=classifier.dtype, device=classifier.device)
     rhs = labels @ classifier.T + mu * target
     if quantisation:
-        rhs = rhs + quantisation * binary_codes(target)
+        rhs = rhs + quantisation * sign_codes(target, target.dtype)
     return torch.linalg.solve(system, rhs.T).T
 
 
@@ -271,7 +263,7 @@ class AltMinTrainer:
             self.z_step(weights, zs, xb, yb, head.classifier, mu)
             batch_weights = self.w_step(xb, zs, mu)
             weights = [s * w + (1 - s) * nw for w, nw in zip(weights, batch_weights)]
-            batch_classifier = ridge_classifier(binary_codes(zs[-1]), yb, opt.classifier_ridge)
+            batch_classifier = ridge_classifier(sign_codes(zs[-1], zs[-1].dtype), yb, opt.classifier_ridge)
             head.classifier = s * head.classifier + (1 - s) * batch_classifier
             for k, v in objective_terms(weights, zs, xb, yb, head.classifier, mu, opt.l1).items():
                 totals[k] = [t + u for t, u in zip(totals[k], v)] if isinstance(v, list) and k in totals else (
@@ -290,7 +282,7 @@ def objective_terms(weights: list[torch.Tensor], zs: list[torch.Tensor], x: torc
     n = len(x)
     return {
         "loss": float((y - zs[-1] @ classifier).pow(2).sum() / n),
-        "code_loss": float((y - binary_codes(zs[-1]) @ classifier).pow(2).sum() / n),
+        "code_loss": float((y - sign_codes(zs[-1], zs[-1].dtype) @ classifier).pow(2).sum() / n),
         "penalty": float(mu * sum(g.pow(2).sum() for g in gaps) / n),
         "l1_penalty": float(l1 * sum(h.sum() for h in inputs[1:]) / n),
         "residual_max": max(residuals),

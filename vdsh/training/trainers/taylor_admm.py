@@ -32,9 +32,10 @@ from typing import Callable
 import torch
 
 from vdsh.training.validation import Validation, evaluate_encoder
-from vdsh.training.trainers.altmin import affine, forward_preactivations, layer_statistics, solve_layer, weights_of, write_weights
+from vdsh.training.trainers.altmin import forward_preactivations, layer_statistics, solve_layer, weights_of, write_weights
 from vdsh.training.code_head import LinearCodeHead
 from vdsh.training.encoders.mlp import DeepMLP, check_plain_mlp_problem
+from vdsh.training.stacked_mlp import affine
 
 
 def relu_coupled_preactivation(target: torch.Tensor, z: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
