@@ -150,7 +150,7 @@ def upper_weights(weights: LayerWeights) -> list[torch.Tensor]:
 
 def lipschitz_constants(weights: LayerWeights, iterations: int = 20) -> torch.Tensor:
     """||W_{m+1}||₂² for every hidden layer m, the Lipschitz constant of the upper constraint's gradient in z_m, by
-    batched power iteration on W_{m+1}ᵀW_{m+1} (an SVD per layer cost a fifth of a sweep)."""
+    batched power iteration on W_{m+1}ᵀW_{m+1} (an SVD per layer cost a noticeable share of every sweep)."""
     def largest_eigenvalue(w: torch.Tensor) -> torch.Tensor:
         gram = w.transpose(-1, -2) @ w
         v = torch.ones(*gram.shape[:-1], 1, device=w.device)
