@@ -130,6 +130,7 @@ def test_augmentation_rejects_padding_as_large_as_the_image():
         random_crop(torch.randn(2, 1, 4, 4), padding=4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("classifier_baseline", [False, True])
 def test_small_cnn_learns_on_the_embedded_sample(classifier_baseline, one_thread):
     from dataclasses import replace
@@ -150,6 +151,7 @@ def test_small_cnn_learns_on_the_embedded_sample(classifier_baseline, one_thread
     assert mean_average_precision(query, pool.labels[split.query], database, pool.labels[split.database]) > 0.5
 
 
+@pytest.mark.slow
 def test_train_command_trains_a_cnn_and_saves_a_reloadable_model(tmp_path, one_thread):
     from typer.testing import CliRunner
 
