@@ -29,8 +29,6 @@ def private_cache(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="session")
 def mnist_sample_features():
     """Pixels (normalised) and multi-hot labels of 1,000 training images (every 5th) of the embedded MNIST sample."""
-    import torch
-
     from vdsh.data.protocols import load_protocol
     from vdsh.training.encoders.model import InputSpec
 
@@ -43,8 +41,6 @@ def mnist_sample_features():
 @pytest.fixture
 def one_thread():
     """A small net gains nothing from a second thread, and spinning threads stall on a shared 2-core box."""
-    import torch
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -9,6 +10,7 @@ import torch.multiprocessing as mp
 from vdsh.training.trainers.admm import AdmmOptions, AdmmTrainer
 from vdsh.training.encoders.mlp import DeepMLP
 
+pytestmark = pytest.mark.slow  # spawns two processes
 WORLD = 2
 OPTIONS = dict(sweeps=3, eval_every=0, keep_best=False)
 

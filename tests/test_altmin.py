@@ -74,6 +74,7 @@ def test_top_step_is_the_exact_minimiser():
     assert float(grad.abs().max()) < 1e-9
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("minibatch_size", [None, 500])
 def test_altmin_learns_on_the_mnist_sample(minibatch_size, tmp_path):
     problem = sample_problem()

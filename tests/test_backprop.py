@@ -7,6 +7,7 @@ from vdsh.training.trainers.backprop import BackpropOptions, BackpropTrainer
 from vdsh.training.encoders.mlp import DeepMLP
 
 
+@pytest.mark.slow
 def test_backprop_learns_on_the_embedded_sample(mnist_sample_features):
     x, y = mnist_sample_features
     torch.manual_seed(0)

@@ -264,11 +264,13 @@ def mnist_sample_map():
     return scores
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(BASELINES))
 def test_every_baseline_retrieves_mnist_digits_well_above_chance(mnist_sample_map, name):
     assert mnist_sample_map[name] > 2 * mnist_sample_map["chance"]
 
 
+@pytest.mark.slow
 def test_supervised_sdh_beats_unsupervised_lsh_and_itq_on_mnist(mnist_sample_map):
     assert mnist_sample_map["sdh"] > max(mnist_sample_map["lsh"], mnist_sample_map["itq"]) + 0.2
 

@@ -130,6 +130,7 @@ def test_augmentation_rejects_padding_as_large_as_the_image():
         random_crop(torch.randn(2, 1, 4, 4), padding=4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("classifier_baseline", [False, True])
 def test_small_cnn_learns_on_the_embedded_sample(classifier_baseline, one_thread):
     from vdsh.data.protocols import load_protocol
@@ -149,6 +150,7 @@ def test_small_cnn_learns_on_the_embedded_sample(classifier_baseline, one_thread
     assert map_all > 0.5 and map_all == pytest.approx(result.summary["metrics"]["map_all"])
 
 
+@pytest.mark.slow
 def test_train_command_trains_a_cnn_and_saves_a_reloadable_model(tmp_path, one_thread):
     from typer.testing import CliRunner
 

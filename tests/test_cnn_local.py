@@ -45,6 +45,7 @@ def test_blocks_are_a_view_of_the_encoder(kind):
     assert blocks[-1] is encoder.head
 
 
+@pytest.mark.slow
 def test_a_blocks_local_step_moves_only_that_block():
     encoder, x, y = small_batch()
     trainer = CnnLocalTrainer(CnnLocalOptions())
@@ -76,6 +77,7 @@ def test_an_auxiliary_update_touches_no_parameter_and_no_running_statistic():
     assert all(torch.equal(a, b) for a, b in zip(stats[:2], list(encoder.buffers())[:2]))  # first BN: mean, var
 
 
+@pytest.mark.slow
 def test_the_code_pull_reaches_every_block_as_the_backprop_direction():
     """From forward-initialised auxiliaries one unit auxiliary step leaves z_m − f_m = the back-propagated error of
     ½||f(x) − B||² (scaled by μ/(β+μ)), so each block's local problem points where back-prop would."""
@@ -144,6 +146,7 @@ def query_map(model: HashingModel, pool, split) -> float:
     return mean_average_precision(q, pool.labels[split.query], db, pool.labels[split.database])
 
 
+@pytest.mark.slow
 def test_cnn_local_learns_on_the_embedded_sample(one_thread):
     from vdsh.training.augment import default_augmentation
 
@@ -158,6 +161,7 @@ def test_cnn_local_learns_on_the_embedded_sample(one_thread):
     assert query_map(model, pool, split) > 0.7
 
 
+@pytest.mark.slow
 def test_hybrid_learns_and_saves_as_one_model_with_identical_codes(tmp_path, one_thread):
     from vdsh.training.augment import default_augmentation
     from vdsh.training.trainers.hybrid import HybridTrainer, hybrid_options
@@ -213,6 +217,7 @@ CLI_RUNS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trainer", CLI_RUNS)
 def test_train_command_saves_a_model_that_eval_and_index_build_use_unchanged(trainer, tmp_path, one_thread):
     import json
@@ -252,6 +257,7 @@ def test_train_command_refuses_trainer_and_encoder_that_do_not_fit(args, message
     assert result.exit_code != 0 and message in result.output
 
 
+@pytest.mark.slow
 def test_bench_cnn_train_writes_one_row_per_trainer(tmp_path, monkeypatch, one_thread):
     from typer.testing import CliRunner
 

@@ -21,6 +21,7 @@ def test_embedded_sample_is_the_official_mnist_test_set():
     assert sample.targets[:5].tolist() == [7, 2, 1, 0, 4]
 
 
+@pytest.mark.slow
 def test_mnist_all_is_train_then_test(data_root):
     mnist = load("mnist", data_root)
     assert mnist.images.shape == (70_000, 1, 28, 28)
@@ -29,6 +30,7 @@ def test_mnist_all_is_train_then_test(data_root):
     assert abs(mnist.images[:60_000].mean() / 255 - 0.1307) < 1e-3
 
 
+@pytest.mark.slow
 def test_cifar10_reads_rebuilt_pickles(data_root):
     test = load("cifar10", data_root, split="test")
     assert test.images.shape == (10_000, 3, 32, 32)

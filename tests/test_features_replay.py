@@ -19,6 +19,7 @@ def test_modules_cover_every_layer_once():
         module_bounds(3, 4)
 
 
+@pytest.mark.slow
 def test_one_module_equals_backprop_exactly():
     problem = sample_problem()
     x, y = problem.train_x[:600], problem.train_y[:600]
@@ -54,6 +55,7 @@ def test_two_modules_replay_the_previous_batch_with_the_delta_from_above():
     torch.testing.assert_close(mlp.linears[0].weight.grad, expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("modules", [2, 3])
 def test_features_replay_learns_on_the_mnist_sample(modules, tmp_path):
     problem = sample_problem()

@@ -223,6 +223,7 @@ CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_killing_a_saving_process_never_leaves_a_broken_index(tmp_path):
     """SIGKILL a process that saves again and again, at varied moments; what is left always loads whole."""
     directory = tmp_path / "idx"
@@ -418,6 +419,7 @@ DELTA_CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_killing_a_process_that_saves_changes_leaves_every_committed_item_whole(tmp_path):
     """SIGKILL a process committing one item at a time: each acknowledged item survives, whole."""
     directory = tmp_path / "idx"

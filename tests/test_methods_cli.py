@@ -32,6 +32,7 @@ def test_every_method_has_a_trainer_behind_the_command():
 
 
 # The ReLU-network trainers share one code path in the command; semantic hashing builds another encoder.
+@pytest.mark.slow
 @pytest.mark.parametrize("trainer, options", [("altmin", {}), ("semantic", {"rbm_epochs": 1})])
 def test_train_command_runs_a_method_and_saves_a_loadable_model(trainer, options, tmp_path):
     result = CliRunner().invoke(app, ["train", "--trainer", trainer, "--protocol", "mnist-sample", "--bits", "8",
@@ -50,6 +51,7 @@ def test_train_command_names_the_known_trainers():
     assert result.exit_code != 0 and "altmin" in result.output
 
 
+@pytest.mark.slow
 def test_bench_methods_writes_a_table_and_plots(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["bench", "methods", "--protocols", "mnist-sample", "--bits", "8",

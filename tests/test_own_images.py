@@ -185,6 +185,7 @@ def test_hybrid_reports_every_trunk_epoch_and_head_sweep():
     assert len(records) == 2 + 3, "one report per trunk epoch and per head sweep"
 
 
+@pytest.mark.slow
 def test_train_takes_the_old_dataset_spelling_with_a_deprecation_note(tmp_path):
     result = vdsh("train", "--dataset", "mnist-sample", "--trainer", "lsh", "--bits", "8", "--out", tmp_path / "run")
     assert "--dataset is deprecated here" in result.stderr and "--protocol mnist-sample" in result.stderr

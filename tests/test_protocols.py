@@ -27,12 +27,14 @@ def check_split(split, labels, n_pool, n_query, n_train, per_class_query, per_cl
         ("cifar10-50k", 60_000, 10_000, 50_000, 1_000, 5_000),
     ],
 )
+@pytest.mark.slow
 def test_real_protocol_sizes_and_balance(data_root, name, n_pool, n_query, n_train, per_q, per_t):
     pool, split = load_protocol(name, data_root)
     assert len(pool) == n_pool
     check_split(split, pool.labels, n_pool, n_query, n_train, per_q, per_t)
 
 
+@pytest.mark.slow
 def test_splits_are_deterministic_and_seeded(data_root):
     _, a = load_protocol("cifar10-5k", data_root, seed=0)
     _, b = load_protocol("cifar10-5k", data_root, seed=0)

@@ -160,6 +160,7 @@ def test_rejects_non_plain_networks():
         ProxPropTrainer().fit(DeepMLP(4, 3, 8, 4, batchnorm=True), torch.randn(5, 4), torch.eye(5))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("depth", [4, 16])
 def test_proxprop_learns_on_the_embedded_sample(mnist_sample_features, depth):
     x, y = mnist_sample_features
@@ -174,6 +175,7 @@ def test_proxprop_learns_on_the_embedded_sample(mnist_sample_features, depth):
     assert history[-1]["train_map"] > 0.8
 
 
+@pytest.mark.slow
 def test_bfloat16_forward_passes_learn_as_float32_ones_do(mnist_sample_features):
     x, y = mnist_sample_features
     scores = {}
@@ -185,6 +187,7 @@ def test_bfloat16_forward_passes_learn_as_float32_ones_do(mnist_sample_features)
     assert scores["bfloat16"] > 0.8 and abs(scores["bfloat16"] - scores["float32"]) < 0.05
 
 
+@pytest.mark.slow
 def test_proxprop_trains_on_fresh_augmentations_of_every_mini_batch(mnist_sample_features):
     x, y = mnist_sample_features
     seen = []

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -11,6 +12,7 @@ from vdsh.training.stacked_mlp import LayerWeights
 from vdsh.training.distributed import global_mean
 from vdsh.training.encoders.mlp import DeepMLP
 
+pytestmark = pytest.mark.slow  # spawns two processes
 WORLD = 2
 
 

@@ -41,6 +41,7 @@ def test_gaussian_rbm_pretraining_lowers_reconstruction_error():
     assert errors[-1] < 0.8 * errors[0], errors
 
 
+@pytest.mark.slow
 def test_semantic_hashing_learns_balanced_codes_without_labels(tmp_path):
     problem = sample_problem()
     options = SemanticHashingOptions(rbm_epochs=4, finetune_epochs=3, eval_every=0)

@@ -338,6 +338,7 @@ def test_health_stats_metrics_and_openapi(client, setup):
 # ------------------------------------------------------- a real uvicorn process
 
 
+@pytest.mark.slow
 def test_real_uvicorn_process_answers_queries(setup):
     import httpx
 
@@ -351,6 +352,7 @@ def test_real_uvicorn_process_answers_queries(setup):
     assert httpx.get(url + "/").text.count("<html") == 1
 
 
+@pytest.mark.slow
 def test_killed_mid_write_the_index_loads_with_items_whole_or_absent(setup, tmp_path):
     """SIGKILL the server during a burst of POST /items; every acknowledged item survives, nothing is torn."""
     import httpx
@@ -451,6 +453,7 @@ def test_cli_index_build_refuses_bad_arguments(setup, tmp_path):
     assert result.exit_code != 0 and "give --dataset" in result.output
 
 
+@pytest.mark.slow
 def test_http_load_generator_is_bounded_and_counts_every_request(setup):
     from vdsh.app.bench.http import health_latency, run_load
 
@@ -504,6 +507,7 @@ def test_server_over_shards_answers_like_one_index_and_is_read_only(client, setu
             sharded.app.state.catalog.remove(3)
 
 
+@pytest.mark.slow
 def test_vdsh_serve_with_repeated_index_options_serves_the_shards_as_one(setup, tmp_path):
     import httpx
 

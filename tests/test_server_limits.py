@@ -153,6 +153,7 @@ def test_a_memory_limit_below_the_loaded_server_refuses_to_start(setup):
 # ---------------------------------------------------------- auth before body
 
 
+@pytest.mark.slow
 def test_writes_without_a_key_are_refused_before_the_body_is_read(setup):
     """A 5 MB body is announced but never sent: the answer must come from the headers alone."""
     host, port = shared_server().removeprefix("http://").split(":")

@@ -35,6 +35,7 @@ def test_output_step_is_the_exact_minimiser_with_the_multiplier():
     assert float(gradient_at(objective, z).abs().max()) < 1e-9
 
 
+@pytest.mark.slow
 def test_taylor_admm_learns_and_records_residuals_per_layer(tmp_path):
     problem = sample_problem()
     torch.manual_seed(0)

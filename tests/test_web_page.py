@@ -18,7 +18,8 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (no browser download needed)")
 if CHROMIUM is None and os.environ.get("VDSH_REQUIRE_BROWSER"):
     raise RuntimeError("VDSH_REQUIRE_BROWSER is set but no chromium binary is installed (apt-get install -y chromium)")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (apt-get install -y chromium)")
+pytestmark = [pytest.mark.slow,  # a browser and a server process
+              pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (apt-get install -y chromium)")]
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 

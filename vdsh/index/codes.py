@@ -24,10 +24,11 @@ def code_bytes(bits: int) -> int:
     return (bits + 7) // 8
 
 
-def sign_codes(outputs: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """b = sgn(F(x)) as int8 in {-1,+1}; zero maps to +1 so every bit is defined."""
+def sign_codes(outputs: torch.Tensor | np.ndarray, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """b = sgn(F(x)) in {-1,+1}, int8 unless `dtype` asks for another (trainers: their float dtype); zero maps to
+    +1 so every bit is defined."""
     outputs = torch.as_tensor(outputs)
-    return torch.where(outputs >= 0, 1, -1).to(torch.int8)
+    return torch.where(outputs >= 0, 1, -1).to(torch.int8 if dtype is None else dtype)
 
 
 def pack_codes(codes: torch.Tensor | np.ndarray) -> np.ndarray:

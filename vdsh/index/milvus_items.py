@@ -1,5 +1,3 @@
-# Over 400 lines on purpose: the collection's schema, its writer and its reader stay in one module, so that
-# every field written has its reader beside it (as vdsh.index.store does for index directories).
 """The item index kept in a Milvus collection: the same read and write surface as `ItemIndex`, served by
 Milvus, so that several `vdsh serve` processes (on several machines) share one collection.
 
@@ -31,6 +29,8 @@ answer by (distance, id), which is vdsh's own order wherever ids grow with inser
 `vdsh index build` writes: ids 0..n-1), so answers equal vdsh's except which tied items make the cut at
 the k-th distance. Rankings cut at k (mAP@k, P@k) can move by the relevance of those items; mAP@all,
 which ranks everything, cannot be computed through a top-k store at all (Milvus's top-k is at most 16,384).
+The module is over 400 lines on purpose: the collection's schema, its writer and its reader stay in one module, so
+that every field written has its reader beside it (as vdsh.index.store does for index directories).
 """
 
 from __future__ import annotations

@@ -1,5 +1,3 @@
-# Over 400 lines on purpose: the directory format's writer and reader (full versions and delta files) are
-# one module, so that every field written has its reader beside it; the in-memory side is vdsh.index.items.
 """The on-disk format of an `ItemIndex` (`vdsh.index.items`): an index directory, saved atomically.
 
 Layout of a saved directory::
@@ -26,6 +24,8 @@ directory fsynced. The rename is the commit: a crash leaves the change wholly th
 Every `COMPACT_EVERY` deltas (and at any explicit `save_index`) the state is saved in full again, which
 starts a version with no deltas, so loading never replays more than that many; that one change waits
 for the full save, searches meanwhile go on (both costs: BENCHMARKS.md, "Index changes").
+The module is over 400 lines on purpose: the directory format's writer and reader (full versions and delta files)
+are one module, so that every field written has its reader beside it; the in-memory side is vdsh.index.items.
 """
 
 from __future__ import annotations

@@ -13,10 +13,7 @@ from typing import Callable
 
 import torch
 
-
-def binary_codes(z: torch.Tensor) -> torch.Tensor:
-    """±1 codes in z's float dtype; 0 maps to +1, as `vdsh.index.codes.sign_codes` does."""
-    return torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
+from vdsh.index.codes import sign_codes
 
 
 def ridge_classifier(codes: torch.Tensor, labels: torch.Tensor, ridge: float = 1.0,
@@ -53,7 +50,7 @@ class LinearCodeHead:
 
     def fit(self, top: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Codes b = sgn(top), W by ridge regression; returns (codes, loss of the codes)."""
-        codes = binary_codes(top)
+        codes = sign_codes(top, top.dtype)
         self.classifier = ridge_classifier(codes, labels, self.ridge)
         return codes, float(squared_loss(codes, labels, self.classifier))
 
@@ -65,12 +62,12 @@ def discrete_codes(forward_top: torch.Tensor, labels: torch.Tensor, classifier: 
     the labels; bit k given the others is b_k = sgn(q_k − B_{−k} W_{−k} w_kᵀ), q = YWᵀ + νF.
     """
     q = labels.float() @ classifier.T + nu * forward_top.float()
-    codes = binary_codes(q)
+    codes = sign_codes(q, q.dtype)
     cct = classifier @ classifier.T
     for _ in range(bit_sweeps):
         for k in range(codes.shape[1]):
             cross = codes @ cct[:, k] - codes[:, k] * cct[k, k]
-            codes[:, k] = binary_codes(q[:, k] - cross)
+            codes[:, k] = sign_codes(q[:, k] - cross, q.dtype)
     return codes
 
 
@@ -84,7 +81,7 @@ def class_codewords(labels: torch.Tensor, bits: int, seed: int) -> torch.Tensor:
     """
     generator = torch.Generator().manual_seed(seed)
     codewords = (torch.randint(0, 2, (labels.shape[1], bits), generator=generator) * 2 - 1).float()
-    return binary_codes(labels.float() @ codewords.to(labels.device))
+    return sign_codes(labels.float() @ codewords.to(labels.device), torch.float32)
 
 
 CODE_TARGETS = ("learned", "centres")

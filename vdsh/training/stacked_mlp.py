@@ -55,8 +55,8 @@ def affine(x: torch.Tensor, w_aug: torch.Tensor) -> torch.Tensor:
 
 
 def with_ones(z: torch.Tensor) -> torch.Tensor:
-    """[z 1] in float32: the bias column of a ridge regression."""
-    return torch.cat([z.float(), torch.ones(*z.shape[:-1], 1, device=z.device)], -1)
+    """[z 1] in z's dtype: the bias column of a ridge regression (callers pass float32 for the normal equations)."""
+    return torch.cat([z, torch.ones(*z.shape[:-1], 1, dtype=z.dtype, device=z.device)], -1)
 
 
 def start_plain_mlp(encoder: DeepMLP, features: torch.Tensor, labels: torch.Tensor, trainer: str, device: torch.device,

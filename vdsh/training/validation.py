@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from vdsh.index.metrics import mean_average_precision
-from vdsh.training.code_head import binary_codes
+from vdsh.index.codes import sign_codes
 
 
 @dataclass
@@ -30,7 +30,7 @@ def forward_codes(encoder: torch.nn.Module, features: torch.Tensor, batch_size: 
         outs = [encoder(features[i : i + batch_size].to(device, dtype)) for i in range(0, len(features), batch_size)]
     finally:
         encoder.train(was_training)
-    return binary_codes(torch.cat(outs).float())
+    return sign_codes(torch.cat(outs), torch.float32)
 
 
 @torch.no_grad()

@@ -37,6 +37,7 @@ Deviations from the paper, and why:
   ours too: with the plain squared loss Wᵀb overshoots y and classes end a few bits apart (thin margins).
 - Hidden layers may start at the identity (`init`, the default), as ProxProp's and back-prop's rows do.
 Measured figures, the variants tried and their residuals: BENCHMARKS.md, "ADMM variants" and "Training: … depth sweep".
+The module is over 400 lines because it holds the whole algorithm, every step beside the next, to be read in one place.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ import torch
 
 from vdsh.index.metrics import mean_average_precision
 from vdsh.training.trainers.base import Trainer
-from vdsh.training.code_head import CODE_TARGETS, binary_codes, class_codewords, ridge_classifier, target_codes
+from vdsh.index.codes import sign_codes
+from vdsh.training.code_head import CODE_TARGETS, class_codewords, ridge_classifier, target_codes
 from vdsh.training.distributed import global_sum, rank_and_world, rank_zero_value
 from vdsh.training.encoders.mlp import DeepMLP
 from vdsh.training.stacked_mlp import LayerWeights, affine, start_plain_mlp, with_ones
@@ -149,7 +151,7 @@ def upper_weights(weights: LayerWeights) -> list[torch.Tensor]:
 
 def lipschitz_constants(weights: LayerWeights, iterations: int = 20) -> torch.Tensor:
     """||W_{m+1}||₂² for every hidden layer m, the Lipschitz constant of the upper constraint's gradient in z_m, by
-    batched power iteration on W_{m+1}ᵀW_{m+1} (an SVD per layer cost a fifth of a sweep)."""
+    batched power iteration on W_{m+1}ᵀW_{m+1} (an SVD per layer cost a noticeable share of every sweep)."""
     def largest_eigenvalue(w: torch.Tensor) -> torch.Tensor:
         gram = w.transpose(-1, -2) @ w
         v = torch.ones(*gram.shape[:-1], 1, device=w.device)
@@ -199,7 +201,7 @@ class CopyStatistics:
     count: int = 0
 
     def add(self, x: torch.Tensor, z: torch.Tensor, targets: torch.Tensor, top_target: torch.Tensor) -> None:
-        x1, z1 = with_ones(x), with_ones(z)
+        x1, z1 = with_ones(x.float()), with_ones(z.float())
         self.gram_first += x1.T @ x1
         self.rhs_first += x1.T @ targets[0]
         self.gram_rest += torch.bmm(z1.transpose(1, 2), z1)
@@ -232,7 +234,7 @@ def solve_copy(stats: CopyStatistics, anchor: LayerWeights, beta: float, gamma: 
 def auxiliary_map(z_top: torch.Tensor, y: torch.Tensor, eval_size: int, seed: int) -> float:
     """Train mAP of the auxiliary codes sgn(z_M), scored like the forward codes: the two agree when ADMM has converged."""
     generator = torch.Generator().manual_seed(seed)
-    codes = binary_codes(z_top)
+    codes = sign_codes(z_top, z_top.dtype)
     pick = torch.randperm(len(codes), generator=generator)[: min(eval_size, len(codes))].to(codes.device)
     return mean_average_precision(codes[pick], y[pick], codes, y)
 

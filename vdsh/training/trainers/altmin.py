@@ -47,10 +47,12 @@ from typing import Callable
 
 import torch
 
-from vdsh.training.code_head import binary_codes, ridge_classifier
+from vdsh.index.codes import sign_codes
+from vdsh.training.code_head import ridge_classifier
 from vdsh.training.distributed import broadcast_, global_sum, rank_and_world, rank_device
-from vdsh.training.trainers.base import Trainer
 from vdsh.training.encoders.mlp import DeepMLP, check_plain_mlp_problem
+from vdsh.training.stacked_mlp import affine, with_ones
+from vdsh.training.trainers.base import Trainer
 from vdsh.training.validation import Validation, evaluate_encoder
 
 Penalty = float | torch.Tensor  # μ: one number, or one per sample (N, 1) under the ℓ1 relaxation
@@ -90,11 +92,6 @@ class AltMinOptions:
 # ---------------------------------------------------------------- the W-step: per layer, closed form
 
 
-def with_ones(a: torch.Tensor) -> torch.Tensor:
-    """[a; 1] for every sample: the bias is the last column of the augmented weight [W | b]."""
-    return torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype, device=a.device)], 1)
-
-
 @dataclass
 class LayerStatistics:
     """Σ_k a_k a_kᵀ (gram, (in+1, in+1)) and Σ_k z_k a_kᵀ (cross, (out, in+1)) of one layer.
@@ -126,13 +123,6 @@ def solve_layer(stats: LayerStatistics, ridge: float, mu: float) -> torch.Tensor
 
 
 # ---------------------------------------------------------------- the z-step: per sample, damped Newton
-
-
-def affine(inputs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """inputs Wᵀ + b for the augmented weight [W | b]; batched over a leading layer axis when 3-D."""
-    if inputs.ndim == 3:
-        return torch.baddbmm(weight[..., -1:].transpose(1, 2), inputs, weight[..., :-1].transpose(1, 2))
-    return torch.addmm(weight[:, -1], inputs, weight[:, :-1].T)
 
 
 def hidden_local_objective(z: torch.Tensor, target: torch.Tensor, above: torch.Tensor, weight_above: torch.Tensor,
@@ -187,7 +177,7 @@ def top_step(target: torch.Tensor, labels: torch.Tensor, classifier: torch.Tenso
     """
     rhs = labels @ classifier.T + mu * target
     if quantisation:
-        rhs = rhs + quantisation * binary_codes(target)
+        rhs = rhs + quantisation * sign_codes(target, target.dtype)
     gram = classifier @ classifier.T
     if isinstance(mu, torch.Tensor):
         values, vectors = torch.linalg.eigh(gram)
@@ -288,7 +278,7 @@ class AltMinTrainer(Trainer):
 
     def classifier(self, top: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The code head: ridge regression of the labels on sgn(z_L), over every rank's samples."""
-        return ridge_classifier(binary_codes(top), labels, self.options.classifier_ridge, reduce=global_sum)
+        return ridge_classifier(sign_codes(top, top.dtype), labels, self.options.classifier_ridge, reduce=global_sum)
 
     def w_step(self, x: torch.Tensor, zs: list[torch.Tensor], penalties: list[Penalty]) -> list[torch.Tensor]:
         """Every layer's closed-form weights from its statistics (independent across layers; one all-reduce for all).
@@ -368,7 +358,7 @@ def objective_terms(weights: list[torch.Tensor], zs: list[torch.Tensor], x: torc
     inputs = layer_inputs(x, zs)
     gaps = [(z - affine(h, w)).norm(dim=1) for z, h, w in zip(zs, inputs, weights)]
     penalty = sum(g.sum() if opt.residual == "l1" else g.pow(2).sum() for g in gaps)
-    sums = [(y - zs[-1] @ classifier).pow(2).sum(), (y - binary_codes(zs[-1]) @ classifier).pow(2).sum(), penalty,
+    sums = [(y - zs[-1] @ classifier).pow(2).sum(), (y - sign_codes(zs[-1], zs[-1].dtype) @ classifier).pow(2).sum(), penalty,
             sum(h.sum() for h in inputs[1:]), torch.tensor(float(len(x)), device=x.device)]
     sums += [g.pow(2).sum() for g in gaps] + [z.pow(2).sum() for z in zs]
     loss, code_loss, penalty, l1_sum, n, *squares = [float(t) for t in global_sum([torch.as_tensor(t, dtype=torch.float32) for t in sums])]

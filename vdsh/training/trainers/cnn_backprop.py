@@ -13,8 +13,8 @@ from dataclasses import replace
 from vdsh.training.trainers.backprop import BackpropOptions
 
 # The fast-CIFAR settings: one-cycle Nesterov SGD, label smoothing 0.1 as in the ResNet-9 trainers. Peak
-# lr 0.2 and no quantisation term: on mnist-sample (small_cnn w=8, 4 epochs, batch 128, 48 bits) lr
-# 0.05/0.1/0.2 gave mAP 0.68/0.85/0.88, and quantisation 0/0.002/0.01 at lr 0.2 gave 0.88/0.85/0.86.
+# lr 0.2 and no quantisation term won a small screen on mnist-sample (small_cnn w=8, 4 epochs, batch 128,
+# 48 bits; lr 0.05, 0.1, 0.2; quantisation 0, 0.002, 0.01). Measured figures: BENCHMARKS.md, "CNN trainers".
 CNN_OPTIONS = BackpropOptions(epochs=10, batch_size=256, lr=0.2, label_smoothing=0.1, quantisation=0.0,
                               channels_last=True, eval_every=0)
 

@@ -80,7 +80,7 @@ class CnnLocalOptions:
     aux_steps: int = 1  # gradient steps per auxiliary update
     aux_step_size: float = 1.0  # 1: one step solves the local problem with the block above linearised
     weight_steps: int = 2  # AdamW steps of each conv block's local problem per iteration
-    lr: float = 2e-2  # peak AdamW learning rate of those (4e-2: 0.92 on the sample with 1 weight step)
+    lr: float = 2e-2  # peak AdamW learning rate of those (4e-2 was screened on the sample with 1 weight step)
     schedule: str = "onecycle"  # learning-rate schedule over mini-batches: 'onecycle', 'cosine', 'step' or 'constant'
     weight_decay: float = 5e-4  # AdamW's decoupled decay; also the ridge λ of the head's regression
     beta: float = 1.0  # weight of the block constraints (and of their multipliers)
@@ -90,8 +90,9 @@ class CnnLocalOptions:
     bit_sweeps: int = 2  # DCC sweeps over the bits in the B-step
     classifier_ridge: float = 1.0  # λ of the classifier's ridge regression on the codes
     classifier_decay: float = 0.99  # running-mean decay of the classifier across mini-batches
-    linear_rho: float | None = 0.1  # proximal pull of the head's closed-form step (1 weight step: 0.1/1/10 gave 0.91/0.88/0.73;
-    #                                 None: AdamW steps like the conv blocks)
+    # Proximal pull of the head's closed-form step (of 0.1, 1 and 10, screened with 1 weight step, the smallest did
+    # best); None: AdamW steps like the conv blocks.
+    linear_rho: float | None = 0.1
     fit_inputs: str = "forward"  # inputs of the weight steps: 'forward' activations or 'auxiliary' z_{m-1}
     multipliers: bool = True  # scaled multipliers (augmented Lagrangian) or a pure quadratic penalty
     keep_best: bool = True

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import torch
 
 from vdsh.training.trainers.base import Trainer
-from vdsh.training.code_head import CODE_TARGETS, binary_codes, class_codewords, ridge_classifier, squared_loss, target_codes
+from vdsh.index.codes import sign_codes
+from vdsh.training.code_head import CODE_TARGETS, class_codewords, ridge_classifier, squared_loss, target_codes
 from vdsh.training.distributed import global_mean, global_min, global_sum, rank_zero_value
 from vdsh.training.encoders.mlp import DeepMLP
 from vdsh.training.stacked_mlp import LayerWeights, affine, start_plain_mlp, with_ones
@@ -142,8 +143,8 @@ class WeightStatistics:
 def weight_statistics(x: torch.Tensor, targets: Targets) -> WeightStatistics:
     """Normal-equation statistics of every layer: layer m reads only its input z_{m−1} and its target."""
     n = x.shape[0]
-    x1 = with_ones(x)
-    z1 = with_ones(targets.z)  # (M−1, N, w+1): inputs of W_2..W_M
+    x1 = with_ones(x.float())
+    z1 = with_ones(targets.z.float())  # (M−1, N, w+1): inputs of W_2..W_M
     target = targets.a.float()
     return WeightStatistics(
         gram_first=x1.T @ x1 / n,
@@ -253,7 +254,7 @@ class ProxPropTrainer(Trainer):
             state["stats"] = stats if state["stats"] is None or opt.stat_decay == 0 else state["stats"].blend(stats, opt.stat_decay)
             weights = solve_weights(state["stats"], weights, opt.ridge, opt.rho)
             residuals = target_residuals(weights, xb, targets)
-            totals["loss"] += float(squared_loss(binary_codes(forward.a_top.float()), yb, state["classifier"]))
+            totals["loss"] += float(squared_loss(sign_codes(forward.a_top, torch.float32), yb, state["classifier"]))
             totals["residual_max"] += float(residuals.max())
             totals["residual_mean"] += float(residuals.mean())
             totals["step"] += step

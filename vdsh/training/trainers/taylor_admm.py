@@ -32,9 +32,10 @@ import torch
 
 from vdsh.training.trainers.base import Trainer
 from vdsh.training.validation import Validation, evaluate_encoder
-from vdsh.training.trainers.altmin import affine, forward_preactivations, layer_statistics, solve_layer, weights_of, write_weights
+from vdsh.training.trainers.altmin import forward_preactivations, layer_statistics, solve_layer, weights_of, write_weights
 from vdsh.training.code_head import LinearCodeHead
 from vdsh.training.encoders.mlp import DeepMLP, check_plain_mlp_problem
+from vdsh.training.stacked_mlp import affine
 
 
 def relu_coupled_preactivation(target: torch.Tensor, z: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
@@ -49,8 +50,8 @@ def relu_coupled_preactivation(target: torch.Tensor, z: torch.Tensor, beta: floa
 @dataclass
 class TaylorAdmmOptions:
     """Taylor ADMM options. The paper's β = 1, γ = 10 suit its hinge loss; with the squared code loss
-    they pin the z's to the forward pass and nothing learns (mnist-sample: val mAP 0.15 -> 0.17 in 10
-    iterations), so β = 0.01, γ = 1 (0.15 -> 0.35)."""
+    they pin the z's to the forward pass and the codes barely improve (a screen on mnist-sample), so
+    β = 0.01, γ = 1. Measured figures of these defaults: BENCHMARKS.md, "Methods: mnist-5k"."""
 
     beta: float = 0.01  # β_l: weight of the linear constraints z_l = W_l a_{l−1} (all layers)
     gamma: float = 1.0  # γ_l: weight of the activation constraints a_l = h(z_l)
