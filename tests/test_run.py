@@ -64,3 +64,30 @@ def test_a_run_trains_scores_saves_and_reloads(tmp_path):
     queries = np.asarray(result.inputs.images.images[result.inputs.split.query[:20]])
     assert torch.equal(model.encode(queries).float(), result.query_codes[:20].float())
     assert {p.name for p in tmp_path.iterdir()} >= {"model.safetensors", "history.json", "protocol.json", "split.npz"}
+
+
+@pytest.mark.slow  # two torchrun processes
+@pytest.mark.parametrize("trainer, options", [("replay", {"modules": 2}), ("admm", {"blocks": 1})])
+def test_torchrun_trains_the_model_of_one_process(trainer, options, tmp_path):
+    """`vdsh train` under torchrun (every rank given the whole set for replay, its shard for ADMM) saves the weights
+    that one process computes with the same work split (replay: 2 modules; ADMM: 2 data blocks)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    args = ["train", "--protocol", "mnist-sample", "--trainer", trainer, "--depth", "4", "--width", "32", "--bits", "16",
+            "--epochs", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VDSH_QUIET": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "vdsh", *args,
+                    "--options", json.dumps(options), "--out", str(tmp_path / "two")], check=True, env=env,
+                   capture_output=True)
+    single = {**options, "blocks": 2} if trainer == "admm" else options
+    subprocess.run([sys.executable, "-m", "vdsh", *args, "--options", json.dumps(single), "--out", str(tmp_path / "one")],
+                   check=True, env=env, capture_output=True)
+    two, one = (load_file(tmp_path / run / "model.safetensors") for run in ("two", "one"))
+    assert two.keys() == one.keys()
+    for key in one:
+        assert torch.allclose(two[key], one[key], rtol=1e-4, atol=1e-5), key
