@@ -148,5 +148,6 @@ def bench_parallel(
     notes = (f"{len(train):,} training images of `{protocol}`, DeepMLP {depth} × {width}, {bits} bits; {epochs} epochs "
              f"(ADMM: {sweeps} sweeps), global batch {batch_size}; features replay with K = {workers} modules, split by "
              f"{split}. Processes × threads: the layout; every run in fresh processes. Time: training alone, per epoch.")
-    write_section(f"Parallel training: {protocol}", table(rows) + "\n\n" + notes)
-    typer.echo("wrote BENCHMARKS.md section " + repr(f"Parallel training: {protocol}"))
+    title = f"Parallel training: {protocol}, {depth} × {width}, batch {batch_size}"
+    write_section(title, table(rows) + "\n\n" + notes)
+    typer.echo(f"wrote BENCHMARKS.md section {title!r}")
