@@ -1,5 +1,7 @@
 """Semantic hashing: CD-1 is the free-energy gradient difference, pretraining lowers reconstruction error, codes retrieve."""
 
+import math
+
 import pytest
 import torch
 from torch.nn.functional import softplus
@@ -78,3 +80,13 @@ def test_lbfgs_fine_tuning_lowers_the_reconstruction_error_and_retrieves():
     finetune = [r["loss"] for r in history if r["phase"] == "finetune"]
     assert len(finetune) == 2 and finetune[1] < finetune[0]
     assert history[-1]["val_map"] > 2 * CHANCE_MAP
+
+
+def test_a_diverging_rbm_starts_again_at_a_smaller_step():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 64, generator=generator)
+    options = SemanticHashingOptions(rbm_epochs=2, finetune_epochs=1, gaussian_lr=1.0, eval_every=0)  # CD-1 blows up
+    encoder, history = SemanticHashingTrainer(options).fit(SigmoidEncoder([64, 32, 8]), x, torch.zeros(200, 2))
+    first = [r for r in history if r["phase"] == "rbm1"]
+    assert first[0]["lr"] < 1.0 and all(math.isfinite(r["loss"]) and r["loss"] < 10 * 64 for r in first)
+    assert all(torch.isfinite(p).all() for p in encoder.parameters())

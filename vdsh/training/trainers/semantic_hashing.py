@@ -20,13 +20,16 @@ The result is a `SigmoidEncoder` (registered kind "sigmoid-mlp") on raw input: t
 into its first layer. Sigmoid hidden layers, a linear top.
 Deviations from the papers: L-BFGS stands in for the conjugate gradients of Rasmussen's `minimize` (torch.optim
 has no CG); the per-pixel std is floored (`pixel_std_floor`) so that near-constant pixels are not blown up;
-Adam is the default (above); `balance` is ours; the papers' word-count (constrained Poisson) input layer is
-not implemented: the inputs here are image features, hence the Gaussian visibles.
+Adam is the default (above); `balance` is ours; an RBM whose reconstruction error blows up (`DIVERGED`: the
+Gaussian layer on 1,280 backbone features at the default step) starts again at a tenth of its step, at most
+`RBM_RESTARTS` times, and its history records the step it kept; the papers' word-count (constrained Poisson)
+input layer is not implemented: the inputs here are image features, hence the Gaussian visibles.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass
 
@@ -36,6 +39,10 @@ from torch import nn
 from vdsh.training.trainers.base import Trainer
 from vdsh.training.encoders.sigmoid_mlp import SigmoidEncoder
 from vdsh.training.validation import Validation, evaluate_encoder
+
+
+RBM_RESTARTS = 2  # restarts of a diverged RBM, each at a tenth of the previous step
+DIVERGED = 10.0  # an RBM has diverged when its reconstruction error exceeds this many times that of zeros
 
 
 @dataclass
@@ -201,11 +208,19 @@ class SemanticHashingTrainer(Trainer):
         start = time.perf_counter()
         rbms, visible = [], x
         for layer, hidden in enumerate(encoder.sizes[1:]):
-            rbm = Rbm.initial(visible, hidden, gaussian=layer == 0, generator=generator)
             lr = opt.gaussian_lr if layer == 0 else opt.rbm_lr
-            errors = train_rbm(rbm, visible, opt.rbm_epochs, lr, opt.momentum, opt.weight_decay, opt.batch_size, generator)
+            scale = float(visible.pow(2).sum(1).mean())  # the error of reconstructing every input by zero
+            for _ in range(RBM_RESTARTS + 1):  # a diverged layer starts again at a tenth of the step
+                rbm = Rbm.initial(visible, hidden, gaussian=layer == 0, generator=generator)
+                errors = train_rbm(rbm, visible, opt.rbm_epochs, lr, opt.momentum, opt.weight_decay, opt.batch_size, generator)
+                if all(math.isfinite(e) and e <= DIVERGED * scale for e in errors):
+                    break
+                lr /= 10
+            else:
+                raise ValueError(f"RBM {layer + 1} diverged at every step size down to {lr * 10:g}: lower gaussian_lr/rbm_lr")
             for epoch, error in enumerate(errors, 1):
-                self.record(history, {"phase": f"rbm{layer + 1}", "epoch": epoch, "loss": error, "time": time.perf_counter() - start})
+                self.record(history, {"phase": f"rbm{layer + 1}", "epoch": epoch, "loss": error, "lr": lr,
+                                      "time": time.perf_counter() - start})
             rbms.append(rbm)
             visible = rbm.hidden_probabilities(visible)
         autoencoder = UnrolledAutoencoder(rbms).to(device)
