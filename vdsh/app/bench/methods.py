@@ -196,6 +196,7 @@ def bench_methods(
     out: Path = typer.Option(Path("runs/bench-methods"), help="folder for results.json and the plots"),
     features: str = typer.Option(None, help="input features (default per dataset: pixels, GIST for CIFAR-10), e.g. efficientnet-lite0"),
     resolution: int = typer.Option(None, help="input side of a pretrained backbone (default 160)"),
+    title: str = typer.Option(None, help="section title (default: 'Methods: PROTOCOL[, FEATURES RESOLUTION px]')"),
 ) -> None:
     """Every method on each protocol at each code length: mAP@all, P@H<=2, time, memory; BENCHMARKS.md + plots."""
     from vdsh.files import atomic_write_text
@@ -211,10 +212,11 @@ def bench_methods(
     for protocol in [p.strip() for p in protocols.split(",") if p.strip()]:
         def publish(results: list[dict], protocol: str = protocol) -> None:
             atomic_write_text(out / f"{protocol}-results.json", json.dumps(results, indent=1))
-            title = f"Methods: {protocol}" + (f", {features}" if features else "") + (f" {resolution} px" if resolution else "")
-            write_section(title, section_body(results, protocol, depth, width, iterations)
+            section = title or (f"Methods: {protocol}" + (f", {features}" if features else "")
+                                + (f" {resolution} px" if resolution else ""))
+            write_section(section, section_body(results, protocol, depth, width, iterations)
                           + f"\n\nPlots: `{out}/{protocol}-<bits>-pr.png`, `{out}/{protocol}-<bits>-map-vs-time.png`.")
-            typer.echo(f"wrote BENCHMARKS.md section 'Methods: {protocol}' and {out}/")
+            typer.echo(f"wrote BENCHMARKS.md section {section!r} and {out}/")
 
         run_protocol(protocol, bits_list, chosen, depth, width, iterations, method_options, device, seed,
                      data_root, train_limit, out, publish, features, resolution)
