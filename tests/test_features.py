@@ -142,8 +142,6 @@ def test_imagenet_weights_beat_their_random_init_twin_on_a_small_cifar10_probe(d
 
 @pytest.mark.slow
 @pretrained
-@pytest.mark.xfail(reason="open: post-training int8 of this backbone does not yet keep the float features "
-                          "(failed on 2026-12-02; probes: cosine 0.53-0.58 fully quantised, see quantize.py)", strict=False)
 def test_int8_backbone_keeps_the_float_features_on_real_images(data_root):
     from vdsh.data import load
     from vdsh.training.features.quantize import quantize_int8, serialized_bytes

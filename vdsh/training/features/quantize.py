@@ -1,7 +1,7 @@
 """int8 post-training quantisation of a backbone for CPU serving (torch.ao FX graph mode, static).
 
 Weights per channel and activations per tensor in int8 (the x86 / fbgemm backend's default qconfig),
-observers calibrated on a few hundred training images; the first stages stay in float (`FLOAT_STAGES`).
+observers calibrated on the training images a model keeps; the stem and first stages stay in float (`FLOAT_MODULES`).
 Before tracing, timm's layers that FX cannot
 quantise are rewritten into plain ones: `Conv2dSame` (TensorFlow 'same' padding computed from the input
 size at run time) becomes a fixed `ZeroPad2d` + `Conv2d` for the one resolution the model serves, and
@@ -15,60 +15,27 @@ import warnings
 
 import torch
 from torch import nn
-from torch.ao.quantization import MinMaxObserver, PerChannelMinMaxObserver, QConfig, QConfigMapping
+from torch.ao.quantization import QConfigMapping, get_default_qconfig
 
 from vdsh.training.features.efficientnet import EfficientNetLite0Features
 
 
-# Stages left in float: quantised alone, each of these lost most of the feature similarity (cosine to the
-# float features far below every later stage's) in a probe on CIFAR-10 images: per-tensor
-# activation ranges of these narrow, wide-range early layers are what PTQ without cross-layer equalisation
-# handles worst. They hold a small share of the weights.
-FLOAT_STAGES = ("conv_stem", "blocks.0", "blocks.1")
+# Left in float: the stem (its convolution and its batch norm + ReLU6, `bn1`) and the first two stages. Quantised
+# alone, each of these lost much of the feature similarity in a probe on CIFAR-10 images (cosine to the float
+# features far below every later stage's): per-tensor activation ranges of these narrow, wide-range early layers
+# are what PTQ without cross-layer equalisation handles worst. They hold a small share of the weights. Min-max
+# observers (ReLU6 outputs clamped to [0, 6]) lost most of the features even so; the x86 default's histogram
+# observers keep them (tests/test_features.py checks the cosine on real images).
+FLOAT_MODULES = ("conv_stem", "bn1", "blocks.0", "blocks.1")
 
 
-class ReLU6RangeObserver(MinMaxObserver):
-    """Observes only what the ReLU6 after a convolution keeps ([0, 6]): its int8 steps are not spent on
-    pre-activation values the clamp discards."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        super().forward(x.detach().clamp(0, 6))
-        return x
-
-
-def relu6_convolutions(net: nn.Module) -> list[str]:
-    """Names of the convolutions whose output goes (through batch norm) straight into a ReLU6."""
-    graph = torch.fx.symbolic_trace(net)
-    modules = dict(graph.named_modules())
-
-    def next_layer(node):
-        while node is not None:
-            node = next(iter(node.users)) if len(node.users) == 1 else None
-            if node is None or node.op != "call_module" or not isinstance(modules[node.target], (nn.Identity, nn.BatchNorm2d)):
-                return node
-        return None
-
-    names = []
-    for node in graph.graph.nodes:
-        if node.op == "call_module" and isinstance(modules[node.target], nn.Conv2d):
-            following = next_layer(node)
-            if following is not None and following.op == "call_module" and isinstance(modules[following.target], nn.ReLU6):
-                names.append(node.target)
-    return names
-
-
-def qconfig_mapping(net: nn.Module) -> QConfigMapping:
-    """int8 weights per channel (symmetric), activations per tensor (7-bit range, as fbgemm/x86 needs); the
-    ReLU6 ranges clamped; FLOAT_STAGES left in float."""
-    weight = PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
-    plain = QConfig(activation=MinMaxObserver.with_args(dtype=torch.quint8, reduce_range=True), weight=weight)
-    clamped = QConfig(activation=ReLU6RangeObserver.with_args(dtype=torch.quint8, reduce_range=True), weight=weight)
-    mapping = QConfigMapping().set_global(plain)
-    for name in relu6_convolutions(net):
-        floating = any(name == stage or name.startswith(stage + ".") for stage in FLOAT_STAGES)
-        mapping.set_module_name(name, None if floating else clamped)
-    for stage in FLOAT_STAGES:
-        mapping.set_module_name(stage, None)
+def qconfig_mapping() -> QConfigMapping:
+    """The x86 backend's default static qconfig (weights int8 per channel, symmetric; activations quint8 per
+    tensor, 7-bit range, histogram observers that pick the range minimising quantisation error) everywhere
+    but FLOAT_MODULES."""
+    mapping = QConfigMapping().set_global(get_default_qconfig("x86"))
+    for name in FLOAT_MODULES:
+        mapping.set_module_name(name, None)
     return mapping
 
 
@@ -89,7 +56,7 @@ def quantize_int8(backbone: EfficientNetLite0Features, calibration: torch.Tensor
         torch.backends.quantized.engine = "x86"
     with warnings.catch_warnings():  # torch.ao's notice that FX quantisation is moving to torchao
         warnings.simplefilter("ignore")
-        prepared = prepare_fx(net, qconfig_mapping(net), example_inputs=(pixels[0],))
+        prepared = prepare_fx(net, qconfig_mapping(), example_inputs=(pixels[0],))
         for batch in pixels:
             prepared(batch)
         quantized.net = convert_fx(prepared)
