@@ -129,6 +129,6 @@ def bench_int8(
         f"Size: the backbone's state dict as torch.save writes it. mAP@all: {len(q)} queries against {len(db)} "
         f"database items drawn from `{pool.name}`'s split (a subset: both encoders run on every image). int8: "
         f"torch.ao FX static post-training quantisation, x86 backend, calibrated on the {len(float_model.calibration)} "
-        f"training images stored in the model, first stages in float (vdsh/training/features/quantize.py); quantising "
+        f"training images stored in the model, the stem and the first two stages in float (quantize.FLOAT_MODULES); quantising "
         f"took {quantize_s:.1f} s at load. 1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after.\n\n"
         + markdown_table(["backbone", "ms/image, batch 1", "ms/image, batch 64", "backbone MiB", "mAP@all (subset)"], rows)))
