@@ -81,12 +81,15 @@ def test_torchrun_trains_the_model_of_one_process(trainer, options, tmp_path):
     args = ["train", "--protocol", "mnist-sample", "--trainer", trainer, "--depth", "4", "--width", "32", "--bits", "16",
             "--epochs", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "VDSH_QUIET": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "vdsh", *args,
-                    "--options", json.dumps(options), "--out", str(tmp_path / "two")], check=True, env=env,
-                   capture_output=True)
+    def vdsh(*command: str) -> None:
+        done = subprocess.run([sys.executable, *command], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    # --standalone: a free port for the rendezvous, so that runs one after another never collide
+    vdsh("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "vdsh", *args,
+         "--options", json.dumps(options), "--out", str(tmp_path / "two"))
     single = {**options, "blocks": 2} if trainer == "admm" else options
-    subprocess.run([sys.executable, "-m", "vdsh", *args, "--options", json.dumps(single), "--out", str(tmp_path / "one")],
-                   check=True, env=env, capture_output=True)
+    vdsh("-m", "vdsh", *args, "--options", json.dumps(single), "--out", str(tmp_path / "one"))
     two, one = (load_file(tmp_path / run / "model.safetensors") for run in ("two", "one"))
     assert two.keys() == one.keys()
     for key in one:

@@ -38,6 +38,14 @@ def init_from_env(device: str) -> tuple[int, int]:
     return rank_and_world()
 
 
+def leave_group() -> None:
+    """After the last collective: wait for every rank, then tear the group down. A rank that exits with gloo's
+    threads still running aborts (std::terminate) and torchrun reports the whole run failed."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def rank_device(device: str) -> torch.device:
     """The device this rank computes on: under a process group, 'cuda' means this rank's own GPU (LOCAL_RANK)."""
     rank, world = rank_and_world()

@@ -22,7 +22,7 @@ from vdsh.files import atomic_write_text
 from vdsh.index.metrics import mean_average_precision
 from vdsh.progress import note, progress_bar
 from vdsh.training.augment import FeatureNoise, FlatImageAugmentation, chosen_augmentation
-from vdsh.training.distributed import init_from_env
+from vdsh.training.distributed import init_from_env, leave_group
 from vdsh.training.encoders.class_scores import ClassScoreCode
 from vdsh.training.encoders.cnn import CNN_KINDS
 from vdsh.training.encoders.mlp import DeepMLP
@@ -131,6 +131,8 @@ def run(config: RunConfig) -> RunResult:
     with progress_bar(f"{config.trainer} {describe_network(config)}", steps, config.show_progress and rank == 0) as advance:
         trainer.progress = epoch_reporter(advance)
         encoder, history = trainer.fit(encoder, x, y, validation)
+    if world > 1:
+        leave_group()
     if config.classifier_baseline:
         encoder = ClassScoreCode(encoder.cpu().eval(), config.bits, config.seed)
     if rank > 0:  # the weights are identical on every rank: rank 0 scores and saves them
