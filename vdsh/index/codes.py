@@ -50,18 +50,6 @@ def unpack_codes(packed: np.ndarray, bits: int) -> torch.Tensor:
     return torch.from_numpy(ones.astype(np.int8) * 2 - 1)
 
 
-def hamming_distances(query: torch.Tensor, database: torch.Tensor) -> torch.Tensor:
-    """(q, bits) x (n, bits) codes in {-1,+1} -> (q, n) int32 Hamming distances.
-
-    d = (bits - <q, b>) / 2 for sign codes: one matmul, exact in float32 for any practical length.
-    """
-    if query.shape[1] != database.shape[1]:
-        raise ValueError(f"code lengths differ: {query.shape[1]} vs {database.shape[1]} bits")
-    bits = query.shape[1]
-    inner = query.float() @ database.float().T
-    return ((bits - inner) / 2).round().to(torch.int32)
-
-
 @dataclass
 class CodeSet:
     """Codes of some items with their multi-hot labels, as exchanged between encoders and `vdsh eval`."""
