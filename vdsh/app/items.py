@@ -70,11 +70,12 @@ def codes_from_model(model_path: Path, protocol: str, data_root: Path | None, se
     if not len(database):
         raise ValueError("--exclude leaves an empty database")
 
-    def encode(ids: np.ndarray, part: str) -> ScoredPart:
-        packed = model_codes(model, pool, ids, label=f"encoding {len(ids)} {part}")
-        return ScoredPart(CodeSet(packed, model.bits, pool.labels[ids]), ids)
-
-    return encode(split.query, "queries"), encode(database, "database items"), list(pool.class_names)
+    # one pass over both parts: a model on cached features reads the cache (the whole pool's features) once
+    packed = model_codes(model, pool, np.concatenate([split.query, database]),
+                         label=f"encoding {len(split.query)} queries and {len(database)} database items")
+    parts = [(split.query, packed[: len(split.query)]), (database, packed[len(split.query):])]
+    query, db = (ScoredPart(CodeSet(codes, model.bits, pool.labels[ids]), ids) for ids, codes in parts)
+    return query, db, list(pool.class_names)
 
 
 def build_index(model_path: Path, items: ImageSet, kind: str, out: Path | None, batch_size: int = 1024,
