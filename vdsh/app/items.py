@@ -26,7 +26,8 @@ PARTS = ("train", "query", "database")
 
 def load_items(dataset: str | None, split: str, protocol: str | None, part: str, data_root: str | None,
                seed: int = 0, data: dict | None = None, exclude: list[str] = ()) -> tuple[ImageSet, np.ndarray]:
-    """The images to index and their ids: a dataset split, or one part (train/query/database) of a protocol.
+    """(pool, ids): the images to index are pool.images[ids], a dataset split or one part (train/query/database)
+    of a protocol. The pool is returned whole, so that a model on cached features reads the pool's cache.
 
     An item's id is its position in the dataset (in the protocol's pool: train followed by test for the
     built-in datasets), the number its source `mnist:N` also shows. data: `load_protocol`'s shape and
@@ -43,7 +44,7 @@ def load_items(dataset: str | None, split: str, protocol: str | None, part: str,
     else:
         raise ValueError("give --dataset NAME (with --split) or --protocol NAME (with --part)")
     ids = ids[~np.isin(ids, excluded(exclude, len(pool)))]
-    return (pool if len(ids) == len(pool) else pool.subset(ids)), ids
+    return pool, ids
 
 
 def excluded(references: list[str], pool_size: int) -> np.ndarray:
@@ -78,26 +79,21 @@ def codes_from_model(model_path: Path, protocol: str, data_root: Path | None, se
     return query, db, list(pool.class_names)
 
 
-def build_index(model_path: Path, items: ImageSet, kind: str, out: Path | None, batch_size: int = 1024,
+def build_index(model_path: Path, pool: ImageSet, kind: str, out: Path | None, batch_size: int = 1024,
                 device: str | None = None, ids: np.ndarray | None = None) -> ItemIndex:
-    """Encode every image, add codes + labels + sources + 64x64 thumbnails, save atomically to `out`.
-
-    ids: one per item (default 0..n-1); `load_items` gives dataset positions."""
+    """Encode pool.images[ids] (default: all), add codes + labels + sources + 64x64 thumbnails with the positions
+    as item ids, save atomically to `out` (when given)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(model_path, device=device)
     spec = model.input_spec
-    if items.images.shape[1:] != (spec.channels, spec.size, spec.size):
-        raise ValueError(f"{items.name} images are {items.images.shape[1:]}, the model takes "
+    if pool.images.shape[1:] != (spec.channels, spec.size, spec.size):
+        raise ValueError(f"{pool.name} images are {pool.images.shape[1:]}, the model takes "
                          f"({spec.channels}, {spec.size}, {spec.size})")
-    codes = model_codes(model, items, batch_size=batch_size, label=f"encoding {len(items)} images on {device}")
-    index = ItemIndex(HammingIndex(model.bits, kind), model_id(model_path), items.class_names)
-    index.add(
-        codes,
-        np.arange(len(items), dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64),
-        labels=items.labels,
-        sources=[items.source(i) for i in range(len(items))],
-        thumbnails=[thumbnail(image) for image in items.images],
-    )
+    ids = np.arange(len(pool), dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
+    codes = model_codes(model, pool, ids, batch_size, label=f"encoding {len(ids)} images on {device}")
+    index = ItemIndex(HammingIndex(model.bits, kind), model_id(model_path), pool.class_names)
+    index.add(codes, ids, labels=pool.labels[ids], sources=[pool.source(i) for i in ids],
+              thumbnails=[thumbnail(pool.images[i]) for i in ids])
     if out is not None:
         save_index(out, index)
     return index

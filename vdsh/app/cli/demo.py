@@ -48,20 +48,20 @@ def demo(
     plot_pr_curves({f"{trainer} {bits} bits": report.to_dict()["pr_curve"]}, out / "pr_curve.png")
 
     typer.echo("3/4 building a Hamming index of the database")
-    items, ids = load_items(None, "all", PROTOCOL, "database", None)
-    index = build_index(model_path, items, "flat", out / "index", device="cpu", ids=ids)
+    pool, database = load_items(None, "all", PROTOCOL, "database", None)
+    index = build_index(model_path, pool, "flat", out / "index", device="cpu", ids=database)
 
     typer.echo("4/4 querying the index with three held-out digits, read back from PNG files")
     model = load_model(model_path)
-    queries, _ = load_items(None, "all", PROTOCOL, "query", None)
+    _, queries = load_items(None, "all", PROTOCOL, "query", None)
     from vdsh.data.transforms import load_image
 
-    for position in (0, 1, 2):
-        path = out / f"query_{position}.png"
-        Image.fromarray(np.asarray(queries.images[position, 0])).save(path)
+    for n, position in enumerate(queries[:3]):
+        path = out / f"query_{n}.png"
+        Image.fromarray(np.asarray(pool.images[position, 0])).save(path)
         code = model.encode(load_image(path, channels=1, size=28)[None])
         ids, dists = index.search(pack_codes(code), 5, device="cpu")
-        found = [queries.class_names[np.flatnonzero(row)[0]] for row in index.labels_of(ids[0])]
-        truth = queries.class_names[int(np.flatnonzero(queries.labels[position])[0])]
+        found = [pool.class_names[np.flatnonzero(row)[0]] for row in index.labels_of(ids[0])]
+        truth = pool.class_names[int(np.flatnonzero(pool.labels[position])[0])]
         typer.echo(f"  {path.name}: digit {truth} -> top 5 labels {found}, Hamming distances {dists[0].tolist()}")
     typer.echo(f"done. Serve it: vdsh serve --index {out / 'index'} --model {model_path}")

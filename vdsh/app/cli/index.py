@@ -57,13 +57,11 @@ def build_command(
         raise typer.BadParameter("give --dataset (raw images) or --protocol (one part of a split), not both")
     data = {**protocol_options(queries_per_class, train_per_class, None, None), **model_shape(model, channels, image_size)}
     try:
-        items, ids = load_items(dataset, split, protocol, part, data_root, seed, data, exclude)
+        pool, ids = load_items(dataset, split, protocol, part, data_root, seed, data, exclude)
     except ValueError as exc:  # which images: a usage error, shown with the command's help line
         raise typer.BadParameter(str(exc)) from None
-    if limit is not None:
-        items, ids = items.subset(np.arange(min(limit, len(items)))), ids[:limit]
-    index = build_index(model, items, kind, out, batch_size, ids=ids)
-    typer.echo(f"indexed {len(index)} items ({index.bits} bits, {kind}) from {items.name} into {out}")
+    index = build_index(model, pool, kind, out, batch_size, ids=ids[:limit])
+    typer.echo(f"indexed {len(index)} items ({index.bits} bits, {kind}) from {pool.name} into {out}")
 
 
 def index_locations(index: list[str]) -> list[str]:
