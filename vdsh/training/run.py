@@ -63,7 +63,7 @@ class RunConfig:
     show_progress: bool = True
 
     def __post_init__(self) -> None:
-        on_cnn = (self.encoder or "mlp") != "mlp" or self.trainer in ("cnn-local", "hybrid")
+        on_cnn = (self.encoder or "mlp") != "mlp" or (self.trainer in CNN_METHODS and self.trainer not in MLP_METHODS)
         for name, value in (CNN_DEFAULTS if on_cnn else MLP_DEFAULTS).items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
@@ -128,7 +128,7 @@ def run(config: RunConfig) -> RunResult:
     encoder = build_encoder(config, method, options, x.shape[1:], y.shape[1])
     trainer = method.trainer(options, None, augmentation)
     steps = getattr(options, "steps", None) or getattr(options, method.iterations)
-    with progress_bar(f"{config.trainer} {describe_network(config)}", steps, config.show_progress and rank == 0) as advance:
+    with progress_bar(f"{config.trainer} {describe_network(config, method)}", steps, config.show_progress and rank == 0) as advance:
         trainer.progress = epoch_reporter(advance)
         encoder, history = trainer.fit(encoder, x, y, validation)
     if world > 1:
@@ -143,8 +143,8 @@ def run(config: RunConfig) -> RunResult:
 def method_options(config: RunConfig, method: Method):
     """The trainer's options: the run's device, seed and iterations, then the extra options of --options."""
     settings = {"device": config.device, "seed": config.seed, method.iterations: config.iterations, **config.options}
-    if config.trainer == "hybrid":  # its head: the code length and --depth
-        settings = {"bits": config.bits, "mlp_depth": config.depth, **settings}
+    if method.network_settings:  # options that describe the network it builds (the hybrid's head)
+        settings = {**method.network_settings(config), **settings}
     if config.classifier_baseline:
         settings["plain_classifier"] = True
     return method.options(settings)
@@ -222,11 +222,10 @@ def input_augmentation(config: RunConfig, method: Method, inputs: ProtocolInputs
     return FlatImageAugmentation(recipe, spec.channels, spec.size)
 
 
-def describe_network(config: RunConfig) -> str:
+def describe_network(config: RunConfig, method: Method) -> str:
     """The progress bar's words: the network and what it counts."""
-    if config.on_images:
-        return f"{config.encoder}, " + ("trunk epochs + head sweeps" if config.trainer == "hybrid" else "epochs")
-    return f"{config.depth}x{config.width}, " + MLP_METHODS[config.trainer].iterations.removeprefix("finetune_")
+    network = config.encoder if config.on_images else f"{config.depth}x{config.width}"
+    return f"{network}, {method.unit or method.iterations.removeprefix('finetune_')}"
 
 
 def epoch_reporter(advance):

@@ -38,6 +38,8 @@ class Method:
     # replay's modules); None: one process only
     validates: bool = True  # scored on a validation slice while it trains (which may pick the sweep or epoch kept)
     make_options: Callable[[dict], Any] | None = None  # settings -> options (default: the trainer's options class)
+    network_settings: Callable[[Any], dict] | None = None  # run config -> options that shape what fit builds
+    unit: str = ""  # what its progress counts, where not just its iterations field
 
     def options(self, settings: dict) -> Any:
         """The trainer's options from the pipeline's settings (device, seed, the iterations field, extras)."""
@@ -57,7 +59,9 @@ CNN_METHODS: dict[str, Method] = {
     "backprop": Method(BackpropTrainer, "epochs", "cnn", augmented_by_default=True, validates=False,  # keeps its last epoch
                        make_options=cnn_options),
     "cnn-local": Method(CnnLocalTrainer, "epochs", "cnn", augmented_by_default=True),
-    "hybrid": Method(HybridTrainer, "epochs", "cnn", augmented_by_default=True, make_options=hybrid_options),
+    "hybrid": Method(HybridTrainer, "epochs", "cnn", augmented_by_default=True, make_options=hybrid_options,
+                     network_settings=lambda config: {"bits": config.bits, "mlp_depth": config.depth},  # its MLP head
+                     unit="trunk epochs + head sweeps"),
 }
 # name -> fit(features (N, D), labels (N, L) or None, bits, seed) -> encoder
 SHALLOW_HASHERS: dict[str, Callable[..., Any]] = {"lsh": fit_lsh, "itq": fit_itq, "spectral": fit_spectral, "sdh": fit_sdh}
