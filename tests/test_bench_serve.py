@@ -41,3 +41,24 @@ def test_the_benchmark_uploads_are_what_they_claim():
         assert answer.status_code == 200 and len(answer.json()["results"]) == 3
         bomb = upload_call("/search", bomb_png())
         assert client.post(bomb.path, content=bomb.body, headers=bomb.headers).status_code == 400
+
+
+def test_bench_http_serves_the_protocols_query_photos_and_writes_its_section(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from vdsh.app.cli import app
+
+    setup = shared_setup()
+    monkeypatch.chdir(tmp_path)
+    args = ["bench", "http", "--model", str(setup.model_path), "--index", str(setup.index_dir), "--queries", "5",
+            "--concurrency", "1,2", "--requests", "12", "--seconds", "10"]
+    refused = CliRunner().invoke(app, args, env={"COLUMNS": "400"})  # one line: no wrapped message
+    assert refused.exit_code == 2 and "names no protocol" in refused.output
+    result = CliRunner().invoke(app, args + ["--protocol", "mnist-sample"])
+    assert result.exit_code == 0, result.output
+    section = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "## HTTP image queries: mnist-sample, pixels" in section and "5 query images of `mnist-sample`" in section
+    rows = [line.split("|")[1:-1] for line in section.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
+    assert [int(r[0]) for r in rows] == [1, 2]
+    for concurrency, p50, p99, rate, errors, server_p50 in rows:
+        assert int(errors) == 0 and 0 < float(p50) <= float(p99) and float(rate) > 0 and float(server_p50) > 0

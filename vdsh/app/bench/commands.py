@@ -129,17 +129,70 @@ def bench_query(
             "as the exact flat index for every query. Above 1M items only the exact kinds (flat, distinct, auto) "
             "are timed: hash, multihash and ivf take minutes to build or seconds per query there.\n\n" + markdown_table(HEADER_QUERY, table))
     if index and model:
-        from vdsh.app.bench.http import bench_http
-        from vdsh.data import load
-
-        sample = load("mnist-sample").images[:200]
-        result = bench_http(index, model, np.asarray(sample), k=10, concurrency=(1, 4, 16), requests=500, duration_s=20)
-        http_rows = [[r["concurrency"], r["p50_ms"], r["p99_ms"], r["req_per_s"], r["errors"], r["server_total_p50_ms"]]
-                     for r in result["rows"]]
-        body += (f"\n\nHTTP: POST /search with a PNG upload to `vdsh serve` on 127.0.0.1, {result['items']:,} items, "
-                 f"{result['bits']} bits, {result['index_kind']} index, k=10, one worker; GET /health floor p50 "
-                 f"{result['health_p50_ms']:.1f} ms.\n\n" + markdown_table(["concurrency", "p50 ms", "p99 ms", "req/s", "errors", "server-side p50 ms"], http_rows))
+        body += "\n\n" + http_image_queries(index, model, model_protocol(model, None), data_root)
     write_section(f"Search latency, {bits} bits, k={k}", body)
+
+
+def model_protocol(model: str, protocol: str | None) -> str:
+    """`protocol`, or the one the model was trained on."""
+    from vdsh.training.encoders.model import read_model_metadata
+
+    protocol = protocol or read_model_metadata(model).get("info", {}).get("protocol")
+    if not protocol:
+        raise typer.BadParameter(f"{model} names no protocol: give --protocol for the query images")
+    return protocol
+
+
+def http_image_queries(index: str, model: str, protocol: str, data_root: str | None, queries: int = 200,
+                       int8: bool = False, concurrency: tuple[int, ...] = (1, 4, 16), requests: int = 500,
+                       seconds: float = 20.0, seed: int = 0) -> str:
+    """Time POST /search with `protocol`'s query images against `vdsh serve`; a markdown paragraph and table.
+    The images are sent at their stored size, as PNG uploads."""
+    import numpy as np
+
+    from vdsh.app.bench.http import bench_http
+    from vdsh.data import load_protocol
+
+    pool, split = load_protocol(protocol, data_root, seed)
+    chosen = np.sort(np.random.default_rng(seed).permutation(split.query)[:queries])
+    result = bench_http(index, model, np.asarray(pool.images[chosen]), k=10, concurrency=concurrency,
+                        requests=requests, duration_s=seconds, options=["--int8"] if int8 else [])
+    rows = [[r["concurrency"], r["p50_ms"], r["p99_ms"], r["req_per_s"], r["errors"], r["server_total_p50_ms"]]
+            for r in result["rows"]]
+    return (f"HTTP: POST /search with a PNG upload ({len(chosen)} query images of `{protocol}`, "
+            f"{result['image_bytes_mean']:,} bytes on average) to `vdsh serve`{' --int8' if int8 else ''} on "
+            f"127.0.0.1, {result['items']:,} items, {result['bits']} bits, {result['index_kind']} index, k=10, one "
+            f"worker; client-measured, closed loop, each level {requests} requests or {seconds:g} s; GET /health "
+            f"floor p50 {result['health_p50_ms']:.1f} ms.\n\n"
+            + markdown_table(["concurrency", "p50 ms", "p99 ms", "req/s", "errors", "server-side p50 ms"], rows))
+
+
+@bench.command("http")
+def bench_http_command(
+    model: str = typer.Option(..., help="The model the index was built with."),
+    index: str = typer.Option(..., help="The index to serve."),
+    protocol: str = typer.Option(None, help="Where the query photos come from [default: the model's protocol]."),
+    queries: int = typer.Option(200, help="Query images, sent in turn."),
+    int8: bool = typer.Option(False, "--int8", help="Serve with the backbone quantised to int8 (vdsh serve --int8)."),
+    concurrency: str = typer.Option("1,4,16", help="Client threads per level, comma-separated."),
+    requests: int = typer.Option(500, help="Requests per level (or --seconds, whichever ends first)."),
+    seconds: float = typer.Option(20.0),
+    data_root: str = typer.Option(None, envvar="VDSH_DATA"),
+) -> None:
+    """Image queries end to end over HTTP (photo in, neighbours out): p50/p99 and req/s per concurrency."""
+    from vdsh.training.encoders.model import read_model_metadata
+
+    protocol = model_protocol(model, protocol)
+    load_before = os.getloadavg()[0]
+    body = http_image_queries(index, model, protocol, data_root, queries, int8,
+                              tuple(int(c) for c in concurrency.split(",")), requests, seconds)
+    typer.echo(body)
+    meta = read_model_metadata(model)
+    spec = meta["input"]
+    what = f"{spec['features']} {spec['resolution']} px" if spec.get("resolution") else spec["features"]
+    write_section(f"HTTP image queries: {protocol}, {what}{', int8' if int8 else ''}", (
+        f"Model `{model}` ({meta.get('info', {}).get('trainer')}), index `{index}`. 1-min load average "
+        f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after.\n\n" + body))
 
 
 @bench.command("items")

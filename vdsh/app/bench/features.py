@@ -99,7 +99,7 @@ def bench_int8(
     """Float vs int8 backbone: latency per image at batch 1 and 64, backbone size, mAP@all on a protocol subset."""
     from vdsh.data.protocols import load_protocol
     from vdsh.index.metrics import mean_average_precision
-    from vdsh.training.features.quantize import serialized_bytes
+    from vdsh.training.features.quantize import engine, serialized_bytes
     from vdsh.training.encoders.model import load_model
 
     if threads:
@@ -128,7 +128,7 @@ def bench_int8(
         f"backbone, hashing head) at batch 1 ({repeats} calls) and 64, {torch.get_num_threads()} torch threads. "
         f"Size: the backbone's state dict as torch.save writes it. mAP@all: {len(q)} queries against {len(db)} "
         f"database items drawn from `{pool.name}`'s split (a subset: both encoders run on every image). int8: "
-        f"torch.ao FX static post-training quantisation, x86 backend, calibrated on the {len(float_model.calibration)} "
+        f"torch.ao FX static post-training quantisation, {engine()} engine, calibrated on the {len(float_model.calibration)} "
         f"training images stored in the model, the stem and the first two stages in float (quantize.FLOAT_MODULES); quantising "
         f"took {quantize_s:.1f} s at load. 1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after.\n\n"
         + markdown_table(["backbone", "ms/image, batch 1", "ms/image, batch 64", "backbone MiB", "mAP@all (subset)"], rows)))

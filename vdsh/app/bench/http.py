@@ -137,16 +137,17 @@ def bench_http(
     duration_s: float = 20.0,
     warmup: int = 20,
     workers: int = 1,
+    options: Sequence[str] = (),
 ) -> dict:
     """Latency (p50/p99 per request) and sustained req/s of image queries over HTTP at each concurrency.
 
     images: uint8 (N, C, H, W) query images, sent as PNG uploads in turn. Each level stops after
-    `requests` requests or `duration_s` seconds. Returns a dict with one row per concurrency level.
+    `requests` requests or `duration_s` seconds; options: more `vdsh serve` options. Returns a dict with one row per concurrency level.
     """
     import platform
 
     uploads = [png_bytes(image) for image in images]
-    process, url = start_server(Path(index_dir), Path(model_path), workers=workers)
+    process, url = start_server(Path(index_dir), Path(model_path), workers=workers, options=options)
     try:
         import httpx
 
