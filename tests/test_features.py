@@ -153,3 +153,12 @@ def test_int8_backbone_keeps_the_float_features_on_real_images(data_root):
     int8_features = efficientnet.backbone_features(int8, images[64:], 64)
     assert torch.nn.functional.cosine_similarity(float_features, int8_features).mean() > 0.9
     assert serialized_bytes(int8) < serialized_bytes(backbone) / 2
+
+
+def test_int8_uses_onednn_first_and_falls_back_to_fbgemm_then_refuses():
+    from vdsh.training.features.quantize import engine
+
+    assert engine(["qnnpack", "onednn", "x86", "fbgemm"]) == "onednn"
+    assert engine(["qnnpack", "fbgemm"]) == "fbgemm"
+    with pytest.raises(RuntimeError, match="no int8 CPU engine"):
+        engine(["qnnpack"])

@@ -36,9 +36,10 @@ FLOAT_MODULES = ("conv_stem", "bn1", "blocks.0", "blocks.1")
 ENGINES = ("onednn", "x86", "fbgemm")
 
 
-def engine() -> str:
-    """The quantised engine int8 backbones are built for and run on (one per process: torch's setting is global)."""
-    supported = torch.backends.quantized.supported_engines
+def engine(supported: list[str] | None = None) -> str:
+    """The quantised engine int8 backbones are built for and run on (one per process: torch's setting is global),
+    the first of ENGINES among `supported` (default: this torch build's)."""
+    supported = torch.backends.quantized.supported_engines if supported is None else supported
     chosen = next((name for name in ENGINES if name in supported), None)
     if chosen is None:
         raise RuntimeError(f"this torch build has no int8 CPU engine (it supports {supported}); serve in float")
