@@ -24,6 +24,12 @@ def plot_pr_curves(curves: dict[str, dict], path: str | Path) -> None:
     plt.close(fig)
 
 
+def legend_if_any(ax: plt.Axes) -> None:
+    """A legend where the axes hold labelled curves (a one-step fit, e.g. SDH, records no history)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+
+
 def plot_history(history: list[dict], path: Path) -> None:
     """Objective, constraint residuals and mAP against wall time, one PNG."""
     t = [r["time"] for r in history]
@@ -31,7 +37,7 @@ def plot_history(history: list[dict], path: Path) -> None:
     for key in ("loss", "linear_penalty", "activation_penalty", "code_loss"):
         if any(key in r for r in history):
             axes[0].plot(t, [r.get(key, np.nan) for r in history], label=key)
-    axes[0].set_yscale("log"), axes[0].set_title("objective terms"), axes[0].legend()
+    axes[0].set_yscale("log"), axes[0].set_title("objective terms"), legend_if_any(axes[0])
     with_residuals = [r for r in history if "residual_max" in r]  # a hybrid's trunk epochs have none
     if with_residuals:
         axes[1].plot([r["time"] for r in with_residuals], [r["residual_max"] for r in with_residuals], label="max layer")
@@ -42,7 +48,7 @@ def plot_history(history: list[dict], path: Path) -> None:
         pts = [(r["time"], r[key]) for r in history if key in r]
         if pts:
             axes[2].plot(*zip(*pts), marker="o", label=key)
-    axes[2].set_title("mAP@all (forward-pass codes)"), axes[2].legend()
+    axes[2].set_title("mAP@all (forward-pass codes)"), legend_if_any(axes[2])
     for ax in axes:
         ax.set_xlabel("wall time (s)")
     fig.tight_layout()

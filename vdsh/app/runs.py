@@ -22,7 +22,7 @@ def save_run(out: Path, result: RunResult) -> None:
     plot_history(result.history, out / "history.png")
     labels = np.asarray(result.inputs.images.labels)[result.inputs.split.query]
     plot_code_picture(result.query_codes.numpy(), labels, out / "codes.png")
-    if all("lagrangian" in r for r in result.history):
+    if result.history and all("lagrangian" in r for r in result.history):
         plot_admm_convergence(result.history, out / "admm_convergence.png")
         plot_layer_statistics(result.history, out / "layers.png")
 
