@@ -1,12 +1,11 @@
 """Alternating minimisation on two real processes (gloo on CPU) equals the one-process run, full batch and stochastic."""
 
-from pathlib import Path
+from functools import partial
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from ranks import run_on_ranks, trained
 from vdsh.training.encoders.mlp import DeepMLP
 from vdsh.training.trainers.altmin import AltMinOptions, AltMinTrainer
 
@@ -22,23 +21,15 @@ def encoder(seed: int, in_features: int) -> DeepMLP:
     return DeepMLP(in_features, depth=4, width=32, bits=16)
 
 
-def worker(rank: int, init_file: str, out_dir: str, x: torch.Tensor, y: torch.Tensor, minibatch_size, residual) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        # Each rank starts from its own random weights: training must broadcast rank 0's.
-        trained, history = AltMinTrainer(options(minibatch_size, residual)).fit(encoder(rank, x.shape[1]), x, y)
-        torch.save({"state": trained.state_dict(), "history": history}, Path(out_dir) / f"{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def rank_fit(x: torch.Tensor, y: torch.Tensor, minibatch_size, residual, rank: int) -> dict:
+    # Each rank starts from its own random weights: training must broadcast rank 0's.
+    return trained(AltMinTrainer(options(minibatch_size, residual)), encoder(rank, x.shape[1]), x, y)
 
 
 @pytest.mark.parametrize("minibatch_size,residual", [(None, "squared"), (100, "squared"), (None, "l1")])
 def test_two_ranks_equal_one_process(mnist_sample_features, tmp_path, minibatch_size, residual):
     x, y = mnist_sample_features[0][:400], mnist_sample_features[1][:400]
-    mp.spawn(worker, args=(str(tmp_path / "init"), str(tmp_path), x, y, minibatch_size, residual), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"{rank}.pt") for rank in range(WORLD)]
-    torch.set_num_threads(1)
+    ranks = run_on_ranks(partial(rank_fit, x, y, minibatch_size, residual), WORLD, tmp_path)
     single, history = AltMinTrainer(options(minibatch_size, residual)).fit(encoder(0, x.shape[1]), x, y)
     for key, value in single.state_dict().items():
         assert torch.equal(ranks[0]["state"][key], ranks[1]["state"][key]), key  # the ranks agree bit for bit

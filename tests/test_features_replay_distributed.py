@@ -1,12 +1,11 @@
 """Features replay with its K modules on K real processes (gloo on CPU) equals the one-process reference."""
 
-from pathlib import Path
+from functools import partial
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from ranks import run_on_ranks, trained
 from vdsh.training.encoders.mlp import DeepMLP
 from vdsh.training.trainers.features_replay import FeaturesReplayOptions, FeaturesReplayTrainer
 
@@ -19,23 +18,16 @@ def encoder(seed: int, in_features: int) -> DeepMLP:
     return DeepMLP(in_features, depth=4, width=32, bits=16)
 
 
-def worker(rank: int, world: int, init_file: str, out_dir: str, x: torch.Tensor, y: torch.Tensor, split: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        # Each rank starts from its own random weights: training must broadcast rank 0's.
-        trained, history = FeaturesReplayTrainer(FeaturesReplayOptions(modules=world, split=split, **OPTIONS)).fit(encoder(rank, x.shape[1]), x, y)
-        torch.save({"state": trained.state_dict(), "history": history}, Path(out_dir) / f"{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def rank_fit(world: int, x: torch.Tensor, y: torch.Tensor, split: str, rank: int) -> dict:
+    # Each rank starts from its own random weights: training must broadcast rank 0's.
+    trainer = FeaturesReplayTrainer(FeaturesReplayOptions(modules=world, split=split, **OPTIONS))
+    return trained(trainer, encoder(rank, x.shape[1]), x, y)
 
 
 @pytest.mark.parametrize("world,split", [(2, "depth"), (2, "work"), (3, "depth")])
 def test_k_ranks_give_the_serial_weights(mnist_sample_features, tmp_path, world, split):
     x, y = mnist_sample_features[0][:130], mnist_sample_features[1][:130]
-    mp.spawn(worker, args=(world, str(tmp_path / "init"), str(tmp_path), x, y, split), nprocs=world, join=True)
-    ranks = [torch.load(tmp_path / f"{rank}.pt") for rank in range(world)]
-    torch.set_num_threads(1)
+    ranks = run_on_ranks(partial(rank_fit, world, x, y, split), world, tmp_path)
     serial, history = FeaturesReplayTrainer(FeaturesReplayOptions(modules=world, split=split, **OPTIONS)).fit(encoder(0, x.shape[1]), x, y)
     for key, value in serial.state_dict().items():
         for other in ranks[1:]:

@@ -1,12 +1,11 @@
 """Data-parallel ProxProp with two real processes (gloo on CPU): ranks agree exactly and the sums are those of the union."""
 
-from pathlib import Path
+from functools import partial
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from ranks import run_on_ranks
 from vdsh.training.trainers.proxprop import ProxPropOptions, ProxPropTrainer, Targets, forward_pass, weight_statistics
 from vdsh.training.stacked_mlp import LayerWeights
 from vdsh.training.distributed import global_mean
@@ -20,28 +19,22 @@ def as_targets(forward):
     return Targets(forward.a, forward.z, forward.a_top)
 
 
-def worker(rank: int, init_file: str, out_dir: str, x: torch.Tensor, y: torch.Tensor) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        shard_x, shard_y = x[rank::WORLD], y[rank::WORLD]
-        # The reduced statistics of two shards of a batch are those of the whole batch.
-        torch.manual_seed(0)
-        weights = LayerWeights.from_mlp(DeepMLP(x.shape[1], 4, 32, 16), torch.device("cpu"))
-        local = weight_statistics(shard_x[:60], as_targets(forward_pass(weights, shard_x[:60], torch.float32)))
-        reduced = global_mean(local.tensors(), 60)
-        torch.manual_seed(rank)  # different starting weights per rank: training must broadcast rank 0's
-        encoder = DeepMLP(x.shape[1], depth=6, width=64, bits=32)
-        trained, history = ProxPropTrainer(ProxPropOptions(sweeps=3, minibatch_size=50, eval_every=0)).fit(encoder, shard_x, shard_y)
-        torch.save({"reduced": reduced, "state": trained.state_dict(), "train_map": history[-1]["train_map"]}, Path(out_dir) / f"{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def rank_work(x: torch.Tensor, y: torch.Tensor, rank: int) -> dict:
+    shard_x, shard_y = x[rank::WORLD], y[rank::WORLD]
+    # The reduced statistics of two shards of a batch are those of the whole batch.
+    torch.manual_seed(0)
+    weights = LayerWeights.from_mlp(DeepMLP(x.shape[1], 4, 32, 16), torch.device("cpu"))
+    local = weight_statistics(shard_x[:60], as_targets(forward_pass(weights, shard_x[:60], torch.float32)))
+    reduced = global_mean(local.tensors(), 60)
+    torch.manual_seed(rank)  # different starting weights per rank: training must broadcast rank 0's
+    encoder = DeepMLP(x.shape[1], depth=6, width=64, bits=32)
+    trained, history = ProxPropTrainer(ProxPropOptions(sweeps=3, minibatch_size=50, eval_every=0)).fit(encoder, shard_x, shard_y)
+    return {"reduced": reduced, "state": trained.state_dict(), "train_map": history[-1]["train_map"]}
 
 
 def test_two_process_proxprop_agrees_across_ranks_and_learns(mnist_sample_features, tmp_path):
     x, y = mnist_sample_features
-    mp.spawn(worker, args=(str(tmp_path / "init"), str(tmp_path), x, y), nprocs=WORLD, join=True)
-    results = [torch.load(tmp_path / f"{rank}.pt") for rank in range(WORLD)]
+    results = run_on_ranks(partial(rank_work, x, y), WORLD, tmp_path)
     # Statistics: per-sample means over the 120 samples both ranks held (rows 0..59 of each shard).
     torch.manual_seed(0)
     weights = LayerWeights.from_mlp(DeepMLP(x.shape[1], 4, 32, 16), torch.device("cpu"))
