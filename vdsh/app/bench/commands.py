@@ -92,15 +92,12 @@ def bench_query(
     k: int = typer.Option(100),
     queries: int = typer.Option(1000, help="Distinct queries cycled through."),
     max_seconds: float = typer.Option(3.0, help="Time limit per kind and batch size."),
-    model: str = typer.Option(None, help="A trained model: also time its real codes of the mnist-69k database."),
+    model: str = typer.Option(None, help="A trained model: also time its real codes of its protocol's database."),
     index: str = typer.Option(None, help="An index built with --model: also time HTTP image queries end to end."),
     data_root: str = typer.Option(None, envvar="VDSH_DATA"),
 ) -> None:
     """Search-only latency per index kind (p50/p99 per query, batch 1 and 64), and HTTP end to end."""
-    import numpy as np
-
     from vdsh.index.bench import clustered_codes, compare_kinds
-    from vdsh.index.codes import pack_codes
 
     kind_list = kinds.split(",")
     table: list[list[object]] = []
@@ -117,13 +114,13 @@ def bench_query(
     if model:
         from vdsh.data import load_protocol
         from vdsh.training.encoders.model import load_model
+        from vdsh.training.encoding import model_codes
 
-        hashing_model = load_model(model)
-        pool, split = load_protocol("mnist-69k", data_root)
-        database = pack_codes(hashing_model.encode(pool.images[split.database]))
-        probe = pack_codes(hashing_model.encode(pool.images[split.query]))
+        hashing_model, protocol = load_model(model), model_protocol(model, None)
+        pool, split = load_protocol(protocol, data_root)
+        database, probe = model_codes(hashing_model, pool, split.database), model_codes(hashing_model, pool, split.query)
         rows = compare_kinds(database, probe, hashing_model.bits, kind_list, k=k, max_seconds=max_seconds)
-        table += _latency_rows(rows, f"learned ({hashing_model.bits} bits, mnist-69k)")
+        table += _latency_rows(rows, f"learned ({hashing_model.bits} bits, {protocol})")
     body = ("Codes around 10 random centres with each bit flipped with the given probability; queries drawn the "
             "same way. Latency per query = call time / batch size. `identical`: same ids, distances and tie order "
             "as the exact flat index for every query. Above 1M items only the exact kinds (flat, distinct, auto) "
