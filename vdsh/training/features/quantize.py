@@ -2,8 +2,8 @@
 
 Weights per channel and activations per tensor in int8 (the default qconfig of the quantised engine that `engine()`
 picks), observers calibrated on the training images a model keeps; the stem and first stages stay in float
-(`FLOAT_MODULES`). oneDNN comes first: on an AVX512-VNNI CPU its int8 convolutions ran the backbone faster than
-float32, while fbgemm's (the `x86` engine) ran it slower than float32, at every batch size tried.
+(`FLOAT_MODULES`). oneDNN comes first: on this project's CPUs fbgemm's int8 convolutions (the `x86` engine) ran
+the backbone slower than float32 at batch 1 and 64, oneDNN's faster (BENCHMARKS.md, "int8 backbone").
 Before tracing, timm's layers that FX cannot
 quantise are rewritten into plain ones: `Conv2dSame` (TensorFlow 'same' padding computed from the input
 size at run time) becomes a fixed `ZeroPad2d` + `Conv2d` for the one resolution the model serves, and
@@ -50,8 +50,8 @@ def qconfig_mapping(name: str) -> QConfigMapping:
     """Engine `name`'s default static qconfig (weights int8 per channel, symmetric; activations quint8 per
     tensor, histogram observers that pick the range minimising quantisation error) everywhere but FLOAT_MODULES."""
     mapping = QConfigMapping().set_global(get_default_qconfig(name))
-    for name in FLOAT_MODULES:
-        mapping.set_module_name(name, None)
+    for module in FLOAT_MODULES:
+        mapping.set_module_name(module, None)
     return mapping
 
 
