@@ -13,6 +13,7 @@ from vdsh.index.codes import as_multi_hot, sign_codes
 from vdsh.training.trainers.registry import SHALLOW_HASHERS as BASELINES
 from vdsh.training.trainers.shallow.itq import fit_itq, quantisation_loss
 from vdsh.training.trainers.shallow.lsh import fit_lsh
+from vdsh.training.encoders.shallow import SdhEncoder, squared_distances
 from vdsh.training.trainers.shallow.sdh import discrete_code_step, fit_sdh, ridge_regression, solve_sdh
 from vdsh.training.trainers.shallow.spectral import fit_spectral, select_modes
 from vdsh.training.encoders.model import HashingModel, InputSpec, load_model, save_model
@@ -78,6 +79,18 @@ def test_same_seed_same_encoder(name):
     first, second = fit(name, x, labels, 16, seed=3), fit(name, x, labels, 16, seed=3)
     for key, value in first.state_dict().items():
         assert torch.equal(value, second.state_dict()[key]), key
+
+
+def test_a_loaded_sdh_encoder_recomputes_its_anchor_norms_and_gives_the_same_outputs():
+    x, labels = clustered()
+    fitted = fit("sdh", x, labels, 16)
+    loaded = SdhEncoder.from_config(fitted.config())
+    assert "anchor_norms" not in fitted.state_dict()  # derived, not saved
+    loaded.load_state_dict(fitted.state_dict())
+    assert torch.allclose(loaded.anchor_norms, (fitted.anchors ** 2).sum(1))
+    assert torch.equal(loaded(x), fitted(x))
+    plain = torch.exp(-squared_distances(x.double(), fitted.anchors) / (2 * fitted.sigma ** 2)) @ fitted.projection + fitted.bias
+    torch.testing.assert_close(fitted(x), plain.float())
 
 
 @pytest.mark.parametrize("name", ["lsh", "itq", "sdh"])

@@ -20,15 +20,14 @@ def as_output(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.to(like.dtype if like.is_floating_point() else torch.float32)
 
 
-def squared_distances(x: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
-    """(N, D) x (m, D) -> (N, m) squared Euclidean distances, clamped at 0 against round-off."""
-    d2 = (x * x).sum(1, keepdim=True) - 2 * x @ anchors.T + (anchors * anchors).sum(1)
+def squared_distances(x: torch.Tensor, anchors: torch.Tensor, anchor_norms: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, D) x (m, D) -> (N, m) squared Euclidean distances, clamped at 0 against round-off.
+
+    anchor_norms: ||a_j||² if known; for a few rows against many anchors, computing them is most of the work."""
+    if anchor_norms is None:
+        anchor_norms = (anchors * anchors).sum(1)
+    d2 = (x * x).sum(1, keepdim=True) - 2 * x @ anchors.T + anchor_norms
     return d2.clamp_(min=0)
-
-
-def rbf_features(x: torch.Tensor, anchors: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
-    """phi(x)_j = exp(-||x - a_j||^2 / (2 sigma^2))."""
-    return torch.exp(-squared_distances(x, anchors) / (2 * sigma**2))
 
 
 class LshEncoder(nn.Module):
@@ -94,13 +93,24 @@ class SdhEncoder(nn.Module):
         self.register_buffer("sigma", torch.ones((), dtype=torch.float64))
         self.register_buffer("projection", torch.zeros(anchors, bits, dtype=torch.float64))
         self.register_buffer("bias", torch.zeros(bits, dtype=torch.float64))
+        # ||a_j||², derived from the anchors (not saved): recomputed whenever they are set or loaded.
+        self.register_buffer("anchor_norms", torch.zeros(anchors, dtype=torch.float64), persistent=False)
+        self.register_load_state_dict_post_hook(lambda module, _: module.refresh_anchor_norms())
+
+    def set_anchors(self, rows: torch.Tensor) -> None:
+        self.anchors.copy_(rows)
+        self.refresh_anchor_norms()
+
+    def refresh_anchor_norms(self) -> None:
+        self.anchor_norms.copy_((self.anchors * self.anchors).sum(1))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         x = features.flatten(1).to(self.anchors.dtype)
         if x.shape[1] != self.in_features:
             raise ValueError(f"SDH encoder expects {self.in_features} features, got {x.shape[1]}")
         outputs = [
-            rbf_features(chunk, self.anchors, self.sigma) @ self.projection + self.bias
+            torch.exp(-squared_distances(chunk, self.anchors, self.anchor_norms) / (2 * self.sigma**2)) @ self.projection
+            + self.bias
             for chunk in x.split(ROWS_PER_CHUNK)
         ]
         return as_output(torch.cat(outputs), features)

@@ -151,7 +151,7 @@ def fit_sdh(
     del d2
     solution = solve_sdh(phi1, y, bits, generator, lam, nu, ridge, iterations, max_sweeps)
     encoder = SdhEncoder(x.shape[1], bits, anchors)
-    encoder.anchors.copy_(anchor_rows)
+    encoder.set_anchors(anchor_rows)
     encoder.sigma.copy_(width)
     encoder.projection.copy_(solution.projection[:-1])
     encoder.bias.copy_(solution.projection[-1])
