@@ -58,3 +58,19 @@ def test_gist_inputs_are_standardised_per_dimension_and_the_statistics_survive_s
     model = HashingModel(LinearEncoder(raw.shape[1], 16), spec)
     save_model(tmp_path / "m.safetensors", model, {})
     assert torch.equal(load_model(tmp_path / "m.safetensors").encode(images), model.encode(images))
+
+
+def test_encode_runs_batch_norm_in_eval_mode_even_when_only_the_encoder_is_training():
+    from vdsh.training.encoders.mlp import DeepMLP
+
+    torch.manual_seed(0)
+    model = HashingModel(DeepMLP(4, depth=3, width=8, bits=6, batchnorm=True), InputSpec(channels=1, size=2, features="pixels"))
+    model.train()(torch.randint(0, 256, (16, 1, 2, 2), dtype=torch.uint8))  # move BN running stats off (0, 1)
+    images = torch.randint(0, 256, (5, 1, 2, 2), dtype=torch.uint8)
+    model.eval()
+    expected = model.encode(images)
+    model.encoder.train()  # the top module says eval, its encoder trains: encode must still use running statistics
+    assert torch.equal(model.encode(images[:1]), expected[:1])
+    assert torch.equal(model.encode(images), expected)
+    model.train()
+    assert torch.equal(model.encode(images), expected) and model.training and model.encoder.training

@@ -128,7 +128,10 @@ class HashingModel(nn.Module):
     def encode(self, images: torch.Tensor | np.ndarray, batch_size: int = 1024) -> torch.Tensor:
         """uint8 images (N, C, H, W) -> int8 codes (N, bits) in {-1,+1}, on the CPU, in batches."""
         was_training = self.training
-        self.eval()
+        # Switching modes walks every module (a backbone has hundreds): only when one is in training mode.
+        switch = any(module.training for module in self.modules())
+        if switch:
+            self.eval()
         device = self.device
         try:
             chunks = [
@@ -136,7 +139,8 @@ class HashingModel(nn.Module):
                 for i in range(0, len(images), batch_size)
             ]
         finally:
-            self.train(was_training)
+            if switch:
+                self.train(was_training)
         return torch.cat(chunks) if chunks else torch.empty(0, self.bits, dtype=torch.int8)
 
 
