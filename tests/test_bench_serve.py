@@ -51,13 +51,14 @@ def test_bench_http_serves_the_protocols_query_photos_and_writes_its_section(tmp
     setup = shared_setup()
     monkeypatch.chdir(tmp_path)
     args = ["bench", "http", "--model", str(setup.model_path), "--index", str(setup.index_dir), "--queries", "5",
-            "--concurrency", "1,2", "--requests", "12", "--seconds", "10"]
+            "--concurrency", "1,2", "--requests", "12", "--seconds", "10", "--memory-limit-mb", "2048"]
     refused = CliRunner().invoke(app, args, env={"COLUMNS": "400"})  # one line: no wrapped message
     assert refused.exit_code == 2 and "names no protocol" in refused.output
     result = CliRunner().invoke(app, args + ["--protocol", "mnist-sample"])
     assert result.exit_code == 0, result.output
     section = (tmp_path / "BENCHMARKS.md").read_text()
     assert "## HTTP image queries: mnist-sample, pixels" in section and "5 query images of `mnist-sample`" in section
+    assert "to `vdsh serve --memory-limit-mb 2048` on" in section
     rows = [line.split("|")[1:-1] for line in section.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
     assert [int(r[0]) for r in rows] == [1, 2]
     for concurrency, p50, p99, rate, errors, server_p50 in rows:

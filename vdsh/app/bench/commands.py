@@ -141,10 +141,10 @@ def model_protocol(model: str, protocol: str | None) -> str:
 
 
 def http_image_queries(index: str, model: str, protocol: str, data_root: str | None, queries: int = 200,
-                       int8: bool = False, concurrency: tuple[int, ...] = (1, 4, 16), requests: int = 500,
-                       seconds: float = 20.0, seed: int = 0) -> str:
-    """Time POST /search with `protocol`'s query images against `vdsh serve`; a markdown paragraph and table.
-    The images are sent at their stored size, as PNG uploads."""
+                       serve_options: tuple[str, ...] = (), concurrency: tuple[int, ...] = (1, 4, 16),
+                       requests: int = 500, seconds: float = 20.0, seed: int = 0) -> str:
+    """Time POST /search with `protocol`'s query images against `vdsh serve` (with `serve_options`); a markdown
+    paragraph and table. The images are sent at their stored size, as PNG uploads."""
     import numpy as np
 
     from vdsh.app.bench.http import bench_http
@@ -153,11 +153,11 @@ def http_image_queries(index: str, model: str, protocol: str, data_root: str | N
     pool, split = load_protocol(protocol, data_root, seed)
     chosen = np.sort(np.random.default_rng(seed).permutation(split.query)[:queries])
     result = bench_http(index, model, np.asarray(pool.images[chosen]), k=10, concurrency=concurrency,
-                        requests=requests, duration_s=seconds, options=["--int8"] if int8 else [])
+                        requests=requests, duration_s=seconds, options=serve_options)
     rows = [[r["concurrency"], r["p50_ms"], r["p99_ms"], r["req_per_s"], r["errors"], r["server_total_p50_ms"]]
             for r in result["rows"]]
     return (f"HTTP: POST /search with a PNG upload ({len(chosen)} query images of `{protocol}`, "
-            f"{result['image_bytes_mean']:,} bytes on average) to `vdsh serve`{' --int8' if int8 else ''} on "
+            f"{result['image_bytes_mean']:,} bytes on average) to `{' '.join(('vdsh serve',) + serve_options)}` on "
             f"127.0.0.1, {result['items']:,} items, {result['bits']} bits, {result['index_kind']} index, k=10, one "
             f"worker; client-measured, closed loop, each level {requests} requests or {seconds:g} s; GET /health "
             f"floor p50 {result['health_p50_ms']:.1f} ms.\n\n"
@@ -171,6 +171,8 @@ def bench_http_command(
     protocol: str = typer.Option(None, help="Where the query photos come from [default: the model's protocol]."),
     queries: int = typer.Option(200, help="Query images, sent in turn."),
     int8: bool = typer.Option(False, "--int8", help="Serve with the backbone quantised to int8 (vdsh serve --int8)."),
+    memory_limit_mb: int = typer.Option(None, help="vdsh serve --memory-limit-mb [default: serve's]; a photo model "
+                                        "and its index may hold more than serve's default"),
     concurrency: str = typer.Option("1,4,16", help="Client threads per level, comma-separated."),
     requests: int = typer.Option(500, help="Requests per level (or --seconds, whichever ends first)."),
     seconds: float = typer.Option(20.0),
@@ -181,7 +183,8 @@ def bench_http_command(
 
     protocol = model_protocol(model, protocol)
     load_before = os.getloadavg()[0]
-    body = http_image_queries(index, model, protocol, data_root, queries, int8,
+    serve_options = (("--int8",) if int8 else ()) + (("--memory-limit-mb", str(memory_limit_mb)) if memory_limit_mb else ())
+    body = http_image_queries(index, model, protocol, data_root, queries, serve_options,
                               tuple(int(c) for c in concurrency.split(",")), requests, seconds)
     typer.echo(body)
     meta = read_model_metadata(model)
