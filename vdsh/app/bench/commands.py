@@ -173,6 +173,8 @@ def bench_http_command(
     int8: bool = typer.Option(False, "--int8", help="Serve with the backbone quantised to int8 (vdsh serve --int8)."),
     memory_limit_mb: int = typer.Option(None, help="vdsh serve --memory-limit-mb [default: serve's]; a photo model "
                                         "and its index may hold more than serve's default"),
+    threads: int = typer.Option(None, help="vdsh serve --threads [default: serve's, 1]: a backbone answers one photo "
+                                "sooner on more threads"),
     concurrency: str = typer.Option("1,4,16", help="Client threads per level, comma-separated."),
     requests: int = typer.Option(500, help="Requests per level (or --seconds, whichever ends first)."),
     seconds: float = typer.Option(20.0),
@@ -183,7 +185,8 @@ def bench_http_command(
 
     protocol = model_protocol(model, protocol)
     load_before = os.getloadavg()[0]
-    serve_options = (("--int8",) if int8 else ()) + (("--memory-limit-mb", str(memory_limit_mb)) if memory_limit_mb else ())
+    serve_options = ((("--int8",) if int8 else ()) + (("--memory-limit-mb", str(memory_limit_mb)) if memory_limit_mb else ())
+                     + (("--threads", str(threads)) if threads else ()))
     body = http_image_queries(index, model, protocol, data_root, queries, serve_options,
                               tuple(int(c) for c in concurrency.split(",")), requests, seconds)
     typer.echo(body)
