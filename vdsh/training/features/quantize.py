@@ -2,8 +2,8 @@
 
 Weights per channel and activations per tensor in int8 (the default qconfig of the quantised engine that `engine()`
 picks), observers calibrated on the training images a model keeps; the stem and first stages stay in float
-(`FLOAT_MODULES`). oneDNN comes first: on this project's CPUs fbgemm's int8 convolutions (the `x86` engine) ran
-the backbone slower than float32 at batch 1 and 64, oneDNN's faster (BENCHMARKS.md, "int8 backbone").
+(`FLOAT_MODULES`). oneDNN comes first: fbgemm's int8 convolutions (the `x86` engine) ran this backbone slower than
+float32 on the project's CPUs, oneDNN's faster; BENCHMARKS.md ("int8 backbone") holds the oneDNN figures.
 Before tracing, timm's layers that FX cannot
 quantise are rewritten into plain ones: `Conv2dSame` (TensorFlow 'same' padding computed from the input
 size at run time) becomes a fixed `ZeroPad2d` + `Conv2d` for the one resolution the model serves, and
