@@ -13,12 +13,14 @@ from typing import Callable
 
 import numpy as np
 import torch
+from torch import nn
 
 from vdsh.data.datasets import dataset_info
 from vdsh.data.imageset import ImageSet
 from vdsh.data.protocols import ProtocolSplit, load_protocol
 from vdsh.training.encoders.model import InputSpec
-from vdsh.training.features import FEATURES, cached_feature_vectors, resolution_for
+from vdsh.training.features import FEATURES, cached_feature_vectors, cached_trunk_maps, load_backbone, resolution_for
+from vdsh.training.features.finetune import FinetuneOptions, finetune_tail, tail_features
 from vdsh.training.validation import Validation
 
 CALIBRATION_IMAGES = 128  # training images kept in a backbone model's file for int8 calibration
@@ -33,6 +35,8 @@ class ProtocolInputs:
     split: ProtocolSplit
     spec: InputSpec
     prepare: Callable[[np.ndarray], torch.Tensor]
+    backbone: nn.Module | None = None  # a fine-tuned backbone, which the model keeps (frozen ones are shared)
+    finetune_history: list[dict] | None = None
 
     @property
     def labels(self) -> torch.Tensor:
@@ -67,34 +71,46 @@ def prepare_images(spec: InputSpec, images: np.ndarray, device: str = "cpu") -> 
 
 
 def protocol_inputs(protocol: str, data_root: str | None = None, seed: int = 0, protocol_options: dict | None = None,
-                    features: str | None = None, resolution: int | None = None, images: bool = False) -> ProtocolInputs:
+                    features: str | None = None, resolution: int | None = None, images: bool = False,
+                    finetune: FinetuneOptions | None = None, progress=None) -> ProtocolInputs:
     """Load a protocol and say how its images become input.
 
     images True: normalised images for a CNN (features must be None). Otherwise vectors: `features` is a kind of
     `vdsh.training.features` (default: the dataset's); GIST and backbone features are computed once for the whole
-    pool, cached, and standardised with training-set statistics, which the spec keeps.
-    protocol_options: keyword arguments of `load_protocol`.
+    pool, cached, and standardised with training-set statistics, which the spec keeps. finetune: first fine-tune
+    the backbone's last stages on the training labels (`vdsh.training.features.finetune`; progress: called with
+    each epoch's record) and take the tuned backbone's features. protocol_options: keyword arguments of `load_protocol`.
     """
     pool, split = load_protocol(protocol, data_root, seed, **(protocol_options or {}))
     dataset = split.spec.dataset
     train_images = np.asarray(pool.images[split.train])
     if images:
-        if features is not None or resolution is not None:
-            raise ValueError("features and resolution apply to MLPs and shallow hashers, not to CNNs")
+        if features is not None or resolution is not None or finetune is not None:
+            raise ValueError("features, resolution and fine-tuning apply to MLPs and shallow hashers, not to CNNs")
         spec = image_spec(train_images)
         return ProtocolInputs(pool, split, spec, lambda idx: prepare_images(spec, pool.images[idx]))
     features = features or dataset_info(dataset).features
     if features not in FEATURES:
         raise ValueError(f"features must be one of {', '.join(FEATURES)}, got {features!r}")
     resolution = resolution_for(features, resolution)
+    if finetune is not None and not FEATURES[features].backbone:
+        raise ValueError(f"fine-tuning needs a pretrained backbone's features, not {features!r}")
     if features == "pixels":
         spec = pixel_spec(dataset, train_images)
         return ProtocolInputs(pool, split, spec, lambda idx: prepare_images(spec, pool.images[idx]))
-    vectors = cached_feature_vectors(features, np.asarray(pool.images), pool.name, resolution)
+    backbone, history = None, None
+    if finetune is None:
+        vectors = cached_feature_vectors(features, np.asarray(pool.images), pool.name, resolution)
+    else:
+        maps = cached_trunk_maps(features, np.asarray(pool.images), pool.name, resolution, finetune.stages)
+        labels = torch.as_tensor(np.asarray(pool.labels)[split.train]).float()
+        backbone, history = finetune_tail(load_backbone(features), maps[split.train], labels, finetune, progress)
+        vectors = tail_features(backbone, maps, finetune.stages)
     train = vectors[split.train]  # standardised with training statistics only, kept in the model's spec
     spec = InputSpec(pool.images.shape[1], pool.images.shape[2], features, train.mean(0).tolist(),
-                     train.std(0).clamp_min(1e-6).tolist(), resolution, FEATURES[features].weights_sha256)
-    return ProtocolInputs(pool, split, spec, lambda idx: spec.standardise(vectors[idx]))
+                     train.std(0).clamp_min(1e-6).tolist(), resolution, FEATURES[features].weights_sha256,
+                     finetune.stages if finetune else 0)
+    return ProtocolInputs(pool, split, spec, lambda idx: spec.standardise(vectors[idx]), backbone, history)
 
 
 def calibration_images(inputs: ProtocolInputs) -> torch.Tensor | None:

@@ -29,6 +29,7 @@ from vdsh.training.encoders.mlp import DeepMLP
 from vdsh.training.encoders.model import HashingModel, save_model
 from vdsh.training.encoders.registry import ENCODERS
 from vdsh.training.encoders.sigmoid_mlp import SigmoidEncoder
+from vdsh.training.features.finetune import FinetuneOptions
 from vdsh.training.protocol_inputs import (PREPARE_CHUNK, ProtocolInputs, calibration_images, protocol_inputs,
                                            validation_slice, validation_source)
 from vdsh.training.trainers.registry import CNN_METHODS, MLP_METHODS, SHALLOW_HASHERS, Method
@@ -59,6 +60,8 @@ class RunConfig:
     protocol_options: dict = field(default_factory=dict)  # keyword arguments of `load_protocol`
     features: str | None = None  # MLPs and shallow hashers: a kind of `vdsh.training.features`
     resolution: int | None = None  # a pretrained backbone's input side
+    finetune_stages: int = 0  # fine-tune the backbone's last stages on the labels first (0: frozen features)
+    finetune_epochs: int = FinetuneOptions.epochs
     augment: bool | None = None  # None: where the method augments by default and the dataset names a recipe
     show_progress: bool = True
 
@@ -80,6 +83,13 @@ class RunConfig:
     @property
     def on_images(self) -> bool:
         return self.encoder != "mlp"
+
+    @property
+    def finetune(self) -> FinetuneOptions | None:
+        """The backbone fine-tuning this run asks for, or None (frozen features)."""
+        if not self.finetune_stages:
+            return None
+        return FinetuneOptions(self.finetune_stages, self.finetune_epochs, seed=self.seed, device=self.device)
 
 
 @dataclass
@@ -107,7 +117,8 @@ class RunResult:
 def run(config: RunConfig) -> RunResult:
     """Train one model on a protocol's training set and score it on its queries against its database."""
     inputs = protocol_inputs(config.protocol, config.data_root, config.seed, config.protocol_options,
-                             config.features, config.resolution, images=config.on_images)
+                             config.features, config.resolution, images=config.on_images, finetune=config.finetune,
+                             progress=finetune_reporter(config))
     if config.trainer in SHALLOW_HASHERS:
         encoder, history = fit_shallow(config, inputs)
         return finish(config, inputs, encoder, history, None, None, {"seed": config.seed, **config.options})
@@ -163,13 +174,14 @@ def fit_shallow(config: RunConfig, inputs: ProtocolInputs) -> tuple[nn.Module, l
 def finish(config: RunConfig, inputs: ProtocolInputs, encoder: nn.Module, history: list[dict], augmentation,
            validation_on: str | None, options: dict) -> RunResult:
     """Wrap the encoder with its input spec, score it on the protocol, and write the summary."""
-    model = HashingModel(encoder.cpu().eval(), inputs.spec, calibration_images(inputs))
+    model = HashingModel(encoder.cpu().eval(), inputs.spec, calibration_images(inputs), inputs.backbone)
     start = time.perf_counter()
     query_map, query_codes = protocol_map(model.encoder, inputs)
     summary = {"protocol": inputs.split.protocol, "seed": inputs.split.seed, "trainer": config.trainer,
                "encoder": config.encoder, "encoder_config": model.encoder.config(), "bits": config.bits,
                "depth": config.depth, "width": config.width, "features": inputs.spec.features,
-               "resolution": inputs.spec.resolution, "batchnorm": config.batchnorm, "residual": config.residual,
+               "resolution": inputs.spec.resolution, "finetune": asdict(config.finetune) if config.finetune else None,
+               "finetune_history": inputs.finetune_history, "batchnorm": config.batchnorm, "residual": config.residual,
                "classifier_baseline": config.classifier_baseline, "options": options,
                "augmentation": augmentation.config() if augmentation else None, "validation": validation_on,
                "protocol_spec": asdict(inputs.split.spec) if inputs.split.spec else None,
@@ -226,6 +238,18 @@ def describe_network(config: RunConfig, method: Method) -> str:
     """The progress bar's words: the network and what it counts."""
     network = config.encoder if config.on_images else f"{config.depth}x{config.width}"
     return f"{network}, {method.unit or method.iterations.removeprefix('finetune_')}"
+
+
+def finetune_reporter(config: RunConfig):
+    """What fine-tuning says after each epoch (on stderr), or None when the run is quiet."""
+    if not config.show_progress:
+        return None
+
+    def report(record: dict) -> None:
+        accuracy = f", training accuracy {record['train_accuracy']:.4f}" if record["train_accuracy"] is not None else ""
+        note(f"fine-tuning the backbone's last {config.finetune_stages} stage(s): epoch {record['epoch']}/"
+             f"{config.finetune_epochs}, loss {record['loss']:.4f}{accuracy}")
+    return report
 
 
 def epoch_reporter(advance):

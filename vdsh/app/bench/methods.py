@@ -15,6 +15,7 @@ import json
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -23,6 +24,7 @@ import torch
 import typer
 
 from vdsh.app.bench.report import markdown_table, write_section
+from vdsh.training.features.finetune import FinetuneOptions
 from vdsh.training.protocol_inputs import protocol_inputs, validation_slice
 from vdsh.training.run import RunConfig, build_encoder, protocol_codes
 from vdsh.training.trainers.registry import MLP_METHODS, SHALLOW_HASHERS
@@ -104,12 +106,12 @@ def fit_method(method: str, bits: int, x: torch.Tensor, y: torch.Tensor, validat
 def run_protocol(protocol: str, bits_list: list[int], methods: list[str], depth: int, width: int, iterations: dict[str, int],
                  method_options: dict, device: str, seed: int, data_root: str | None, train_limit: int | None,
                  out: Path, publish: Callable[[list[dict]], None], features: str | None = None,
-                 resolution: int | None = None) -> list[dict]:
+                 resolution: int | None = None, finetune: FinetuneOptions | None = None) -> list[dict]:
     """Every (method, bits) on one protocol; writes the plots, and `publish`es the results after every code length
     (a long run that is stopped still leaves the finished code lengths in the table)."""
     from vdsh.index.metrics import retrieval_metrics
 
-    inputs = protocol_inputs(protocol, data_root, seed, features=features, resolution=resolution)
+    inputs = protocol_inputs(protocol, data_root, seed, features=features, resolution=resolution, finetune=finetune)
     split, labels = inputs.split, inputs.labels
     train = split.train if train_limit is None else np.random.default_rng(seed).permutation(split.train)[:train_limit]
     x, y = inputs.prepare(train), labels[train]
@@ -127,7 +129,8 @@ def run_protocol(protocol: str, bits_list: list[int], methods: list[str], depth:
                                        protocol_codes(encoder, inputs, split.database), labels[split.database], precision_at=())
             result = {"protocol": protocol, "method": method, "bits": bits, "map_all": report.map_all,
                       "p_h2": report.precision_within[2], "train_s": train_s, "peak_mib": memory["peak_mib"],
-                      "n_train": len(train), "history": history, "pr_curve": report.to_dict()["pr_curve"]}
+                      "n_train": len(train), "history": history, "pr_curve": report.to_dict()["pr_curve"],
+                      "finetune": finetune and {**asdict(finetune), "history": inputs.finetune_history}}
             results.append(result)
             pr_curves[method] = result["pr_curve"]
             typer.echo(f"{protocol} {bits:3d} bits {method:9s} mAP@all {report.map_all:.4f}  P@H<=2 "
@@ -177,7 +180,18 @@ def section_body(results: list[dict], protocol: str, depth: int, width: int, ite
              + ". Code targets: admm learns its codes against the classifier W (SDH's B-step); proxprop pulls to a fixed "
              "codeword per class (hash centres). Peak memory: growth of the resident set during the fit (CPU) or the CUDA "
              "allocator's peak.")
+    if results[0].get("finetune"):
+        notes += " " + finetune_note(results[0]["finetune"])
     return notes + "\n\n" + markdown_table(["method", "bits", "mAP@all", "P@H<=2", "train s", "peak MiB", "published mAP@all"], rows)
+
+
+def finetune_note(finetune: dict) -> str:
+    """The table's words on the fine-tuning every method's features came from."""
+    last = finetune["history"][-1]
+    accuracy = f", final training accuracy {last['train_accuracy']:.4f}" if last["train_accuracy"] is not None else ""
+    return (f"Features: the backbone's last {finetune['stages']} stage(s) first fine-tuned as a classifier on the training "
+            f"labels, {finetune['epochs']} epochs at lr {finetune['lr']:g} ({last['time']:.0f} s{accuracy}), shared by "
+            "every method; train s excludes it.")
 
 
 def bench_methods(
@@ -197,6 +211,8 @@ def bench_methods(
     features: str = typer.Option(None, help="input features (default per dataset: pixels, GIST for CIFAR-10), e.g. efficientnet-lite0"),
     resolution: int = typer.Option(None, help="input side of a pretrained backbone (default 160)"),
     title: str = typer.Option(None, help="section title (default: 'Methods: PROTOCOL[, FEATURES RESOLUTION px]')"),
+    finetune_stages: int = typer.Option(0, help="fine-tune the backbone's last N stages on the labels first (as vdsh train)"),
+    finetune_epochs: int = typer.Option(FinetuneOptions.epochs, help="epochs of that fine-tuning"),
 ) -> None:
     """Every method on each protocol at each code length: mAP@all, P@H<=2, time, memory; BENCHMARKS.md + plots."""
     from vdsh.files import atomic_write_text
@@ -213,10 +229,12 @@ def bench_methods(
         def publish(results: list[dict], protocol: str = protocol) -> None:
             atomic_write_text(out / f"{protocol}-results.json", json.dumps(results, indent=1))
             section = title or (f"Methods: {protocol}" + (f", {features}" if features else "")
-                                + (f" {resolution} px" if resolution else ""))
+                                + (f" {resolution} px" if resolution else "")
+                                + (f", last {finetune_stages} stage(s) fine-tuned" if finetune_stages else ""))
             write_section(section, section_body(results, protocol, depth, width, iterations)
                           + f"\n\nPlots: `{out}/{protocol}-<bits>-pr.png`, `{out}/{protocol}-<bits>-map-vs-time.png`.")
             typer.echo(f"wrote BENCHMARKS.md section {section!r} and {out}/")
 
         run_protocol(protocol, bits_list, chosen, depth, width, iterations, method_options, device, seed,
-                     data_root, train_limit, out, publish, features, resolution)
+                     data_root, train_limit, out, publish, features, resolution,
+                     FinetuneOptions(finetune_stages, finetune_epochs, seed=seed, device=device) if finetune_stages else None)

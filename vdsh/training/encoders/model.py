@@ -22,6 +22,7 @@ from vdsh.index.codes import sign_codes
 from vdsh.training.encoders.registry import encoder_from_config
 
 CALIBRATION_KEY = "input.calibration"  # uint8 training images stored with a backbone model, for int8 quantisation
+BACKBONE_PREFIX = "backbone."  # the fine-tuned part of a backbone, stored under its names in the network
 
 
 @dataclass
@@ -32,7 +33,8 @@ class InputSpec:
     feature kind of `vdsh.training.features` ('gist', 'efficientnet-lite0', ...). mean/std: per channel
     for images; for vector features one value or one per dimension (raw GIST values are ~0.05 ± 0.04,
     far too small for MSRA-initialised layers). resolution: the side a backbone sees the image at;
-    weights_sha256: the checksum of the backbone weights the model was trained on.
+    weights_sha256: the checksum of the backbone weights the model was trained on; tuned_stages: how many of
+    the backbone's last stages were fine-tuned (`vdsh.training.features.finetune`; their weights are in the file).
     """
 
     channels: int
@@ -42,6 +44,7 @@ class InputSpec:
     std: list[float] = field(default_factory=lambda: [1.0])
     resolution: int | None = None
     weights_sha256: str | None = None
+    tuned_stages: int = 0
 
     def __post_init__(self) -> None:
         if self.features not in ("pixels", "image"):
@@ -87,9 +90,9 @@ class InputSpec:
 class HashingModel(nn.Module):
     """Images in, real-valued outputs of `bits` units out; codes are their signs.
 
-    With backbone features the frozen backbone is a submodule (it moves with `.to(device)`) but is not
-    saved: the file names it and its weights' checksum, and keeps `calibration`, a small set of uint8
-    training images, so that `quantize_backbone` can make an int8 copy wherever the model is loaded.
+    With backbone features the backbone is a submodule (it moves with `.to(device)`) but only its fine-tuned
+    stages, if any, are saved: the file names it and its weights' checksum, and keeps `calibration`, a small set
+    of uint8 training images, so that `quantize_backbone` can make an int8 copy wherever the model is loaded.
     """
 
     def __init__(self, encoder: nn.Module, input_spec: InputSpec, calibration: torch.Tensor | None = None,
@@ -155,10 +158,25 @@ def save_model(path: str | Path, model: HashingModel, info: dict | None = None) 
         "info": info or {},
     }
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.encoder.state_dict().items()}
+    tensors.update({BACKBONE_PREFIX + k: v for k, v in tuned_backbone_tensors(model).items()})
     if model.calibration is not None:
         tensors[CALIBRATION_KEY] = torch.as_tensor(model.calibration, dtype=torch.uint8).contiguous()
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"vdsh": json.dumps(meta)})
+
+
+def tuned_backbone_tensors(model: HashingModel) -> dict[str, torch.Tensor]:
+    """The fine-tuned stages' tensors of a model's backbone (none where the backbone is frozen)."""
+    stages = model.input_spec.tuned_stages
+    if not stages:
+        return {}
+    if model.backbone is None or model.int8:
+        raise ValueError("a model with fine-tuned backbone stages is saved with its float backbone")
+    from vdsh.training.features.efficientnet import tail_module_names
+
+    prefixes = tuple(name + "." for name in tail_module_names(stages))
+    return {k: v.detach().cpu().contiguous().clone() for k, v in model.backbone.net.state_dict().items()
+            if k.startswith(prefixes)}
 
 
 def read_model_metadata(path: str | Path) -> dict:
@@ -194,18 +212,27 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", int8: bool 
     if int8 and torch.device(device).type != "cpu":
         raise ValueError(f"an int8 backbone runs on the CPU only, not on {device}")
     calibration = tensors.pop(CALIBRATION_KEY, None)
+    tuned = {k.removeprefix(BACKBONE_PREFIX): tensors.pop(k) for k in list(tensors) if k.startswith(BACKBONE_PREFIX)}
     encoder.load_state_dict(tensors)
     spec = InputSpec(**meta["input"])
-    model = HashingModel(encoder, spec, calibration, attach_backbone(spec, device))
+    try:
+        backbone = attach_backbone(spec, device, tuned)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    model = HashingModel(encoder, spec, calibration, backbone)
     if int8:
         model.quantize_backbone()
     model.info = meta["info"]
     return model.to(device).eval()
 
 
-def attach_backbone(spec: InputSpec, device: str | torch.device = "cpu") -> nn.Module | None:
-    """The backbone a spec names (None for pixels and GIST): the shared CPU instance, or a copy for another device."""
+def attach_backbone(spec: InputSpec, device: str | torch.device = "cpu",
+                    tuned: dict[str, torch.Tensor] | None = None) -> nn.Module | None:
+    """The backbone a spec names (None for pixels and GIST): the shared CPU instance, or a copy for another
+    device or with the `tuned` tensors of its fine-tuned stages (which must be exactly those stages' tensors)."""
     if not spec.backbone:
+        if tuned:
+            raise ValueError(f"the file holds backbone weights, but {spec.features!r} features have no backbone")
         return None
     import copy
 
@@ -216,7 +243,27 @@ def attach_backbone(spec: InputSpec, device: str | torch.device = "cpu") -> nn.M
         raise ValueError(f"the model was trained on {spec.features} weights with sha256 {spec.weights_sha256}, "
                          f"this vdsh loads {expected}: retrain it, or use the vdsh version it was trained with")
     backbone = load_backbone(spec.features)
-    return backbone if torch.device(device).type == "cpu" else copy.deepcopy(backbone)
+    if not spec.tuned_stages and not tuned:
+        return backbone if torch.device(device).type == "cpu" else copy.deepcopy(backbone)
+    backbone = copy.deepcopy(backbone)
+    load_tuned_stages(backbone.net, spec.tuned_stages, tuned or {})
+    return backbone
+
+
+def load_tuned_stages(net: nn.Module, stages: int, tuned: dict[str, torch.Tensor]) -> None:
+    """Load the fine-tuned stages' tensors into `net`, refusing any missing, extra or misshapen tensor."""
+    from vdsh.training.features.efficientnet import tail_module_names
+
+    prefixes = tuple(name + "." for name in tail_module_names(stages)) if stages else ()
+    expected = {k: v for k, v in net.state_dict().items() if k.startswith(prefixes)}
+    if set(tuned) != set(expected):
+        missing, extra = sorted(set(expected) - set(tuned)), sorted(set(tuned) - set(expected))
+        raise ValueError(f"the fine-tuned backbone tensors do not match its last {stages} stage(s): "
+                         f"missing {missing[:3]}, unexpected {extra[:3]}")
+    for key, value in tuned.items():
+        if value.shape != expected[key].shape:
+            raise ValueError(f"backbone tensor {key} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}")
+    net.load_state_dict(tuned, strict=False)
 
 
 def model_id(path: str | Path) -> str:

