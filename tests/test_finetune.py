@@ -8,14 +8,23 @@ import torch
 from test_features import pretrained, random_images
 from vdsh.training.features import efficientnet
 from vdsh.training.features.finetune import FinetuneOptions, finetune_tail, tail_features
+from vdsh.training.protocol_inputs import protocol_inputs
 
 
-def test_tail_module_names_cover_the_last_stages_and_refuse_others():
+def test_tail_module_names_cover_the_last_stages_and_bad_options_are_refused_before_any_work():
+    from vdsh.training.run import RunConfig
+
     assert efficientnet.tail_module_names(1) == ["blocks.6", "conv_head", "bn2"]
     assert efficientnet.tail_module_names(2)[:2] == ["blocks.5", "blocks.6"]
     for stages in (0, efficientnet.STAGES + 1):
         with pytest.raises(ValueError, match="between 1 and 7"):
             efficientnet.tail_module_names(stages)
+    with pytest.raises(ValueError, match="between 1 and 7"):
+        RunConfig(trainer="sdh", features="efficientnet-lite0", finetune_stages=8)
+    with pytest.raises(ValueError, match="epochs >= 1"):
+        RunConfig(trainer="sdh", features="efficientnet-lite0", finetune_stages=1, finetune_epochs=0)
+    with pytest.raises(ValueError, match="fine-tuning needs a pretrained backbone's features, not 'pixels'"):
+        protocol_inputs("mnist-sample", features="pixels", finetune=FinetuneOptions())
 
 
 @pytest.mark.slow
@@ -82,6 +91,10 @@ def test_a_finetuned_model_round_trips_and_encodes_images_with_its_tuned_stage(t
     assert torch.nn.functional.cosine_similarity(from_images, features).min() > 0.999
     assert not torch.allclose(from_images, efficientnet.backbone_features(shared, images, 64), atol=1e-3)
     assert load_model(path, int8=True).encode(images).shape == (24, 16)
+    folded = load_model(path, fold=True)
+    assert torch.allclose(efficientnet.backbone_features(folded.backbone, images, 64), from_images, atol=1e-4)
+    with pytest.raises(ValueError, match="trainable float backbone"):
+        save_model(tmp_path / "again.safetensors", folded, {})
 
     tensors = load_file(path)
     del tensors["backbone.conv_head.weight"]

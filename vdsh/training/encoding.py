@@ -42,7 +42,8 @@ def pool_features(model: HashingModel, pool: ImageSet) -> torch.Tensor:
     spec, images = model.input_spec, np.asarray(pool.images)
     if not spec.tuned_stages:
         return cached_feature_vectors(spec.features, images, pool.name, spec.resolution)
-    if model.int8:
-        raise ValueError("pool features of a fine-tuned model come from its float backbone; load it without int8")
+    if model.int8 or model.folded:
+        raise ValueError("pool features of a fine-tuned model come from its trainable float backbone; "
+                         "load it without int8 or fold")
     maps = cached_trunk_maps(spec.features, images, pool.name, spec.resolution, spec.tuned_stages)
     return tail_features(model.backbone, maps, spec.tuned_stages)

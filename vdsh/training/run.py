@@ -62,6 +62,7 @@ class RunConfig:
     resolution: int | None = None  # a pretrained backbone's input side
     finetune_stages: int = 0  # fine-tune the backbone's last stages on the labels first (0: frozen features)
     finetune_epochs: int = FinetuneOptions.epochs
+    finetune_lr: float = FinetuneOptions.lr
     augment: bool | None = None  # None: where the method augments by default and the dataset names a recipe
     show_progress: bool = True
 
@@ -79,6 +80,7 @@ class RunConfig:
                 raise ValueError(f"the classifier baseline trains by back-prop; it does not apply to trainer {self.trainer}")
         elif self.trainer not in MLP_METHODS and self.trainer not in SHALLOW_HASHERS:
             raise ValueError(f"trainer must be one of {', '.join([*MLP_METHODS, *SHALLOW_HASHERS, *CNN_METHODS])}, got {self.trainer!r}")
+        self.finetune  # noqa: B018 -- checks the fine-tuning options now, not after the data has loaded
 
     @property
     def on_images(self) -> bool:
@@ -89,7 +91,8 @@ class RunConfig:
         """The backbone fine-tuning this run asks for, or None (frozen features)."""
         if not self.finetune_stages:
             return None
-        return FinetuneOptions(self.finetune_stages, self.finetune_epochs, seed=self.seed, device=self.device)
+        return FinetuneOptions(self.finetune_stages, self.finetune_epochs, self.finetune_lr, seed=self.seed,
+                               device=self.device)
 
 
 @dataclass

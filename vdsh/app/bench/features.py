@@ -45,16 +45,15 @@ def bench_features(
 ) -> None:
     """Per input resolution: extraction images/s on this CPU, and mAP@all of SDH on the frozen features."""
     from vdsh.data.protocols import load_protocol
-    from vdsh.training.features import cached_feature_vectors, load_backbone
+    from vdsh.training.features import cached_feature_vectors, extraction_backbone
     from vdsh.training.run import RunConfig, run
 
     pool, _ = load_protocol(protocol, data_root, seed)
     images = np.asarray(pool.images)
     timed = images[np.random.default_rng(seed).permutation(len(images))[:timing_images]]
-    backbone = load_backbone(features)
     load_before, rows = os.getloadavg()[0], []
     for resolution in (int(r) for r in resolutions.split(",")):
-        rate = images_per_second(backbone, timed, resolution)
+        rate = images_per_second(extraction_backbone(features, resolution), timed, resolution)
         full_minutes = len(images) / rate / 60
         if extract or cached_path_exists(images, pool.name, features, resolution):
             cached_feature_vectors(features, images, pool.name, resolution)
@@ -67,7 +66,7 @@ def bench_features(
         typer.echo(rows[-1])
     write_section(f"Pretrained features: resolution, {features}, {protocol}", (
         f"Frozen ImageNet {features} features of `{protocol}`'s images (32 px CIFAR-10 images resized), float32 CPU "
-        f"inference in batches of 64 with {torch.get_num_threads()} threads; images/s over {timing_images} images "
+        f"inference (batch norm folded, as extraction runs it) in batches of 64 with {torch.get_num_threads()} threads; images/s over {timing_images} images "
         f"after a warm-up batch; minutes for the whole pool ({len(images):,} images) follow from that rate. mAP@all: "
         f"SDH, {bits} bits, on the protocol's queries against its database; 1-min load average {load_before:.1f} "
         f"before, {os.getloadavg()[0]:.1f} after (a shared machine: rates under load).\n\n"
@@ -104,7 +103,7 @@ def bench_int8(
 
     if threads:
         torch.set_num_threads(threads)
-    float_model = load_model(model)
+    float_model = load_model(model, fold=True)  # as `vdsh serve` runs it
     if not float_model.input_spec.backbone:
         raise typer.BadParameter(f"{model} is not a model on pretrained backbone features")
     start = time.perf_counter()
@@ -127,7 +126,8 @@ def bench_int8(
         f"{spec.resolution} px). Latency: median ms per image of `encode` (uint8 image in, code out: resize, "
         f"backbone, hashing head) at batch 1 ({repeats} calls) and 64, {torch.get_num_threads()} torch threads. "
         f"Size: the backbone's state dict as torch.save writes it. mAP@all: {len(q)} queries against {len(db)} "
-        f"database items drawn from `{pool.name}`'s split (a subset: both encoders run on every image). int8: "
+        f"database items drawn from `{pool.name}`'s split (a subset: both encoders run on every image). float32: batch "
+        f"norm folded into the convolutions, as `vdsh serve` runs it. int8: "
         f"torch.ao FX static post-training quantisation, {engine()} engine, calibrated on the {len(float_model.calibration)} "
         f"training images stored in the model, the stem and the first two stages in float (quantize.FLOAT_MODULES); quantising "
         f"took {quantize_s:.1f} s at load. 1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after.\n\n"

@@ -213,6 +213,7 @@ def bench_methods(
     title: str = typer.Option(None, help="section title (default: 'Methods: PROTOCOL[, FEATURES RESOLUTION px]')"),
     finetune_stages: int = typer.Option(0, help="fine-tune the backbone's last N stages on the labels first (as vdsh train)"),
     finetune_epochs: int = typer.Option(FinetuneOptions.epochs, help="epochs of that fine-tuning"),
+    finetune_lr: float = typer.Option(FinetuneOptions.lr, help="learning rate of that fine-tuning"),
 ) -> None:
     """Every method on each protocol at each code length: mAP@all, P@H<=2, time, memory; BENCHMARKS.md + plots."""
     from vdsh.files import atomic_write_text
@@ -237,4 +238,4 @@ def bench_methods(
 
         run_protocol(protocol, bits_list, chosen, depth, width, iterations, method_options, device, seed,
                      data_root, train_limit, out, publish, features, resolution,
-                     FinetuneOptions(finetune_stages, finetune_epochs, seed=seed, device=device) if finetune_stages else None)
+                     FinetuneOptions(finetune_stages, finetune_epochs, finetune_lr, seed=seed, device=device) if finetune_stages else None)

@@ -130,7 +130,7 @@ def query_command(
     from vdsh.training.encoders.model import load_model, model_id
 
     index = index_locations(index)
-    hashing_model = load_model(model, int8=int8)
+    hashing_model = load_model(model, int8=int8, fold=True)
     items = open_items(index, model_id(model), hashing_model.bits)
     spec = hashing_model.input_spec
     for path in images:

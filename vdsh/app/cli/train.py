@@ -41,6 +41,7 @@ def train(
     resolution: int = typer.Option(None, help="input side in pixels of a pretrained backbone (default 160); features are cached per resolution"),
     finetune_stages: int = typer.Option(0, help="pretrained backbones: first fine-tune their last N stages (1: the last stage and the head convolution) as a classifier on the training labels, then hash the tuned features; 0: frozen features"),
     finetune_epochs: int = typer.Option(FinetuneOptions.epochs, help="epochs of that fine-tuning"),
+    finetune_lr: float = typer.Option(FinetuneOptions.lr, help="AdamW learning rate of the tuned stages (the new classifier's: 10x)"),
 ) -> None:
     """Train an MLP (any trainer) or a CNN (back-prop, block-wise local updates, or the hybrid) on a protocol's
     training set; save model.safetensors, history.json, protocol.json + split.npz, history.png."""
@@ -50,6 +51,7 @@ def train(
                            classifier_baseline=classifier_baseline, iterations=iterations, options=json.loads(options),
                            device=device, seed=seed, data_root=data_root, augment=augment, features=features,
                            resolution=resolution, finetune_stages=finetune_stages, finetune_epochs=finetune_epochs,
+                           finetune_lr=finetune_lr,
                            protocol_options=protocol_options(queries_per_class, train_per_class, channels, image_size))
     except ValueError as exc:  # a wrong combination of options: typer's usage error, exit 2
         raise typer.BadParameter(str(exc)) from None

@@ -121,7 +121,7 @@ class Catalog:
         """One index directory or milvus:// collection (writable), or several shards searched as one (read-only);
         int8: quantise the model's pretrained backbone for CPU serving."""
         dirs = [index_dirs] if isinstance(index_dirs, (str, Path)) else list(index_dirs)
-        model = load_model(model_path, int8=int8)
+        model = load_model(model_path, int8=int8, fold=True)
         name = model_id(model_path)
         # the model check is ours, to give a message that names both files
         if any(is_milvus_uri(d) for d in dirs):

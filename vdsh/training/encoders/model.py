@@ -103,6 +103,17 @@ class HashingModel(nn.Module):
         self.calibration = calibration
         self.backbone = backbone
         self.int8 = False
+        self.folded = False
+
+    def fold_backbone(self) -> None:
+        """Replace the backbone by an inference-only copy with batch norm folded into its convolutions
+        (`vdsh.training.features.inference`): same codes up to float rounding, faster; for serving."""
+        if self.backbone is None:
+            raise ValueError("only a model on backbone features has a backbone to fold")
+        from vdsh.training.features.inference import folded
+
+        self.backbone = folded(self.backbone, self.input_spec.resolution)
+        self.folded = True
 
     def quantize_backbone(self) -> None:
         """Replace the backbone by its int8 post-training quantisation (CPU), calibrated on `calibration`."""
@@ -170,8 +181,9 @@ def tuned_backbone_tensors(model: HashingModel) -> dict[str, torch.Tensor]:
     stages = model.input_spec.tuned_stages
     if not stages:
         return {}
-    if model.backbone is None or model.int8:
-        raise ValueError("a model with fine-tuned backbone stages is saved with its float backbone")
+    if model.backbone is None or model.int8 or model.folded:
+        raise ValueError("a model with fine-tuned backbone stages is saved with its trainable float backbone, "
+                         "not an int8 or folded one")
     from vdsh.training.features.efficientnet import tail_module_names
 
     prefixes = tuple(name + "." for name in tail_module_names(stages))
@@ -194,11 +206,14 @@ def read_model_metadata(path: str | Path) -> dict:
     return json.loads(meta["vdsh"])
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", int8: bool = False) -> HashingModel:
+def load_model(path: str | Path, device: str | torch.device = "cpu", int8: bool = False,
+               fold: bool = False) -> HashingModel:
     """Rebuild a model from its file: the encoder from the registry by the kind the file names.
 
     A model on backbone features gets its backbone from the installed weights package (checked against
-    the checksum the model records); int8: quantise that backbone for CPU serving.
+    the checksum the model records); int8: quantise that backbone for CPU serving (which folds batch norm
+    too); fold: fold batch norm into the float backbone's convolutions, for serving. Both make the backbone
+    inference-only; neither applies to pixel or GIST models.
     """
     meta = read_model_metadata(path)
     try:
@@ -222,6 +237,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", int8: bool 
     model = HashingModel(encoder, spec, calibration, backbone)
     if int8:
         model.quantize_backbone()
+    elif fold and model.backbone is not None:
+        model.fold_backbone()
     model.info = meta["info"]
     return model.to(device).eval()
 

@@ -104,7 +104,7 @@ def cached_feature_vectors(name: str, images: np.ndarray, dataset: str, resoluti
     resolution = resolution_for(name, resolution)
     folder = cache_dir() / "features" / f"{name}-{resolution}"
     path = folder / f"{dataset}-{images_fingerprint(images, f'{name}-{resolution}-v1')}.npy"
-    return torch.from_numpy(cached_array(path, lambda: feature_vectors(name, images, resolution, extraction_backbone(name),
+    return torch.from_numpy(cached_array(path, lambda: feature_vectors(name, images, resolution, extraction_backbone(name, resolution),
                                                                        progress=True).numpy()))
 
 
@@ -122,7 +122,14 @@ def cached_trunk_maps(name: str, images: np.ndarray, dataset: str, resolution: i
                                                  progress=True))
 
 
-def extraction_backbone(name: str) -> nn.Module:
-    """The network that extracts a whole dataset's features: a CUDA copy where a GPU exists, else the shared CPU one."""
+def extraction_backbone(name: str, resolution: int | None = None) -> nn.Module:
+    """The network that extracts a whole dataset's features, on the GPU where there is one: with a resolution, an
+    inference-only copy with batch norm folded (`inference.folded`); without, the trainable network (for trunk maps)."""
     backbone = load_backbone(name)
-    return copy.deepcopy(backbone).cuda() if torch.cuda.is_available() else backbone
+    if resolution is not None:
+        from vdsh.training.features.inference import folded
+
+        backbone = folded(backbone, resolution)
+    elif torch.cuda.is_available():
+        backbone = copy.deepcopy(backbone)
+    return backbone.cuda() if torch.cuda.is_available() else backbone

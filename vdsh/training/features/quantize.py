@@ -5,9 +5,8 @@ picks), observers calibrated on the training images a model keeps; the stem and 
 (`FLOAT_MODULES`). oneDNN comes first: fbgemm's int8 convolutions (the `x86` engine) ran this backbone slower than
 float32 on the project's CPUs, oneDNN's faster; BENCHMARKS.md ("int8 backbone") holds the oneDNN figures.
 Before tracing, timm's layers that FX cannot
-quantise are rewritten into plain ones: `Conv2dSame` (TensorFlow 'same' padding computed from the input
-size at run time) becomes a fixed `ZeroPad2d` + `Conv2d` for the one resolution the model serves, and
-`BatchNormAct2d` becomes `BatchNorm2d` + its activation, so that batch norm folds into the convolutions. Accuracy and speed against float: BENCHMARKS.md ("int8 backbone").
+quantise are rewritten into plain ones for the one resolution the model serves (`inference.plain_layers`), so
+that batch norm folds into the convolutions. Accuracy and speed against float: BENCHMARKS.md ("int8 backbone").
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ from torch.ao.quantization import QConfigMapping, get_default_qconfig
 from torch.ao.quantization.backend_config import get_onednn_backend_config
 
 from vdsh.training.features.efficientnet import EfficientNetLite0Features
+from vdsh.training.features.inference import plain_layers
 
 
 # Left in float: the stem (its convolution and its batch norm + ReLU6, `bn1`) and the first two stages. Quantised
@@ -78,46 +78,6 @@ def quantize_int8(backbone: EfficientNetLite0Features, calibration: torch.Tensor
             prepared(batch)
         quantized.net = convert_fx(prepared, **backend)
     return quantized
-
-
-def plain_layers(net: nn.Module, resolution: int) -> nn.Module:
-    """Replace timm's `Conv2dSame` and `BatchNormAct2d` in `net` by equivalent plain layers (in place) for inputs
-    of `resolution` pixels a side; the outputs are unchanged."""
-    from timm.layers import BatchNormAct2d
-    from timm.layers.conv2d_same import Conv2dSame
-    from timm.layers.padding import get_same_padding
-
-    input_sizes: dict[str, tuple[int, int]] = {}
-
-    def record(name: str):
-        def hook(_: nn.Module, args: tuple) -> None:
-            input_sizes[name] = tuple(args[0].shape[-2:])
-        return hook
-
-    hooks = [module.register_forward_pre_hook(record(name)) for name, module in net.named_modules()
-             if isinstance(module, Conv2dSame)]
-    with torch.no_grad():
-        net(torch.zeros(1, 3, resolution, resolution))
-    for hook in hooks:
-        hook.remove()
-    for name, module in list(net.named_modules()):
-        if isinstance(module, Conv2dSame):
-            (ih, iw), (kh, kw) = input_sizes[name], module.kernel_size
-            pad_h = get_same_padding(ih, kh, module.stride[0], module.dilation[0])
-            pad_w = get_same_padding(iw, kw, module.stride[1], module.dilation[1])
-            conv = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride, 0,
-                             module.dilation, module.groups, module.bias is not None)
-            conv.load_state_dict(module.state_dict())
-            plain = nn.Sequential(nn.ZeroPad2d((pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)), conv)
-        elif isinstance(module, BatchNormAct2d):
-            norm = nn.BatchNorm2d(module.num_features, module.eps, module.momentum)
-            norm.load_state_dict(module.state_dict())
-            plain = nn.Sequential(norm, module.drop, module.act)
-        else:
-            continue
-        parent, _, attribute = name.rpartition(".")
-        setattr(net.get_submodule(parent) if parent else net, attribute, plain)
-    return net.eval()
 
 
 def serialized_bytes(module: nn.Module) -> int:
