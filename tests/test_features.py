@@ -109,6 +109,7 @@ def test_a_saved_backbone_model_encodes_png_and_jpeg_photos_end_to_end(tmp_path)
     assert int8.int8 and int8.encode(pixels).shape == (2, 16)
     folded = load_model(tmp_path / "m.safetensors", fold=True)  # what vdsh serve and vdsh query run in float
     assert folded.folded and not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.backbone.modules())
+    assert isinstance(folded.backbone.net, torch.jit.ScriptModule) and isinstance(int8.backbone.net, torch.jit.ScriptModule)
     assert torch.allclose(efficientnet.backbone_features(folded.backbone, pixels, 64),
                           feature_vectors("efficientnet-lite0", pixels, 64), atol=1e-4)
 

@@ -118,16 +118,17 @@ def bench_int8(
     for name, m in (("float32", float_model), ("int8", int8_model)):
         b1, b64 = latency_ms(m, images[q], 1, repeats), latency_ms(m, images[db], 64, max(2, repeats // 4))
         score = mean_average_precision(m.encode(images[q], 64), labels[q], m.encode(images[db], 64), labels[db])
-        rows.append([name, f"{b1:.1f}", f"{b64:.1f}", f"{serialized_bytes(m.backbone) / 2**20:.1f}", f"{score:.4f}"])
+        rows.append([name, f"{b1:.1f}", f"{b64:.1f}", f"{serialized_bytes(m.backbone.net) / 2**20:.1f}", f"{score:.4f}"])
         typer.echo(rows[-1])
     spec = float_model.input_spec
     write_section(f"int8 backbone, {spec.features} {spec.resolution} px", (
         f"Model `{model}` ({float_model.bits} bits, {float_model.info.get('trainer')} on {spec.features} at "
         f"{spec.resolution} px). Latency: median ms per image of `encode` (uint8 image in, code out: resize, "
         f"backbone, hashing head) at batch 1 ({repeats} calls) and 64, {torch.get_num_threads()} torch threads. "
-        f"Size: the backbone's state dict as torch.save writes it. mAP@all: {len(q)} queries against {len(db)} "
-        f"database items drawn from `{pool.name}`'s split (a subset: both encoders run on every image). float32: batch "
-        f"norm folded into the convolutions, as `vdsh serve` runs it. int8: "
+        f"Size: the backbone's network as saved (frozen TorchScript where `vdsh serve` runs it so). mAP@all: {len(q)} queries against {len(db)} "
+        f"database items drawn from `{pool.name}`'s split (a subset: both encoders run on every image). Both run as "
+        f"`vdsh serve` runs them (`inference.scripted`: frozen TorchScript on the CPU); float32: batch norm folded "
+        f"into the convolutions. int8: "
         f"torch.ao FX static post-training quantisation, {engine()} engine, calibrated on the {len(float_model.calibration)} "
         f"training images stored in the model, the stem and the first two stages in float (quantize.FLOAT_MODULES); quantising "
         f"took {quantize_s:.1f} s at load. 1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after.\n\n"

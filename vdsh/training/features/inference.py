@@ -4,13 +4,16 @@ timm's TF-ported EfficientNet computes its 'same' padding from each input's size
 batch norm as separate layers (`BatchNormAct2d`); both cost time at inference and block FX. `plain_layers`
 rewrites them into fixed padding + `Conv2d` and `BatchNorm2d` + activation for one resolution (vdsh always
 resizes to the model's), which int8 quantisation builds on; `folded` then folds each batch norm into the
-convolution before it, one pass over memory fewer per layer, same outputs up to float rounding. Both are
-for inference: a folded network has no batch-norm layers left to fine-tune.
+convolution before it, one pass over memory fewer per layer, same outputs up to float rounding. `scripted`
+runs a folded or int8 network as frozen TorchScript, without Python's overhead for each of its ~250 modules,
+a large share of a single image's time on a CPU (BENCHMARKS.md, "int8 backbone"). All are for inference: a
+folded network has no batch-norm layers left to fine-tune.
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from torch import nn
@@ -65,3 +68,17 @@ def folded(backbone: EfficientNetLite0Features, resolution: int) -> EfficientNet
     copied = copy.deepcopy(backbone).eval()
     copied.net = fuse(plain_layers(copied.net, resolution))
     return copied
+
+
+def scripted(net: nn.Module, resolution: int) -> nn.Module:
+    """`net` traced on one image of `resolution` pixels and frozen (its weights become constants): the same outputs
+    at any batch size, without the Python dispatch of every module. TorchScript is deprecated in favour of
+    torch.compile, which needs a C++ toolchain at run time that a serving machine may lack; where tracing is
+    gone or fails, `net` is returned as it is."""
+    example = torch.zeros(1, 3, resolution, resolution).contiguous(memory_format=torch.channels_last)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore", FutureWarning)  # the deprecation notice
+            return torch.jit.freeze(torch.jit.trace(net.eval(), example))
+    except (AttributeError, RuntimeError):
+        return net

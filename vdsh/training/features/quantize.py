@@ -81,9 +81,13 @@ def quantize_int8(backbone: EfficientNetLite0Features, calibration: torch.Tensor
 
 
 def serialized_bytes(module: nn.Module) -> int:
-    """Size of a module's state dict as `torch.save` writes it: the model size the int8 table reports."""
+    """Size of a module as saved, the model size the int8 table reports: its state dict as `torch.save` writes
+    it, or a TorchScript module (frozen: its weights are constants, not state) as `torch.jit.save` writes it."""
     import io
 
     buffer = io.BytesIO()
-    torch.save(module.state_dict(), buffer)
+    if isinstance(module, torch.jit.ScriptModule):
+        torch.jit.save(module, buffer)
+    else:
+        torch.save(module.state_dict(), buffer)
     return buffer.getbuffer().nbytes
