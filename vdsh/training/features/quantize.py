@@ -87,7 +87,9 @@ def serialized_bytes(module: nn.Module) -> int:
 
     buffer = io.BytesIO()
     if isinstance(module, torch.jit.ScriptModule):
-        torch.jit.save(module, buffer)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation notice (see inference.scripted)
+            torch.jit.save(module, buffer)
     else:
         torch.save(module.state_dict(), buffer)
     return buffer.getbuffer().nbytes
