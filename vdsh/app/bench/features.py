@@ -94,6 +94,7 @@ def bench_int8(
     threads: int = typer.Option(None, help="torch threads (default: torch's)"),
     seed: int = typer.Option(0),
     data_root: str = typer.Option(None, envvar="VDSH_DATA"),
+    title: str = typer.Option(None, help="section title (default: 'int8 backbone, FEATURES RESOLUTION px')"),
 ) -> None:
     """Float vs int8 backbone: latency per image at batch 1 and 64, backbone size, mAP@all on a protocol subset."""
     from vdsh.data.protocols import load_protocol
@@ -121,7 +122,7 @@ def bench_int8(
         rows.append([name, f"{b1:.1f}", f"{b64:.1f}", f"{serialized_bytes(m.backbone.net) / 2**20:.1f}", f"{score:.4f}"])
         typer.echo(rows[-1])
     spec = float_model.input_spec
-    write_section(f"int8 backbone, {spec.features} {spec.resolution} px", (
+    write_section(title or f"int8 backbone, {spec.features} {spec.resolution} px", (
         f"Model `{model}` ({float_model.bits} bits, {float_model.info.get('trainer')} on {spec.features} at "
         f"{spec.resolution} px). Latency: median ms per image of `encode` (uint8 image in, code out: resize, "
         f"backbone, hashing head) at batch 1 ({repeats} calls) and 64, {torch.get_num_threads()} torch threads. "
