@@ -112,6 +112,11 @@ def test_a_saved_backbone_model_encodes_png_and_jpeg_photos_end_to_end(tmp_path)
     assert isinstance(folded.backbone.net, torch.jit.ScriptModule) and isinstance(int8.backbone.net, torch.jit.ScriptModule)
     assert torch.allclose(efficientnet.backbone_features(folded.backbone, pixels, 64),
                           feature_vectors("efficientnet-lite0", pixels, 64), atol=1e-4)
+    movable = load_model(tmp_path / "m.safetensors")  # the GPU path: folded, but not frozen (it has to move)
+    movable.fold_backbone(script=False)
+    assert not isinstance(movable.backbone.net, torch.jit.ScriptModule)
+    assert torch.allclose(efficientnet.backbone_features(movable.backbone, pixels, 64),
+                          feature_vectors("efficientnet-lite0", pixels, 64), atol=1e-4)
 
     # indexed (codes from the feature cache), then queried with the JPEG: the PNG's item comes back at its distance
     from vdsh.app.items import build_index

@@ -105,23 +105,24 @@ class HashingModel(nn.Module):
         self.int8 = False
         self.folded = False
 
-    def fold_backbone(self) -> None:
-        """Replace the backbone by an inference-only copy with batch norm folded into its convolutions
-        (`vdsh.training.features.inference`): same codes up to float rounding, faster; for serving."""
+    def fold_backbone(self, script: bool = True) -> None:
+        """Replace the (CPU) backbone by an inference-only copy with batch norm folded into its convolutions
+        (`vdsh.training.features.inference`): same codes up to float rounding, faster; for serving. script: run
+        it as frozen TorchScript, whose weights are constants that `.to(device)` would not move: CPU only."""
         if self.backbone is None:
             raise ValueError("only a model on backbone features has a backbone to fold")
         from vdsh.training.features.inference import folded
 
         self.backbone = folded(self.backbone, self.input_spec.resolution)
         self.folded = True
-        self._script_backbone()
+        if script:
+            self._script_backbone()
 
     def _script_backbone(self) -> None:
-        """Run an inference-only CPU backbone as frozen TorchScript (`inference.scripted`): same outputs, less overhead."""
-        if self.device.type == "cpu" and next(self.backbone.parameters(), torch.empty(0)).device.type == "cpu":
-            from vdsh.training.features.inference import scripted
+        """Run the inference-only backbone as frozen TorchScript (`inference.scripted`): same outputs, less overhead."""
+        from vdsh.training.features.inference import scripted
 
-            self.backbone.net = scripted(self.backbone.net, self.input_spec.resolution)
+        self.backbone.net = scripted(self.backbone.net, self.input_spec.resolution)
 
     def quantize_backbone(self) -> None:
         """Replace the backbone by its int8 post-training quantisation (CPU), calibrated on `calibration`."""
@@ -223,7 +224,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", int8: bool 
     A model on backbone features gets its backbone from the installed weights package (checked against
     the checksum the model records); int8: quantise that backbone for CPU serving (which folds batch norm
     too); fold: fold batch norm into the float backbone's convolutions, for serving. Both make the backbone
-    inference-only; neither applies to pixel or GIST models.
+    inference-only (on the CPU, frozen TorchScript); neither applies to pixel or GIST models.
     """
     meta = read_model_metadata(path)
     try:
@@ -248,7 +249,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", int8: bool 
     if int8:
         model.quantize_backbone()
     elif fold and model.backbone is not None:
-        model.fold_backbone()
+        model.fold_backbone(script=torch.device(device).type == "cpu")
     model.info = meta["info"]
     return model.to(device).eval()
 
