@@ -79,6 +79,8 @@ def scripted(net: nn.Module, resolution: int) -> nn.Module:
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore", FutureWarning)  # the deprecation notice
+            # int8 graphs read their quantisation scales as Python floats: constants, which they are once calibrated
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
             return torch.jit.freeze(torch.jit.trace(net.eval(), example))
     except (AttributeError, RuntimeError):
         return net
