@@ -223,7 +223,7 @@ def test_item_metadata_and_thumbnail(client):
     assert item["id"] == 0 and item["source"].startswith("mnist-sample:") and len(item["labels"]) == 1
     response = client.get(item["thumbnail_url"])
     assert response.status_code == 200 and response.headers["content-type"] == "image/png"
-    assert Image.open(io.BytesIO(response.content)).size == (64, 64)
+    assert Image.open(io.BytesIO(response.content)).size == (28, 28)  # MNIST's own size
 
 
 def test_writes_need_the_api_key(writable, setup):
@@ -391,7 +391,7 @@ def test_killed_mid_write_the_index_loads_with_items_whole_or_absent(setup, tmp_
     assert set(acknowledged) <= set(new_ids) and len(new_ids) <= len(acknowledged) + 1
     for item_id in new_ids:  # every item present is whole: code, labels, source, thumbnail
         assert items.labels_of([item_id])[0].tolist() == [0, 1] + [0] * 8
-        assert items.sources_of([item_id]) == ["upload:q.png"] and items.thumbnail_of(item_id).shape == (64, 64, 1)
+        assert items.sources_of([item_id]) == ["upload:q.png"] and items.thumbnail_of(item_id).shape == (28, 28, 1)
     assert len(items.index.codes) == len(items.labels) == len(items.sources) == len(items)
 
 
@@ -425,7 +425,7 @@ def test_cli_index_build_then_query(setup, tmp_path):
     assert result.exit_code == 0, result.output
     assert "indexed 300 items (32 bits, distinct)" in result.output
     items = load_index(out)
-    assert len(items) == 300 and items.index.kind == "distinct" and items.thumbnail_of(0).shape == (64, 64, 1)
+    assert len(items) == 300 and items.index.kind == "distinct" and items.thumbnail_of(0).shape == (28, 28, 1)
 
     image = tmp_path / "query.png"
     image.write_bytes(png_bytes(setup.query_images[0]))

@@ -54,7 +54,9 @@ def test_uploading_an_image_shows_neighbour_thumbnails(server, page, tmp_path):
     playwright_api.expect(page.locator("#summary")).to_contain_text("8 neighbours in")
     first = results.first
     playwright_api.expect(first.locator(".distance")).to_contain_text("distance")
-    page.wait_for_function("[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth === 64)")
+    # each thumbnail loaded at the item's own size (MNIST: 28 px) and is shown in a 64 px cell
+    page.wait_for_function("[...document.querySelectorAll('#results img')]"
+                           ".every(i => i.complete && i.naturalWidth === 28 && i.getBoundingClientRect().width === 64)")
     assert first.locator(".labels").inner_text() in setup.class_names
 
 

@@ -81,7 +81,7 @@ def codes_from_model(model_path: Path, protocol: str, data_root: Path | None, se
 
 def build_index(model_path: Path, pool: ImageSet, kind: str, out: Path | None, batch_size: int = 1024,
                 device: str | None = None, ids: np.ndarray | None = None) -> ItemIndex:
-    """Encode pool.images[ids] (default: all), add codes + labels + sources + 64x64 thumbnails with the positions
+    """Encode pool.images[ids] (default: all), add codes + labels + sources + thumbnails (at most 64 px a side) with the positions
     as item ids, save atomically to `out` (when given)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(model_path, device=device)

@@ -55,13 +55,11 @@ def load_image(source: str | Path | bytes, channels: int, size: int) -> np.ndarr
 
 
 def thumbnail(image: np.ndarray, size: int = 64) -> np.ndarray:
-    """A (size, size, C) uint8 thumbnail of a (C, H, W) image, for index metadata and the web page: the
-    image shrunk to fit (never enlarged) and centred on black; one channel for grey images (a third of
-    the bytes on disk), else RGB."""
+    """An (h, w, C) uint8 thumbnail of a (C, H, W) image, for index metadata and the web page: the image
+    shrunk to fit in size x size (aspect kept, never enlarged, never padded, so a 32 px CIFAR-10 image
+    costs a quarter of a padded 64 x 64 one in the index and the server's memory); one channel for
+    grey images, else RGB. The page scales it up to its cell."""
     pil = Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0))
-    pil = pil.convert("RGB")
     pil.thumbnail((size, size), Image.Resampling.BILINEAR)
-    canvas = Image.new("RGB", (size, size))
-    canvas.paste(pil, ((size - pil.width) // 2, (size - pil.height) // 2))
-    picture = np.asarray(canvas, dtype=np.uint8)
-    return picture[..., :1].copy() if image.shape[0] == 1 else picture
+    picture = np.asarray(pil, dtype=np.uint8)
+    return picture[..., None].copy() if picture.ndim == 2 else picture.copy()
