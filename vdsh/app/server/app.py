@@ -16,6 +16,7 @@ pool holding its worst-case bytes within a time limit (`vdsh.app.server.decoding
 
 from __future__ import annotations
 
+import ctypes
 import os
 import time
 from collections.abc import Sequence
@@ -153,6 +154,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         catalog = Catalog.open(index_dir, model_path, settings.max_image_pixels, int8)  # ModelIndexMismatch stops start-up
+        release_freed_memory()  # loading (int8 calibration above all) leaves freed heap that still counts as resident
         budget.limit_bytes = decode_budget(settings, catalog.limits.worst_case_bytes(), resident_bytes())
         app.state.pool = DecodePool(settings.decode_workers, budget, settings.request_timeout_s)
         app.state.catalog = catalog
@@ -205,6 +207,15 @@ def decode_budget(settings: Settings, worst_case_decode: int, resident: int) -> 
             f"{MEMORY_MARGIN / 2**20:,.0f} MiB margin, and one worst-case upload needs {needed / 2**20:,.0f} MiB: "
             "raise --memory-limit-mb, or lower --max-image-pixels or --max-upload-mb")
     return available
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's freed pages back to the OS (glibc's malloc_trim; nothing elsewhere), so that the
+    resident size the decode budget starts from is what the server holds, not what loading once used."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def resident_bytes() -> int:
