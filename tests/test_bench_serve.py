@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from fastapi.testclient import TestClient
 
 from serving_fixtures import png_bytes, shared_setup
@@ -59,6 +61,9 @@ def test_bench_http_serves_the_protocols_query_photos_and_writes_its_section(tmp
     section = (tmp_path / "BENCHMARKS.md").read_text()
     assert "## HTTP image queries: mnist-sample, pixels" in section and "5 query images of `mnist-sample`" in section
     assert "to `vdsh serve --memory-limit-mb 2048` on" in section
+    memory = re.search(r"memory: ([\d,]+) MiB once .* loaded, ([\d,]+) MiB at its peak", section)
+    loaded, peak = (float(g.replace(",", "")) for g in memory.groups())
+    assert 100 < loaded <= peak < 2048  # a torch process with a model, under the limit it was given
     rows = [line.split("|")[1:-1] for line in section.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
     assert [int(r[0]) for r in rows] == [1, 2]
     for concurrency, p50, p99, rate, errors, server_p50 in rows:

@@ -160,8 +160,16 @@ def http_image_queries(index: str, model: str, protocol: str, data_root: str | N
             f"{result['image_bytes_mean']:,} bytes on average) to `{' '.join(('vdsh serve',) + serve_options)}` on "
             f"127.0.0.1, {result['items']:,} items, {result['bits']} bits, {result['index_kind']} index, k=10, one "
             f"worker; client-measured, closed loop, each level {requests} requests or {seconds:g} s; GET /health "
-            f"floor p50 {result['health_p50_ms']:.1f} ms.\n\n"
+            f"floor p50 {result['health_p50_ms']:.1f} ms. {memory_sentence(result)}\n\n"
             + markdown_table(["concurrency", "p50 ms", "p99 ms", "req/s", "errors", "server-side p50 ms"], rows))
+
+
+def memory_sentence(result: dict) -> str:
+    """The server's resident memory once loaded and at its peak, as `bench_http` read it."""
+    if result["loaded_mib"] is None:
+        return "Server memory: not measured (no Linux /proc)."
+    return (f"Server resident memory: {result['loaded_mib']:,.0f} MiB once the model and index are loaded, "
+            f"{result['peak_mib']:,.0f} MiB at its peak by the end of the load.")
 
 
 @bench.command("http")

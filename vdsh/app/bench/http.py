@@ -4,7 +4,8 @@
 then runs `concurrency` client threads that POST /search with the given images until `requests` are
 sent or `duration_s` passes, whichever comes first: the load stops by itself. Latency is measured per
 request by the client (send to full response), so it includes HTTP, multipart parsing, decoding,
-encoding, search and JSON; the server's own timings are summarised beside it.
+encoding, search and JSON; the server's own timings are summarised beside it, and so is its memory
+(Linux /proc): resident after loading the model and index, and its peak by the end of the load.
 """
 
 from __future__ import annotations
@@ -152,9 +153,11 @@ def bench_http(
         import httpx
 
         stats = httpx.get(url + "/stats", timeout=10).json()
+        loaded_mib = server_memory_mib(process.pid)[0]
         run_load(url, uploads, k, concurrency=1, requests=warmup, duration_s=duration_s)
         baseline = health_latency(url, min(requests, 200))
         rows = [run_load(url, uploads, k, c, requests, duration_s) for c in concurrency]
+        peak_mib = server_memory_mib(process.pid)[1]
     finally:
         process.terminate()
         try:
@@ -174,8 +177,23 @@ def bench_http(
         "date": time.strftime("%Y-%m-%d"),
         "health_p50_ms": baseline[0],
         "health_p99_ms": baseline[1],
+        "loaded_mib": loaded_mib,
+        "peak_mib": peak_mib,
         "rows": rows,
     }
+
+
+def server_memory_mib(pid: int) -> tuple[float | None, float | None]:
+    """(resident, peak resident) MiB of a process and its children (uvicorn's workers), from Linux's
+    /proc (VmRSS, VmHWM); (None, None) where /proc does not have them."""
+    try:
+        pids = [pid] + [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        fields = [dict(line.split(":", 1) for line in Path(f"/proc/{p}/status").read_text().splitlines() if ":" in line)
+                  for p in pids]
+        kib = [sum(int(f[key].split()[0]) for f in fields) for key in ("VmRSS", "VmHWM")]
+    except (OSError, KeyError, ValueError):
+        return None, None
+    return kib[0] / 1024, kib[1] / 1024
 
 
 def health_latency(url: str, requests: int) -> tuple[float, float]:
