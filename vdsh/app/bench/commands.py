@@ -169,7 +169,7 @@ def memory_sentence(result: dict) -> str:
     if result["loaded_mib"] is None:
         return "Server memory: not measured (no Linux /proc)."
     return (f"Server resident memory: {result['loaded_mib']:,.0f} MiB once the model and index are loaded, "
-            f"{result['peak_mib']:,.0f} MiB at its peak by the end of the load.")
+            f"{result['peak_mib']:,.0f} MiB at its peak under the load (sampled every 0.1 s).")
 
 
 @bench.command("http")

@@ -4,8 +4,8 @@
 then runs `concurrency` client threads that POST /search with the given images until `requests` are
 sent or `duration_s` passes, whichever comes first: the load stops by itself. Latency is measured per
 request by the client (send to full response), so it includes HTTP, multipart parsing, decoding,
-encoding, search and JSON; the server's own timings are summarised beside it, and so is its memory
-(Linux /proc): resident after loading the model and index, and its peak by the end of the load.
+encoding, search and JSON; the server's own timings are summarised beside it, and so is its resident
+memory (Linux /proc): once the model and index are loaded, and its peak under the load.
 """
 
 from __future__ import annotations
@@ -66,6 +66,36 @@ def start_server(index_dir: Path | list[Path], model_path: Path, workers: int = 
             time.sleep(0.1)
     process.kill()
     raise RuntimeError(f"vdsh serve did not answer /health within {timeout_s} s")
+
+
+class ResidentMemory:
+    """Samples a process's resident memory every `every_s` seconds in a thread; `peak` in bytes."""
+
+    def __init__(self, pid: int, every_s: float = 0.01) -> None:
+        self.pid, self.every_s, self.peak = pid, every_s, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def now(self) -> int:
+        """Resident bytes now; 0 where Linux /proc does not say."""
+        try:
+            lines = Path(f"/proc/{self.pid}/status").read_text().splitlines()
+        except OSError:
+            return 0
+        return next((int(line.split()[1]) * 1024 for line in lines if line.startswith("VmRSS:")), 0)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.now())
+            time.sleep(self.every_s)
+
+    def __enter__(self) -> "ResidentMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def run_load(url: str, uploads: list[bytes], k: int, concurrency: int, requests: int, duration_s: float) -> dict:
@@ -153,11 +183,12 @@ def bench_http(
         import httpx
 
         stats = httpx.get(url + "/stats", timeout=10).json()
-        loaded_mib = server_memory_mib(process.pid)[0]
-        run_load(url, uploads, k, concurrency=1, requests=warmup, duration_s=duration_s)
-        baseline = health_latency(url, min(requests, 200))
-        rows = [run_load(url, uploads, k, c, requests, duration_s) for c in concurrency]
-        peak_mib = server_memory_mib(process.pid)[1]
+        memory = ResidentMemory(process.pid, every_s=0.1)  # seldom: the client shares the CPU with the server
+        loaded = memory.now()
+        with memory:
+            run_load(url, uploads, k, concurrency=1, requests=warmup, duration_s=duration_s)
+            baseline = health_latency(url, min(requests, 200))
+            rows = [run_load(url, uploads, k, c, requests, duration_s) for c in concurrency]
     finally:
         process.terminate()
         try:
@@ -177,23 +208,10 @@ def bench_http(
         "date": time.strftime("%Y-%m-%d"),
         "health_p50_ms": baseline[0],
         "health_p99_ms": baseline[1],
-        "loaded_mib": loaded_mib,
-        "peak_mib": peak_mib,
+        "loaded_mib": loaded / 2**20 if loaded else None,  # resident once loaded, and its peak under the load
+        "peak_mib": max(loaded, memory.peak) / 2**20 if loaded else None,
         "rows": rows,
     }
-
-
-def server_memory_mib(pid: int) -> tuple[float | None, float | None]:
-    """(resident, peak resident) MiB of a process and its children (uvicorn's workers), from Linux's
-    /proc (VmRSS, VmHWM); (None, None) where /proc does not have them."""
-    try:
-        pids = [pid] + [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-        fields = [dict(line.split(":", 1) for line in Path(f"/proc/{p}/status").read_text().splitlines() if ":" in line)
-                  for p in pids]
-        kib = [sum(int(f[key].split()[0]) for f in fields) for key in ("VmRSS", "VmHWM")]
-    except (OSError, KeyError, ValueError):
-        return None, None
-    return kib[0] / 1024, kib[1] / 1024
 
 
 def health_latency(url: str, requests: int) -> tuple[float, float]:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vdsh.app.bench.http import png_bytes, start_server
+from vdsh.app.bench.http import ResidentMemory, png_bytes, start_server
 
 API_KEY = "bench-key"
 
@@ -181,34 +181,6 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time a process has used (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-class ResidentMemory:
-    """Samples a process's resident memory every `every_s` seconds in a thread; `peak` in bytes."""
-
-    def __init__(self, pid: int, every_s: float = 0.01) -> None:
-        self.pid, self.every_s, self.peak = pid, every_s, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def now(self) -> int:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        return 0
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.now())
-            time.sleep(self.every_s)
-
-    def __enter__(self) -> "ResidentMemory":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def bomb_png(side: int = 6300) -> bytes:
