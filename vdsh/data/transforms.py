@@ -61,5 +61,5 @@ def thumbnail(image: np.ndarray, size: int = 64) -> np.ndarray:
     grey images, else RGB. The page scales it up to its cell."""
     pil = Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0))
     pil.thumbnail((size, size), Image.Resampling.BILINEAR)
-    picture = np.asarray(pil, dtype=np.uint8)
-    return picture[..., None].copy() if picture.ndim == 2 else picture.copy()
+    picture = np.array(pil, dtype=np.uint8)  # a copy, writable
+    return picture[..., None] if picture.ndim == 2 else picture
